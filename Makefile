@@ -1,0 +1,53 @@
+# budgetflow developer commands. `make test` is what CI runs (.ci/run).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup lint format typecheck unit integration test run clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars
+	$(BIN)/python -c 'from budgetflow.streams.localkafka import KafkaJars; from budgetflow.schemas import load_settings; print("kafka jars:", KafkaJars.from_settings(load_settings().local_kafka).ensure())'
+
+.typecheck/budgetflow: 
+	mkdir -p .typecheck/budgetflow
+	for d in streams schemas tokenizers; do ln -sfn ../../$$d .typecheck/budgetflow/$$d; done
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP) .typecheck/budgetflow  ## mypy --strict on the package
+	$(BIN)/mypy 2>&1 | sed 's#^\.typecheck/budgetflow/##'
+
+unit: $(STAMP)  ## unit tests only (no broker, seconds)
+	$(BIN)/pytest tests/unit
+
+integration: setup  ## integration tests (starts a real Kafka)
+	$(BIN)/pytest tests/integration
+
+test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
+	$(BIN)/pytest
+
+run: setup  ## start the local Kafka and print its address
+	$(BIN)/budgetflow kafka start
+
+clean:  ## remove the venv, caches and local data
+	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache .budgetflow build dist

@@ -1,0 +1,221 @@
+"""All of budgetflow's settings, in one pydantic-settings model.
+
+Every field is read from the environment with the prefix ``BUDGETFLOW_`` and
+``__`` between nested sections: ``kafka.bootstrap_servers`` is
+``BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS``. Units are in the names. The README
+table and the Helm values are generated from :func:`setting_rows`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from budgetflow.schemas.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "KafkaSettings",
+    "LocalKafkaSettings",
+    "SecuritySettings",
+    "Settings",
+    "TopicSettings",
+    "env_name",
+    "load_settings",
+    "setting_rows",
+]
+
+ENV_PREFIX = "BUDGETFLOW_"
+NESTING = "__"
+# Variables under this prefix belong to the test harness, not to Settings.
+TEST_ENV_PREFIX = "BUDGETFLOW_TEST_"
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
+_TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._\-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecuritySettings(_Section):
+    """How clients authenticate to Kafka: TLS and SASL."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism, required with SASL_* protocols."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client private key for mutual TLS.")
+    ssl_key_password: SecretStr | None = Field(None, description="Password of the client key (secret).")
+    ssl_check_hostname: bool = Field(True, description="Verify the broker's host name against its certificate.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecuritySettings:
+        if self.protocol.startswith("SASL_"):
+            missing = [
+                name
+                for name, value in (
+                    ("sasl_mechanism", self.sasl_mechanism),
+                    ("sasl_username", self.sasl_username),
+                    ("sasl_password", self.sasl_password),
+                )
+                if value is None
+            ]
+            if missing:
+                raise ValueError(f"protocol {self.protocol} needs {', '.join(missing)}")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
+        return self
+
+
+class KafkaSettings(_Section):
+    """How to reach the Kafka cluster."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    client_id: str = Field("budgetflow", description="Client id sent to the brokers.")
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    request_timeout_ms: int = Field(30_000, ge=1_000, description="Client request timeout.")
+    session_timeout_ms: int = Field(
+        10_000, ge=3_000, description="Consumer group session timeout: how soon a dead worker's partitions move."
+    )
+    heartbeat_interval_ms: int = Field(3_000, ge=100, description="Consumer group heartbeat interval.")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        servers = [part.strip() for part in value.split(",")]
+        bad = [s for s in servers if not _HOST_PORT.match(s) or not 0 < int(s.rsplit(":", 1)[1]) < 65536]
+        if not servers or bad:
+            raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return ",".join(servers)
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+
+class TopicSettings(_Section):
+    """Topic names and sizes."""
+
+    prefix: str = Field("budgetflow.", description="Prefix of every topic name.")
+    partitions: int = Field(
+        8, ge=1, le=1024, description="Partitions of the input and ledger topics (fixed once created)."
+    )
+    replication_factor: int = Field(1, ge=1, le=16, description="Replication factor of created topics.")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not _TOPIC_CHARS.match(value) or len(value) > 180:
+            raise ValueError("may hold only letters, digits, '.', '_' and '-' (at most 180)")
+        return value
+
+
+class LocalKafkaSettings(_Section):
+    """The local development broker started by ``budgetflow kafka start``."""
+
+    version: str = Field("4.1.1", description="Apache Kafka version fetched from Maven Central.")
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Client port on 127.0.0.1: 0 picks a free one; unset means 9092, or the port used last time.",
+    )
+    heap_mb: int = Field(512, ge=128, description="JVM heap of the broker.")
+    jvm_gc: Literal["serial", "g1"] = Field("serial", description="JVM garbage collector (g1 for benchmarks).")
+    start_timeout_s: float = Field(90.0, gt=0, description="How long to wait for the broker to become ready.")
+    stop_timeout_s: float = Field(30.0, gt=0, description="How long a controlled shutdown may take before SIGKILL.")
+    cache_dir: Path | None = Field(
+        None, description="Where the broker jars are kept (default: $XDG_CACHE_HOME/budgetflow)."
+    )
+
+
+class Settings(BaseSettings):
+    """budgetflow's settings; see the README for the table of environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTING,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(Path(".budgetflow"), description="Local state: broker data, worker stores, spool.")
+    testing: bool = Field(False, description="Allows test-only settings such as the simulated clock.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    local_kafka: LocalKafkaSettings = Field(default_factory=LocalKafkaSettings)
+
+
+def env_name(loc: tuple[str | int, ...]) -> str:
+    """The environment variable behind a settings field path, e.g. ``('kafka', 'client_id')``."""
+    return ENV_PREFIX + NESTING.join(str(part).upper() for part in loc)
+
+
+def _fields(model: type[BaseModel], loc: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _fields(annotation, (*loc, name))
+        else:
+            yield (*loc, name), info
+
+
+def setting_rows() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every leaf setting."""
+    rows = []
+    for loc, info in _fields(Settings):
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default is None else str(default)
+        rows.append((env_name(loc), shown, info.description or ""))
+    return rows
+
+
+def _unknown_env(environ: Mapping[str, str]) -> list[str]:
+    known = {env_name(loc) for loc, _ in _fields(Settings)}
+    sections = {env_name(loc[:i]) for loc, _ in _fields(Settings) for i in range(1, len(loc))}
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX)
+        and not name.startswith(TEST_ENV_PREFIX)
+        and name not in known
+        and name not in sections
+    )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment (and keyword overrides).
+
+    Raises :class:`ConfigError` with one line naming the variable at fault:
+    a typo in a ``BUDGETFLOW_`` variable is an error, not silently ignored.
+    """
+    unknown = _unknown_env(os.environ)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]} (see `budgetflow settings` for the list)")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(part for part in first["loc"] if isinstance(part, str))
+        name = env_name(loc) if loc else ENV_PREFIX + "*"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {name}: {message}{more}") from exc

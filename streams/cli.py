@@ -1,0 +1,162 @@
+"""The `budgetflow` command: one console script, one subcommand per job."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from budgetflow.schemas.errors import BudgetflowError
+from budgetflow.schemas.settings import Settings, load_settings, setting_rows
+
+__all__ = ["main", "settings_markdown"]
+
+
+class _Context:
+    """Settings are read lazily so that `--help` works even with a bad environment."""
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+
+    def settings(self, **overrides: Any) -> Settings:
+        if overrides:
+            return load_settings(**overrides)
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(_Context, ensure=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="budgetflow")
+def cli() -> None:
+    """budgetflow: exact monthly LLM inference budgets on Apache Kafka.
+
+    Every option can also be set by the environment variable shown beside it;
+    `budgetflow settings` lists every setting.
+    """
+
+
+@cli.command("settings")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown"]),
+    default="table",
+    help="markdown prints the table the README carries.",
+)
+def settings_cmd(fmt: str) -> None:
+    """List every setting: environment variable, default, meaning."""
+    if fmt == "markdown":
+        click.echo(settings_markdown())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("variable", "default", "meaning", box=None)
+    for name, default, description in setting_rows():
+        table.add_row(name, default, description)
+    Console().print(table)
+
+
+def settings_markdown() -> str:
+    """The settings as a Markdown table (the README's copy is checked against it)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, default, description in setting_rows():
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{name}` | {shown} | {description.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+# -- kafka --------------------------------------------------------------------
+@cli.group()
+def kafka() -> None:
+    """A local single-node Apache Kafka (KRaft) for development, tests and the demo."""
+
+
+_data_dir = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BUDGETFLOW_DATA_DIR",
+    show_envvar=True,
+    default=None,
+    help="Directory for the broker's data (default .budgetflow).",
+)
+
+
+def _local_kafka(ctx: _Context, data_dir: Path | None, port: int | None = None) -> Any:
+    from budgetflow.streams.localkafka import LocalKafka
+
+    settings = ctx.settings()
+    local = settings.local_kafka
+    if port is not None:
+        local = local.model_copy(update={"port": port})
+    return LocalKafka(data_dir or settings.data_dir, local)
+
+
+@kafka.command("start")
+@_data_dir
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    envvar="BUDGETFLOW_LOCAL_KAFKA__PORT",
+    show_envvar=True,
+    default=None,
+    help="Client port on 127.0.0.1; 0 picks a free one (default: the port used last time, else 9092).",
+)
+@pass_ctx
+def kafka_start(ctx: _Context, data_dir: Path | None, port: int | None) -> None:
+    """Start the broker (fetching it through Maven once), wait until ready, print its address.
+
+    Harmless when it is already running: it prints the address again.
+    """
+    broker = _local_kafka(ctx, data_dir, port)
+    began = time.monotonic()
+    was_running = broker.pid() is not None
+    address = broker.start()
+    if not was_running:
+        click.echo(
+            f"kafka ready in {time.monotonic() - began:.1f} s (pid {broker.pid()}, data {broker.home})", err=True
+        )
+    click.echo(address)
+
+
+@kafka.command("stop")
+@_data_dir
+@pass_ctx
+def kafka_stop(ctx: _Context, data_dir: Path | None) -> None:
+    """Stop the broker with a controlled shutdown."""
+    broker = _local_kafka(ctx, data_dir)
+    click.echo("kafka stopped" if broker.stop() else "kafka was not running", err=True)
+
+
+@kafka.command("status")
+@_data_dir
+@pass_ctx
+def kafka_status(ctx: _Context, data_dir: Path | None) -> None:
+    """Print the broker's address if it runs; exit 1 if it does not."""
+    broker = _local_kafka(ctx, data_dir)
+    if broker.pid() is None:
+        click.echo("kafka is not running", err=True)
+        sys.exit(1)
+    click.echo(broker.bootstrap())
+
+
+def main() -> None:
+    """Entry point: our errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BudgetflowError as exc:
+        click.echo(f"budgetflow: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,40 @@
+"""aiokafka client options from the settings: the one place Kafka connections are configured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from budgetflow.schemas.settings import KafkaSettings
+
+__all__ = ["client_options"]
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments shared by every aiokafka producer, consumer and admin client.
+
+    Secrets are unwrapped here, at the last moment, and nowhere else.
+    """
+    security = kafka.security
+    options: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "client_id": kafka.client_id,
+        "request_timeout_ms": kafka.request_timeout_ms,
+        "security_protocol": security.protocol,
+    }
+    if security.protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        context = create_ssl_context(
+            cafile=str(security.ssl_cafile) if security.ssl_cafile else None,
+            certfile=str(security.ssl_certfile) if security.ssl_certfile else None,
+            keyfile=str(security.ssl_keyfile) if security.ssl_keyfile else None,
+            password=security.ssl_key_password.get_secret_value() if security.ssl_key_password else None,
+        )
+        context.check_hostname = security.ssl_check_hostname
+        options["ssl_context"] = context
+    if security.protocol.startswith("SASL_"):
+        assert security.sasl_password is not None  # the settings validator guarantees it
+        options["sasl_mechanism"] = security.sasl_mechanism
+        options["sasl_plain_username"] = security.sasl_username
+        options["sasl_plain_password"] = security.sasl_password.get_secret_value()
+    return options

@@ -1,0 +1,52 @@
+"""The console script: help works, errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = str(Path(sys.executable).with_name("budgetflow"))
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_help_lists_the_commands() -> None:
+    proc = run("--help")
+    assert proc.returncode == 0
+    assert "kafka" in proc.stdout
+    assert "settings" in proc.stdout
+
+
+def test_options_show_their_environment_variable() -> None:
+    proc = run("kafka", "start", "--help")
+    assert proc.returncode == 0
+    assert "BUDGETFLOW_LOCAL_KAFKA__PORT" in proc.stdout
+    assert "BUDGETFLOW_DATA_DIR" in proc.stdout
+
+
+def test_a_bad_setting_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": "nope"}
+    proc = run("kafka", "status", "--data-dir", str(tmp_path), env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [lines[0]]
+    assert "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_settings_command_lists_variables() -> None:
+    proc = run("settings", env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    assert proc.returncode == 0
+    assert "BUDGETFLOW_TOPICS__PARTITIONS" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [("kafka", "status"), ("kafka", "stop")])
+def test_status_and_stop_without_a_broker(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = run(*args, "--data-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    assert "not running" in proc.stderr
+    assert proc.returncode == (1 if args[1] == "status" else 0)
