@@ -12,6 +12,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_readme_settings_table_is_current() -> None:
     text = README.read_text()
     begin, end = "<!-- settings:begin -->\n", "\n<!-- settings:end -->"
-    assert begin in text and end in text
+    assert begin in text
+    assert end in text
     table = text.split(begin, 1)[1].split(end, 1)[0]
     assert table == settings_markdown(), "run `budgetflow settings --format markdown` and paste it into the README"
