@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup lint format typecheck unit integration test run clean
+.PHONY: help setup lint format typecheck unit integration test run bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ integration: setup  ## integration tests (starts a real Kafka)
 
 test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
 	$(BIN)/pytest
+
+bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
+	$(BIN)/budgetflow bench --out bench-results/bench.json
 
 run: setup  ## start the local Kafka and print its address
 	$(BIN)/budgetflow kafka start

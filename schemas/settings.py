@@ -11,10 +11,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from budgetflow.schemas.errors import ConfigError
@@ -23,8 +33,11 @@ __all__ = [
     "ENV_PREFIX",
     "KafkaSettings",
     "LocalKafkaSettings",
+    "PricingSettings",
+    "ReservationSettings",
     "SecuritySettings",
     "Settings",
+    "TokenizerSettings",
     "TopicSettings",
     "env_name",
     "load_settings",
@@ -146,6 +159,74 @@ class LocalKafkaSettings(_Section):
     )
 
 
+class TokenizerRuleSetting(_Section):
+    """An extra tokenizer rule, tried before the defaults."""
+
+    match: str = Field(min_length=1, max_length=256, description="Model name or glob (case-insensitive).")
+    encoding: Literal["o200k_base", "cl100k_base", "heuristic"] = Field(description="How to count it.")
+    tier: Literal["exact", "approximate", "heuristic"] = Field("exact", description="Tier of its counts.")
+
+
+class TokenizerSettings(_Section):
+    """How tokens are counted."""
+
+    rules: list[TokenizerRuleSetting] = Field(
+        default_factory=list,
+        description='Extra rules tried first, as JSON: [{"match": "my-gpt-*", "encoding": "o200k_base"}].',
+    )
+    max_prompt_bytes: int = Field(
+        1_000_000, ge=1_024, description="Prompts longer than this are counted by the heuristic on their length."
+    )
+
+
+def _margin(value: str) -> str:
+    try:
+        number = Decimal(value)
+    except InvalidOperation as exc:
+        raise ValueError("must be a decimal such as 1.2") from exc
+    if not number.is_finite() or not Decimal(1) <= number <= Decimal(10) or -number.as_tuple().exponent > 6:  # type: ignore[operator]  # exponent is an int for finite decimals
+        raise ValueError("must be a decimal between 1 and 10 with at most 6 decimals")
+    return value
+
+
+Margin = Annotated[str, AfterValidator(_margin)]
+
+
+class ReservationSettings(_Section):
+    """How a request's cost is reserved before its usage is known."""
+
+    ttl_s: int = Field(3600, gt=0, description="A reservation not settled within this expires at its estimate.")
+    default_output_tokens: int = Field(
+        1024, ge=0, description="Output tokens reserved when a request sets no max_tokens (capped by the model)."
+    )
+    margin_exact: Margin = Field("1.0", description="Reservation multiplier for exactly counted input.")
+    margin_approximate: Margin = Field("1.2", description="Reservation multiplier for approximately counted input.")
+    margin_heuristic: Margin = Field("1.0", description="Reservation multiplier for heuristically counted input.")
+
+
+class PricingSettings(_Section):
+    """Where prices come from, and what an unpriced model costs."""
+
+    file: Path | None = Field(None, description="Override price file, searched before the shipped table.")
+    fallback_input_usd_per_mtok: str | None = Field(
+        None, description="Input rate of unpriced cloud models (default: the table's highest)."
+    )
+    fallback_output_usd_per_mtok: str | None = Field(
+        None, description="Output rate of unpriced cloud models (default: the table's highest)."
+    )
+    local_providers: list[str] = Field(
+        default_factory=lambda: ["ollama", "vllm", "llamacpp", "llama.cpp", "lmstudio", "localai", "tgi", "local"],
+        description="Providers whose backend=local calls of unlisted models cost nothing.",
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+
 class Settings(BaseSettings):
     """budgetflow's settings; see the README for the table of environment variables."""
 
@@ -162,6 +243,9 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     local_kafka: LocalKafkaSettings = Field(default_factory=LocalKafkaSettings)
+    tokenizers: TokenizerSettings = Field(default_factory=TokenizerSettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
+    reservation: ReservationSettings = Field(default_factory=ReservationSettings)
 
 
 def env_name(loc: tuple[str | int, ...]) -> str:

@@ -50,8 +50,22 @@ def cli() -> None:
     default="table",
     help="markdown prints the table the README carries.",
 )
-def settings_cmd(fmt: str) -> None:
+@click.option(
+    "--write",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Replace the table between <!-- settings:begin/end --> in this file (the README).",
+)
+def settings_cmd(fmt: str, write: Path | None) -> None:
     """List every setting: environment variable, default, meaning."""
+    if write is not None:
+        text = write.read_text()
+        begin, end = "<!-- settings:begin -->\n", "\n<!-- settings:end -->"
+        if begin not in text or end not in text:
+            raise click.BadParameter(f"{write} has no settings markers", param_hint="--write")
+        head, rest = text.split(begin, 1)
+        write.write_text(head + begin + settings_markdown() + end + rest.split(end, 1)[1])
+        return
     if fmt == "markdown":
         click.echo(settings_markdown())
         return
@@ -71,6 +85,44 @@ def settings_markdown() -> str:
         shown = f"`{default}`" if default else ""
         lines.append(f"| `{name}` | {shown} | {description.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+# -- schema -------------------------------------------------------------------
+@cli.group()
+def schema() -> None:
+    """The wire contract as JSON Schema, for gateways in other languages."""
+
+
+@schema.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def schema_export(directory: Path) -> None:
+    """Write one <Event>.schema.json per wire event into DIRECTORY."""
+    from budgetflow.schemas.jsonschema import export_json_schemas
+
+    for path in export_json_schemas(directory):
+        click.echo(str(path))
+
+
+# -- bench --------------------------------------------------------------------
+@cli.command("bench")
+@click.option("--only", multiple=True, help="Run only this section (repeatable).")
+@click.option("--quick", is_flag=True, envvar="BUDGETFLOW_BENCH_QUICK", show_envvar=True, help="Tiny sizes (for CI).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("bench-results/bench.json"),
+    help="Where the JSON results go.",
+)
+def bench(only: tuple[str, ...], quick: bool, out: Path) -> None:
+    """Measure budgetflow beside its baselines in the same run; print a table, write JSON."""
+    from budgetflow.streams.bench import render, run_bench
+
+    try:
+        results = run_bench(list(only) or None, quick, out)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--only") from exc
+    click.echo(render(results))
+    click.echo(f"\nresults: {out}")
 
 
 # -- kafka --------------------------------------------------------------------

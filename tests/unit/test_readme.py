@@ -15,4 +15,4 @@ def test_readme_settings_table_is_current() -> None:
     assert begin in text
     assert end in text
     table = text.split(begin, 1)[1].split(end, 1)[0]
-    assert table == settings_markdown(), "run `budgetflow settings --format markdown` and paste it into the README"
+    assert table == settings_markdown(), "run `budgetflow settings --write README.md`"

@@ -1,0 +1,237 @@
+"""The wire events: what gateways publish, what the pipeline writes, what routers read.
+
+Field names are a contract with other programs (see design.md). Every event
+carries ``"v": 1``; events ignore unknown fields (the decoder counts them);
+USD amounts are exact decimal strings on the wire and int pico-dollars here.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from budgetflow.schemas.money import PicoUsd
+
+__all__ = [
+    "BUDGET_ID_PATTERN",
+    "GLOBAL_BUDGET",
+    "MAX_TOKENS",
+    "Backend",
+    "BudgetId",
+    "BudgetStatus",
+    "ChatMessage",
+    "EntryKind",
+    "Event",
+    "HardLimitAction",
+    "Heartbeat",
+    "LedgerEntry",
+    "Outcome",
+    "RequestEvent",
+    "StatusName",
+    "StatusReason",
+    "Tier",
+    "UsageEvent",
+    "entry_id",
+    "period_of",
+]
+
+BUDGET_ID_PATTERN = r"^[a-z0-9][a-z0-9:._-]{0,127}$"
+GLOBAL_BUDGET = "global"
+# No single call uses a billion tokens; anything larger is a bug or an attack.
+MAX_TOKENS = 10**9
+_MIN_YEAR, _MAX_YEAR = 2000, 2999
+
+BudgetId = Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN)]
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+Backend = Literal["cloud", "local"]
+Outcome = Literal["completed", "failed", "cancelled"]
+Tier = Literal["exact", "approximate", "heuristic", "reported"]
+EntryKind = Literal["reserve", "settle", "tick", "adjust"]
+StatusName = Literal["normal", "soft_limit", "hard_limit"]
+StatusReason = Literal["threshold", "step", "refresh", "rollover", "policy"]
+HardLimitAction = Literal["warn", "block_cloud", "block_all"]
+_PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must be an RFC 3339 time with an offset (e.g. 2026-11-29T12:00:00Z)")
+    if not _MIN_YEAR <= value.year <= _MAX_YEAR:
+        raise ValueError(f"year must be between {_MIN_YEAR} and {_MAX_YEAR}")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
+
+
+def period_of(moment: datetime) -> str:
+    """The budget period (UTC calendar month) of an instant: ``YYYY-MM``."""
+    moment = moment.astimezone(UTC)
+    return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def entry_id(request_id: str, attempt: int, kind: str, budget_id: str) -> str:
+    """The deterministic id of a ledger entry: ``request_id:attempt:kind:budget_id``."""
+    return f"{request_id}:{attempt}:{kind}:{budget_id}"
+
+
+class Event(BaseModel):
+    """Base of the wire events: version 1, unknown fields ignored, immutable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = 1
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("v must be the integer 1")
+        if value != 1:
+            raise ValueError(f"version {value} is not supported (this reader knows v=1)")
+        return value
+
+
+def _unique_budgets(value: list[str]) -> list[str]:
+    seen: dict[str, None] = dict.fromkeys(value)
+    return list(seen)
+
+
+class ChatMessage(BaseModel):
+    """One message in OpenAI's chat shape; content is a string or a list of parts."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    content: str | list[dict[str, Any]] | None = None
+    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class RequestEvent(Event):
+    """A gateway's record of one billed call to a model, published when it is sent."""
+
+    request_id: RequestId
+    attempt: Annotated[int, Field(ge=0, le=10_000, strict=True)] = 0
+    occurred_at: Timestamp
+    budgets: Annotated[list[BudgetId], Field(max_length=64), AfterValidator(_unique_budgets)] = []
+    model: Name
+    provider: Name
+    backend: Backend
+    session_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=100_000)] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
+    n: Annotated[int, Field(ge=1, le=128, strict=True)] | None = None
+    input_bytes: Annotated[int, Field(ge=0, le=1 << 40, strict=True)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> RequestEvent:
+        given = [name for name in ("messages", "prompt", "input_bytes") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of messages, prompt or input_bytes must be given")
+        return self
+
+    @property
+    def period(self) -> str:
+        return period_of(self.occurred_at)
+
+
+class UsageEvent(Event):
+    """What a call used, normalised to one rule whatever the provider.
+
+    ``input_tokens`` counts every prompt token, cache reads and writes
+    included; ``output_tokens`` every generated token, reasoning included.
+    """
+
+    request_id: RequestId
+    attempt: Annotated[int, Field(ge=0, le=10_000, strict=True)] = 0
+    request_occurred_at: Timestamp
+    occurred_at: Timestamp
+    budgets: Annotated[list[BudgetId], Field(max_length=64), AfterValidator(_unique_budgets)] = []
+    model: Name
+    provider: Name
+    backend: Backend
+    outcome: Outcome
+    input_tokens: Tokens
+    cached_input_tokens: Tokens = 0
+    cache_write_input_tokens: Tokens = 0
+    output_tokens: Tokens
+    reasoning_tokens: Tokens = 0
+
+    @model_validator(mode="after")
+    def _usage_rule(self) -> UsageEvent:
+        if self.cached_input_tokens + self.cache_write_input_tokens > self.input_tokens:
+            raise ValueError("usage rule: cached_input_tokens + cache_write_input_tokens must not exceed input_tokens")
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError("usage rule: reasoning_tokens must not exceed output_tokens")
+        return self
+
+    @property
+    def period(self) -> str:
+        return period_of(self.request_occurred_at)
+
+
+class LedgerEntry(Event):
+    """One priced fact about one budget, from enrich to aggregate (keyed by budget id). No prompt text."""
+
+    entry_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    budget_id: BudgetId
+    request_id: RequestId
+    attempt: Annotated[int, Field(ge=0)] = 0
+    kind: EntryKind
+    period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)]
+    amount_pico_usd: Annotated[int, Field(strict=True)]
+    model: str = ""
+    provider: str = ""
+    backend: Backend = "cloud"
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    tier: Tier = "exact"
+    priced: bool = True
+    price_version: str = ""
+    occurred_at: Timestamp
+    outcome: Outcome | None = None
+
+
+class BudgetStatus(Event):
+    """A budget's state for the current period, as routers read it (compacted, keyed by budget id)."""
+
+    budget_id: BudgetId
+    period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)]
+    status: StatusName
+    previous_status: StatusName | None = None
+    spend_usd: PicoUsd
+    settled_usd: PicoUsd
+    reserved_usd: PicoUsd
+    limit_usd: PicoUsd | None = None
+    remaining_usd: PicoUsd | None = None
+    utilization_percent: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    soft_limit_percent: Annotated[int, Field(gt=0, lt=100)]
+    hard_limit_action: HardLimitAction
+    as_of: Timestamp
+    next_reset: Timestamp
+    reason: StatusReason
+    partition: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Field(ge=-1)]
+    projected_month_end_usd: PicoUsd | None = None
+    projected_hard_limit_at: Timestamp | None = None
+
+
+class Heartbeat(Event):
+    """Proof of life of one ledger partition's aggregate, and how far behind it and enrich are."""
+
+    partition: Annotated[int, Field(ge=0)]
+    as_of: Timestamp
+    stream_time: Timestamp
+    lag_s: Annotated[float, Field(ge=0)]
+    enrich_lag_s: Annotated[float, Field(ge=0)] | None = None
