@@ -180,17 +180,24 @@ class UsageEvent(Event):
 
 
 class LedgerEntry(Event):
-    """One priced fact about one budget, from enrich to aggregate (keyed by budget id). No prompt text."""
+    """One priced fact about one budget, from enrich to aggregate (keyed by budget id). No prompt text.
+
+    ``occurred_at`` is the *request's* time for reserve and settle entries (the
+    period and the dedupe horizon come from it); ``usage_at`` is when the call
+    finished. A ``tick`` carries no budget: it moves stream time on its ledger
+    partition, and ``expire`` says whether reservations past their TTL expire
+    at it (decided when the tick was written, so that a replay decides alike).
+    """
 
     entry_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-    budget_id: BudgetId
+    budget_id: BudgetId | None = None
     request_id: RequestId
-    attempt: Annotated[int, Field(ge=0)] = 0
+    attempt: Annotated[int, Field(ge=0, strict=True)] = 0
     kind: EntryKind
     period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)]
-    amount_pico_usd: Annotated[int, Field(strict=True)]
-    model: str = ""
-    provider: str = ""
+    amount_pico_usd: Annotated[int, Field(strict=True, ge=-(10**27), le=10**27)]
+    model: Annotated[str, StringConstraints(max_length=256)] = ""
+    provider: Annotated[str, StringConstraints(max_length=64)] = ""
     backend: Backend = "cloud"
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
@@ -198,9 +205,20 @@ class LedgerEntry(Event):
     reasoning_tokens: Tokens = 0
     tier: Tier = "exact"
     priced: bool = True
-    price_version: str = ""
+    price_version: Annotated[str, StringConstraints(max_length=256)] = ""
     occurred_at: Timestamp
+    usage_at: Timestamp | None = None
     outcome: Outcome | None = None
+    ttl_s: Annotated[int, Field(gt=0, le=7 * 86400, strict=True)] | None = None
+    expire: bool = False
+
+    @model_validator(mode="after")
+    def _budget_unless_tick(self) -> LedgerEntry:
+        if self.kind != "tick" and self.budget_id is None:
+            raise ValueError(f"a {self.kind} entry needs a budget_id")
+        if self.kind in ("reserve", "settle") and self.amount_pico_usd < 0:
+            raise ValueError(f"a {self.kind} amount cannot be negative")
+        return self
 
 
 class BudgetStatus(Event):

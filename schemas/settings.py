@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,14 +32,19 @@ from budgetflow.schemas.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "ClockSettings",
+    "DefaultPolicySettings",
+    "DlqSettings",
     "KafkaSettings",
     "LocalKafkaSettings",
     "PricingSettings",
     "ReservationSettings",
     "SecuritySettings",
     "Settings",
+    "StatusSettings",
     "TokenizerSettings",
     "TopicSettings",
+    "WorkerSettings",
     "env_name",
     "load_settings",
     "setting_rows",
@@ -227,6 +233,77 @@ class PricingSettings(_Section):
         return value
 
 
+class StatusSettings(_Section):
+    """When a budget's status changes and is published."""
+
+    step_points: Annotated[Decimal, Field(gt=0, le=100)] = Field(
+        Decimal(1), description="Publish when utilization crosses a multiple of this many points."
+    )
+    hysteresis_points: Annotated[Decimal, Field(ge=0, lt=50)] = Field(
+        Decimal(1), description="A status drops below a threshold only under threshold minus this."
+    )
+    refresh_s: float = Field(10.0, gt=0, description="Republish a budget whose spend changed unpublished this long.")
+
+
+class DefaultPolicySettings(_Section):
+    """The policy of a budget that has none of its own."""
+
+    monthly_limit_usd: str | None = Field(None, description="Decimal string; unset means unlimited.")
+    soft_limit_percent: int = Field(75, gt=0, lt=100, description="Soft limit, percent of the monthly limit.")
+    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = Field(
+        "warn", description="What routers do at the hard limit."
+    )
+
+    @field_validator("monthly_limit_usd")
+    @classmethod
+    def _limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                number = Decimal(value)
+            except InvalidOperation as exc:
+                raise ValueError("must be a decimal string such as 100.00") from exc
+            if not number.is_finite() or number < 0 or number != round(number, 12):
+                raise ValueError("must be a non-negative decimal with at most 12 decimals")
+        return value
+
+
+class ClockSettings(_Section):
+    """A simulated clock for tests and the demo (refused unless BUDGETFLOW_TESTING is set)."""
+
+    start: datetime | None = Field(None, description="Simulated instant at the anchor (RFC 3339); unset: wall clock.")
+    anchor: datetime | None = Field(
+        None, description="Wall-clock instant the simulated start maps to (default: when the process starts)."
+    )
+    speed: float = Field(1.0, gt=0, le=10_000_000, description="Simulated seconds per wall-clock second.")
+
+    @field_validator("start", "anchor")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a UTC offset")
+        return value
+
+
+class DlqSettings(_Section):
+    """The dead-letter topic."""
+
+    keep_raw: bool = Field(False, description="Keep bad records unredacted (prompt text!) in the DLQ.")
+
+
+class WorkerSettings(_Section):
+    """How the enrich and aggregate workers consume and commit."""
+
+    max_batch_records: int = Field(5000, ge=1, description="Most records taken per processing cycle.")
+    poll_timeout_ms: int = Field(50, ge=1, le=10_000, description="Longest wait for records in one cycle.")
+    expiry_max_lag_records: int = Field(
+        10_000, ge=0, description="Reservations expire on a tick only while the ledger backlog is below this."
+    )
+    sweep_keys_per_tick: int = Field(20_000, ge=1, description="Expired request states examined per tick.")
+    store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb", description="Aggregate state store: rocksdb (restart replays the tail) or memory (replays all)."
+    )
+
+
 class Settings(BaseSettings):
     """budgetflow's settings; see the README for the table of environment variables."""
 
@@ -240,12 +317,31 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".budgetflow"), description="Local state: broker data, worker stores, spool.")
     testing: bool = Field(False, description="Allows test-only settings such as the simulated clock.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of the workers.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     local_kafka: LocalKafkaSettings = Field(default_factory=LocalKafkaSettings)
     tokenizers: TokenizerSettings = Field(default_factory=TokenizerSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     reservation: ReservationSettings = Field(default_factory=ReservationSettings)
+    dedupe_horizon_s: int = Field(
+        86_400, ge=60, description="A request's state is kept this long after its TTL, then later entries are late."
+    )
+    period_grace_s: int = Field(7 * 86_400, ge=0, description="A month stays open this long after it ends.")
+    heartbeat_s: float = Field(5.0, gt=0, description="Interval of ticks and heartbeats per ledger partition.")
+    status: StatusSettings = Field(default_factory=StatusSettings)
+    default_policy: DefaultPolicySettings = Field(default_factory=DefaultPolicySettings)
+    clock: ClockSettings = Field(default_factory=ClockSettings)
+    dlq: DlqSettings = Field(default_factory=DlqSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _testing_only(self) -> Settings:
+        if not self.testing and (self.clock.start is not None or self.clock.speed != 1.0):
+            raise ValueError(
+                "BUDGETFLOW_CLOCK__START and BUDGETFLOW_CLOCK__SPEED are refused unless BUDGETFLOW_TESTING is set"
+            )
+        return self
 
 
 def env_name(loc: tuple[str | int, ...]) -> str:
@@ -299,7 +395,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(part for part in first["loc"] if isinstance(part, str))
-        name = env_name(loc) if loc else ENV_PREFIX + "*"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid setting {name}: {message}{more}") from exc
+        where = f"invalid setting {env_name(loc)}" if loc else "invalid settings"
+        raise ConfigError(f"{where}: {message}{more}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,135 @@ def schema_export(directory: Path) -> None:
 
     for path in export_json_schemas(directory):
         click.echo(str(path))
+
+
+# -- workers ------------------------------------------------------------------
+@cli.command("worker")
+@click.option(
+    "--role",
+    type=click.Choice(["enrich", "aggregate", "all"]),
+    required=True,
+    envvar="BUDGETFLOW_ROLE",
+    show_envvar=True,
+    help="enrich prices events; aggregate keeps the ledger; all runs both as child processes.",
+)
+@pass_ctx
+def worker(ctx: _Context, role: str) -> None:
+    """Run a budgetflow worker until SIGTERM or Ctrl-C."""
+    settings = ctx.settings()  # fail fast on a bad setting, before any child starts
+    from budgetflow.streams.worker import run_role, supervise
+
+    if role == "all":
+        sys.exit(supervise(["enrich", "aggregate"]))
+    run_role(role, settings)  # type: ignore[arg-type]  # click.Choice guarantees the value
+
+
+@cli.group()
+def topics() -> None:
+    """The Kafka topics budgetflow uses."""
+
+
+@topics.command("create")
+@pass_ctx
+def topics_create(ctx: _Context) -> None:
+    """Create every topic with its configuration (and check existing ones)."""
+    from budgetflow.streams.topics import Topics, ensure_topics_now
+
+    settings = ctx.settings()
+    specs = Topics.from_settings(settings)
+    asyncio.run(ensure_topics_now(settings, specs))
+    for spec in specs.all():
+        click.echo(f"{spec.name}\t{spec.partitions}\t{spec.config.get('cleanup.policy', 'delete')}")
+
+
+# -- policies -------------------------------------------------------------------
+@cli.group()
+def policy() -> None:
+    """Budget policies: limits, soft limits and hard-limit actions."""
+
+
+@policy.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--prune", is_flag=True, help="Delete budgets that are on the topic but not in FILE.")
+@click.option("--dry-run", is_flag=True, help="Print what would change, publish nothing.")
+@pass_ctx
+def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool) -> None:
+    """Validate every budget in FILE, then publish what changed; running workers follow without a restart."""
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.streams.policies import apply_policy_file
+    from budgetflow.streams.topics import Topics, ensure_topics_now
+
+    settings = ctx.settings()
+    specs = Topics.from_settings(settings)
+    if not dry_run:
+        asyncio.run(ensure_topics_now(settings, specs))
+    result = asyncio.run(apply_policy_file(settings, specs.policies.name, file, prune=prune, dry_run=dry_run))
+
+    def limit(p: Any) -> str:
+        return "unlimited" if p.monthly_limit_usd is None else "$" + format_usd(p.monthly_limit_usd, 2)
+
+    for p in result.added:
+        click.echo(f"+ {p.id}: {limit(p)}, soft {p.soft_limit_percent} %, {p.hard_limit_action}")
+    for old, new in result.changed:
+        fields = [f for f in type(new).model_fields if getattr(old, f) != getattr(new, f)]
+        click.echo(f"~ {new.id}: " + ", ".join(f"{f} {getattr(old, f)!s} -> {getattr(new, f)!s}" for f in fields))
+    for budget in result.removed:
+        click.echo(f"- {budget}")
+    verb = "would change" if dry_run else "changed"
+    click.echo(
+        f"{len(result.added)} added, {len(result.changed)} changed, {len(result.removed)} removed, "
+        f"{len(result.unchanged)} unchanged ({verb})",
+        err=True,
+    )
+
+
+# -- status ---------------------------------------------------------------------
+@cli.command("status")
+@click.argument("budget", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the BudgetStatus records as JSON lines.")
+@pass_ctx
+def status_cmd(ctx: _Context, budget: str | None, as_json: bool) -> None:
+    """Every budget's current status (or one budget's), read from the status topic."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.schemas.serde import dumps
+    from budgetflow.streams.clock import Clock
+    from budgetflow.streams.readback import read_heartbeats, read_statuses
+    from budgetflow.streams.topics import Topics
+
+    settings = ctx.settings()
+    specs = Topics.from_settings(settings)
+
+    async def read() -> tuple[Any, Any]:
+        return await read_statuses(settings, specs.status.name), await read_heartbeats(settings, specs.heartbeats.name)
+
+    statuses, beats = asyncio.run(read())
+    rows = [s for b, s in sorted(statuses.items()) if budget is None or b == budget]
+    if budget is not None and not rows:
+        raise click.ClickException(f"no status for budget {budget!r} yet")
+    if as_json:
+        for record in rows:
+            click.echo(dumps(record).decode())
+        return
+    now = Clock(settings.clock).now()
+    table = Table("budget", "period", "status", "spend", "limit", "utilization", "next reset", "freshness", box=None)
+    for s in rows:
+        beat = beats.get(s.partition)
+        age = (now - beat.as_of).total_seconds() if beat is not None else None
+        fresh = "no heartbeat" if age is None else f"heartbeat {age:.0f} s ago"
+        table.add_row(
+            s.budget_id,
+            s.period,
+            s.status,
+            "$" + format_usd(s.spend_usd, 2),
+            "unlimited" if s.limit_usd is None else "$" + format_usd(s.limit_usd, 2),
+            "-" if s.utilization_percent is None else f"{s.utilization_percent:.2f} %",
+            s.next_reset.isoformat(),
+            fresh,
+        )
+    Console(width=200).print(table)
 
 
 # -- bench --------------------------------------------------------------------

@@ -1,0 +1,5 @@
+"""`python -m budgetflow.streams` is the `budgetflow` command."""
+
+from budgetflow.streams.cli import main
+
+main()

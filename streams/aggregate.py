@@ -1,0 +1,388 @@
+"""The aggregate worker: owns ledger partitions, keeps their exact state, publishes statuses.
+
+One cycle: take a batch of ledger entries, apply them to each partition's
+:class:`PartitionLedger`, write the partition's changes to its changelog
+partition (in the ledger's crash-safe order, one idempotent producer), send
+statuses, transitions, heartbeats and dead letters, wait until the broker has
+all of it, write the local store, and only then commit the ledger offsets.
+A crash anywhere replays from the committed offsets onto state that may be
+ahead of them, which the ledger's idempotence absorbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from budgetflow.schemas.errors import InvalidEvent
+from budgetflow.schemas.events import LedgerEntry, period_of
+from budgetflow.schemas.serde import decode, dumps
+from budgetflow.schemas.settings import Settings
+from budgetflow.streams.clients import client_options
+from budgetflow.streams.clock import Clock
+from budgetflow.streams.crash import crash_due, crash_now, crash_point
+from budgetflow.streams.dlq import DeadLetter
+from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.policies import PolicyBook
+from budgetflow.streams.publish import Outgoing, StatusPublisher
+from budgetflow.streams.status import StatusRules
+from budgetflow.streams.store import MemoryStore, RocksStore, Store
+from budgetflow.streams.topics import Topics, ensure_topics, partition_for
+
+__all__ = ["AggregateWorker"]
+
+log = logging.getLogger(__name__)
+
+_LATE_MESSAGES = {
+    "late_period": "the entry's period is closed (past its grace)",
+    "late_horizon": "the entry's request is older than the dedupe horizon and has no state",
+}
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
+    def __init__(self, worker: AggregateWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.revoke([tp.partition for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.worker.assign([tp.partition for tp in assigned])
+
+
+class AggregateWorker:
+    """Consumes the ledger; state per partition; statuses, events and heartbeats out."""
+
+    def __init__(self, settings: Settings, topics: Topics, clock: Clock) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.clock = clock
+        self.group_id = f"{settings.topics.prefix}aggregate"
+        rules = StatusRules(settings.status.hysteresis_points, settings.status.step_points)
+        self.config = LedgerConfig(
+            horizon_s=settings.dedupe_horizon_s,
+            grace_s=settings.period_grace_s,
+            default_ttl_s=settings.reservation.ttl_s,
+            rules=rules,
+            sweep_keys_per_tick=settings.worker.sweep_keys_per_tick,
+        )
+        self.ledgers: dict[int, PartitionLedger] = {}
+        self._parked: dict[int, tuple[PartitionLedger, int]] = {}
+        self._changelog_end: dict[int, int] = {}
+        self.lock = asyncio.Lock()
+        self._policy_changes: set[str] = set()
+        self.policies = PolicyBook(settings, topics.policies.name, self._policy_changed)
+        self.publisher = StatusPublisher(rules, self.policies.policy_for, clock.now, settings.status.refresh_s)
+        self._catch_up: dict[int, tuple[int, int | None]] = {}
+        self._heartbeat_due: set[int] = set()
+        self._last_record_ts: dict[int, float] = {}
+        self.identity = ""
+        self.processed = 0
+        self.dead_letters = 0
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._restorer: AIOKafkaConsumer | None = None
+
+    # -- life cycle ---------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        options = client_options(self.settings.kafka)
+        admin = AIOKafkaAdminClient(**options)
+        await admin.start()
+        try:
+            await ensure_topics(admin, self.topics)
+            cluster = await admin.describe_cluster()
+            self.identity = f"{cluster['cluster_id']}/{self.topics.state.name}"
+        finally:
+            await admin.close()
+        async with contextlib.AsyncExitStack() as stack:
+            self._producer = AIOKafkaProducer(**options, enable_idempotence=True, acks="all", linger_ms=2,
+                                              max_batch_size=512 * 1024)  # fmt: skip
+            await self._producer.start()
+            stack.push_async_callback(self._producer.stop)
+            self._restorer = AIOKafkaConsumer(**options, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
+            await self._restorer.start()
+            stack.push_async_callback(self._restorer.stop)
+            stack.push_async_callback(self.policies.stop)
+            await self.policies.start()
+            self._consumer = AIOKafkaConsumer(
+                **options,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=self.settings.kafka.session_timeout_ms,
+                heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
+                max_poll_records=self.settings.worker.max_batch_records,
+            )
+            self._consumer.subscribe([self.topics.ledger.name], listener=_Rebalance(self))
+            await self._consumer.start()
+            stack.push_async_callback(self._consumer.stop)
+            stack.callback(self._close_stores)
+            ticker = asyncio.create_task(self._ticker(stop), name="ticker")
+            stack.push_async_callback(_cancel, ticker)
+            log.info("aggregate worker started (group %s)", self.group_id)
+            while not stop.is_set():
+                batch = await self._consumer.getmany(
+                    timeout_ms=self.settings.worker.poll_timeout_ms, max_records=self.settings.worker.max_batch_records
+                )
+                async with self.lock:
+                    await self._cycle(batch)
+
+    def _close_stores(self) -> None:
+        for ledger in self.ledgers.values():
+            ledger.store.close()
+        for ledger, _ in self._parked.values():
+            ledger.store.close()
+        self.ledgers.clear()
+        self._parked.clear()
+
+    # -- partitions ---------------------------------------------------------------
+    async def revoke(self, partitions: list[int]) -> None:
+        log.info("partitions revoked: %s", partitions)
+        async with self.lock:
+            crash_point("aggregate.on_revoke")
+            for p in partitions:
+                ledger = self.ledgers.pop(p, None)
+                if ledger is not None:
+                    # Kept aside: if the partition comes back and nobody wrote its changelog
+                    # meanwhile, its state is still exact and needs no restore.
+                    self._parked[p] = (ledger, self._changelog_end.get(p, -1))
+                    self.publisher.forget(ledger.budgets())
+                self._catch_up.pop(p, None)
+
+    async def assign(self, partitions: list[int]) -> None:
+        log.info("partitions assigned: %s", partitions)
+        async with self.lock:
+            crash_point("aggregate.on_assign")
+            for p in partitions:
+                ledger, restored = await self._recover(p)
+                self.ledgers[p] = ledger
+                tp = TopicPartition(self.topics.ledger.name, p)
+                assert self._restorer is not None
+                assert self._consumer is not None
+                end = (await self._restorer.end_offsets([tp]))[tp]
+                committed = await self._consumer.committed(tp) if restored else None
+                self._catch_up[p] = (end, committed)
+            for p in list(self._parked):
+                if p not in self.ledgers:
+                    self._parked.pop(p)[0].store.close()
+
+    def _store(self, partition: int) -> Store:
+        if self.settings.worker.store == "memory":
+            return MemoryStore()
+        path = Path(self.settings.data_dir) / "aggregate" / self.group_id / f"state-{partition}"
+        return RocksStore(path)
+
+    async def _recover(self, partition: int) -> tuple[PartitionLedger, bool]:
+        """State of a partition: the local store brought up to the changelog's end (and whether it was restored)."""
+        assert self._restorer is not None
+        tp = TopicPartition(self.topics.state.name, partition)
+        end = (await self._restorer.end_offsets([tp]))[tp]
+        parked = self._parked.pop(partition, None)
+        if parked is not None and parked[1] == end - 1:
+            log.info("partition %d kept: nobody wrote its changelog while it was away", partition)
+            return parked[0], False
+        if parked is not None:
+            parked[0].store.close()
+        began = time.monotonic()
+        store = self._store(partition)
+        if store.identity != self.identity or store.checkpoint >= end:
+            # A new broker, a recreated changelog, or a store from elsewhere: start afresh.
+            store.reset(self.identity)
+        restored = 0
+        if end > store.checkpoint + 1:
+            self._restorer.assign([tp])
+            self._restorer.seek(tp, store.checkpoint + 1)
+            while await self._restorer.position(tp) < end:
+                batch = await self._restorer.getmany(tp, timeout_ms=1000, max_records=20_000)
+                records = batch.get(tp, [])
+                if records:
+                    store.write({r.key: r.value for r in records}, checkpoint=records[-1].offset)
+                    restored += len(records)
+            self._restorer.unsubscribe()
+        self._changelog_end[partition] = end - 1
+        ledger = PartitionLedger(partition, store, self.config, self.policies.policy_for)
+        log.info("partition %d ready: %d changelog records restored in %.2f s", partition, restored,
+                 time.monotonic() - began)  # fmt: skip
+        return ledger, True
+
+    def _policy_changed(self, budget: str) -> None:
+        self._policy_changes.add(budget)
+
+    # -- the cycle ------------------------------------------------------------------
+    async def _cycle(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        assert self._producer is not None
+        assert self._consumer is not None
+        dead: list[DeadLetter] = []
+        offsets: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            ledger = self.ledgers.get(tp.partition)
+            if ledger is None:
+                continue  # revoked while this batch was in flight: the new owner has it
+            half = len(records) // 2
+            for index, record in enumerate(records):
+                if index == half:
+                    crash_point("aggregate.mid_batch")
+                self._apply(ledger, tp, record, dead)
+            offsets[tp] = records[-1].offset + 1
+            self._last_record_ts[tp.partition] = records[-1].timestamp / 1000
+            self.processed += len(records)
+        self.dead_letters += len(dead)
+        changed_policies, self._policy_changes = self._policy_changes, set()
+        for budget in changed_policies:
+            p = partition_for(budget, self.topics.ledger.partitions)
+            if p in self.ledgers:
+                self.ledgers[p].refresh_policy(budget)
+        crash_point("aggregate.after_apply")
+
+        changelog: dict[int, list[Awaitable[Any]]] = {}
+        writes: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        outgoing: list[Outgoing] = []
+        for p, ledger in self.ledgers.items():
+            changes = ledger.drain()
+            if changes:
+                writes[p] = changes
+                changelog[p] = await self._send_changelog(p, changes)
+            transitions, touched, rollover = ledger.take_outputs()
+            owned_policies = [b for b in changed_policies if partition_for(b, self.topics.ledger.partitions) == p]
+            known = [b for b in self.policies.budgets() if partition_for(b, self.topics.ledger.partitions) == p]
+            outgoing += self.publisher.after_batch(ledger, transitions, touched, rollover, owned_policies, known)
+            outgoing += self.publisher.refresh(ledger)
+            if p in self._heartbeat_due:
+                outgoing.append(self.publisher.heartbeat(ledger, self._lag_s(p), None))
+        self._heartbeat_due.clear()
+        outgoing += await self._caught_up_republish()
+        others = [await self._send(o) for o in outgoing]
+        for letter in dead:
+            others.append(await self._producer.send(self.topics.dlq.name, key=letter.key, value=letter.value,
+                                                    headers=letter.headers()))  # fmt: skip
+        results = {p: await asyncio.gather(*futures) for p, futures in changelog.items()}
+        await asyncio.gather(*others)
+        crash_point("aggregate.after_flush")
+        for p, changes in writes.items():
+            last = max(meta.offset for meta in results[p])
+            self._changelog_end[p] = last
+            if p in self.ledgers:
+                self.ledgers[p].store.write(dict(changes), checkpoint=last)
+        crash_point("aggregate.before_commit")
+        if offsets:
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("commit failed (%s); the next owner replays these entries", exc.__class__.__name__)
+
+    def _apply(
+        self, ledger: PartitionLedger, tp: TopicPartition, record: ConsumerRecord, dead: list[DeadLetter]
+    ) -> None:
+        try:
+            entry, _ = decode(LedgerEntry, record.value)
+        except InvalidEvent as exc:
+            dead.append(DeadLetter("aggregate", exc.reason, str(exc), tp.topic, tp.partition, record.offset,
+                                   record.key, record.value or b"null"))  # fmt: skip
+            return
+        outcome = ledger.apply(entry, record.offset)
+        if outcome in _LATE_MESSAGES:
+            dead.append(DeadLetter("aggregate", "late", _LATE_MESSAGES[outcome], tp.topic, tp.partition,
+                                   record.offset, record.key, record.value or b"null"))  # fmt: skip
+        elif outcome == "tick":
+            self._heartbeat_due.add(tp.partition)
+
+    async def _send_changelog(self, partition: int, changes: list[tuple[bytes, bytes | None]]) -> list[Awaitable[Any]]:
+        assert self._producer is not None
+        topic = self.topics.state.name
+        futures = []
+        if len(changes) > 1 and crash_due("aggregate.mid_changelog"):
+            # Make a prefix of the batch durable, then die: the case the write order exists for.
+            for key, value in changes[: len(changes) // 2]:
+                futures.append(await self._producer.send(topic, key=key, value=value, partition=partition))
+            await self._producer.flush()
+            crash_now()
+        for key, value in changes:
+            futures.append(await self._producer.send(topic, key=key, value=value, partition=partition))
+        return futures
+
+    async def _send(self, item: Outgoing) -> Awaitable[Any]:
+        assert self._producer is not None
+        topic = {"status": self.topics.status, "events": self.topics.events, "heartbeats": self.topics.heartbeats}
+        return await self._producer.send(topic[item.role].name, key=item.key, value=item.value)  # type: ignore[no-any-return]
+
+    async def _caught_up_republish(self) -> list[Outgoing]:
+        """After a partition is recovered and caught up, publish its budgets once (and re-announce events)."""
+        assert self._consumer is not None
+        out: list[Outgoing] = []
+        for p, (end, committed) in list(self._catch_up.items()):
+            ledger = self.ledgers.get(p)
+            if ledger is None:
+                self._catch_up.pop(p)
+                continue
+            tp = TopicPartition(self.topics.ledger.name, p)
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:
+                continue
+            if position < end:
+                continue
+            self._catch_up.pop(p)
+            known = {b for b in self.policies.budgets() if partition_for(b, self.topics.ledger.partitions) == p}
+            current = self.publisher.current_period(ledger)
+            out += self.publisher.refresh(ledger, set(ledger.budgets()) | known)
+            if committed is not None:
+                # Transitions of entries past the committed offset may not have been announced
+                # before a crash: announce them again (keyed budget:period:event, so consumers dedupe).
+                out += self.publisher.events_of(ledger, current, since_offset=committed)
+        return out
+
+    def _lag_s(self, partition: int) -> float:
+        assert self._consumer is not None
+        tp = TopicPartition(self.topics.ledger.name, partition)
+        highwater = self._consumer.highwater(tp)
+        last = self._last_record_ts.get(partition)
+        ledger = self.ledgers.get(partition)
+        if highwater is None or last is None or ledger is None or ledger.meta.applied + 1 >= highwater:
+            return 0.0
+        return max(0.0, time.time() - last)
+
+    # -- time ---------------------------------------------------------------------------
+    async def _ticker(self, stop: asyncio.Event) -> None:
+        """Ticks into every owned ledger partition: time moves through the stream."""
+        assert self._producer is not None
+        assert self._consumer is not None
+        while not stop.is_set():
+            await asyncio.sleep(self.settings.heartbeat_s)
+            now = self.clock.now()
+            for p in list(self.ledgers):
+                tp = TopicPartition(self.topics.ledger.name, p)
+                highwater = self._consumer.highwater(tp)
+                ledger = self.ledgers.get(p)
+                applied = ledger.meta.applied if ledger is not None else -1
+                backlog = None if highwater is None else highwater - applied - 1
+                # Expire only while the backlog is small, so that usage sitting in it is not
+                # pre-empted; the decision is written into the tick, so a replay decides alike.
+                expire = backlog is not None and backlog <= self.settings.worker.expiry_max_lag_records
+                tick = LedgerEntry(
+                    entry_id=f"tick:{p}:{now.timestamp():.6f}",
+                    kind="tick",
+                    request_id="tick",
+                    period=period_of(now),
+                    amount_pico_usd=0,
+                    occurred_at=now,
+                    expire=expire,
+                )
+                try:
+                    await self._producer.send(self.topics.ledger.name, key=b"tick", value=dumps(tick), partition=p)
+                except KafkaError as exc:
+                    log.warning("tick for partition %d not sent (%s)", p, exc.__class__.__name__)

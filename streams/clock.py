@@ -1,0 +1,51 @@
+"""Time for the workers: the wall clock in production, a simulated one in tests and the demo.
+
+The simulated clock maps a wall-clock anchor to a simulated start and runs
+``speed`` times faster; processes given the same anchor agree on the time.
+Settings refuse it unless ``BUDGETFLOW_TESTING`` is set.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from budgetflow.schemas.settings import ClockSettings
+
+__all__ = ["Clock", "month_start", "next_month_start"]
+
+
+class Clock:
+    """``now()`` as an aware UTC datetime; ``simulated`` tells which kind."""
+
+    def __init__(self, settings: ClockSettings | None = None) -> None:
+        settings = settings or ClockSettings()
+        self.speed = settings.speed
+        self.simulated = settings.start is not None or settings.speed != 1.0
+        self._anchor_wall = (settings.anchor or datetime.now(UTC)).timestamp()
+        self._start = (settings.start or datetime.fromtimestamp(self._anchor_wall, UTC)).timestamp()
+
+    def timestamp(self) -> float:
+        """Seconds since the epoch, simulated or not."""
+        if not self.simulated:
+            return time.time()
+        return self._start + (time.time() - self._anchor_wall) * self.speed
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp(), UTC)
+
+    def wall_seconds(self, simulated_seconds: float) -> float:
+        """How long, on the wall clock, a simulated duration lasts."""
+        return simulated_seconds / self.speed
+
+
+def month_start(period: str) -> datetime:
+    """The first instant of a ``YYYY-MM`` period, UTC."""
+    year, month = int(period[:4]), int(period[5:7])
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
+def next_month_start(period: str) -> datetime:
+    """The first instant after a ``YYYY-MM`` period, UTC: when its budgets reset."""
+    year, month = int(period[:4]), int(period[5:7])
+    return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)

@@ -1,0 +1,203 @@
+"""The enrich stage: requests and usage in, one priced ledger entry per budget out.
+
+Stateless and deterministic: the same event and price table give the same
+entries (with deterministic ids) on any worker and on any redelivery, so
+at-least-once delivery is enough here; the aggregate makes it exact. No
+prompt text leaves this stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from budgetflow.schemas.errors import InvalidEvent
+from budgetflow.schemas.events import GLOBAL_BUDGET, LedgerEntry, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.serde import decode, dumps
+from budgetflow.schemas.settings import Settings
+from budgetflow.streams.clients import client_options
+from budgetflow.streams.crash import crash_point
+from budgetflow.streams.dlq import DeadLetter, redact_request
+from budgetflow.streams.topics import Topics, ensure_topics
+from budgetflow.tokenizers.estimate import Estimator
+
+__all__ = ["EnrichResult", "EnrichWorker", "Enricher"]
+
+log = logging.getLogger(__name__)
+
+
+def _budgets(listed: Iterable[str]) -> list[str]:
+    """The request's budgets with ``global`` implied, each once, in a stable order."""
+    return list(dict.fromkeys([*listed, GLOBAL_BUDGET]))
+
+
+@dataclass
+class EnrichResult:
+    """What one input record became."""
+
+    entries: list[LedgerEntry] = field(default_factory=list)
+    dead: DeadLetter | None = None
+    unknown_fields: tuple[str, ...] = ()
+
+
+class Enricher:
+    """Turns one raw input record into ledger entries, or into a dead letter."""
+
+    def __init__(self, estimator: Estimator, topics: Topics, *, keep_raw: bool = False) -> None:
+        self.estimator = estimator
+        self.topics = topics
+        self.keep_raw = keep_raw
+
+    def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
+        is_request = topic == self.topics.requests.name
+        try:
+            if is_request:
+                request, unknown = decode(RequestEvent, value)
+                return EnrichResult(self.reserve(request), unknown_fields=unknown)
+            usage, unknown = decode(UsageEvent, value)
+            return EnrichResult(self.settle(usage), unknown_fields=unknown)
+        except InvalidEvent as exc:
+            stored = value if self.keep_raw or not is_request else redact_request(value)
+            dead = DeadLetter("enrich", exc.reason, str(exc), topic, partition, offset, key, stored or b"null")
+            return EnrichResult(dead=dead)
+
+    def reserve(self, event: RequestEvent) -> list[LedgerEntry]:
+        estimate = self.estimator.estimate(event)
+        return [
+            LedgerEntry(
+                entry_id=entry_id(event.request_id, event.attempt, "reserve", budget),
+                budget_id=budget,
+                request_id=event.request_id,
+                attempt=event.attempt,
+                kind="reserve",
+                period=event.period,
+                amount_pico_usd=estimate.pico_usd,
+                model=event.model,
+                provider=event.provider,
+                backend=estimate.backend,
+                input_tokens=estimate.input_tokens,
+                output_tokens=estimate.output_tokens,
+                tier=estimate.tier,
+                priced=estimate.priced,
+                price_version=estimate.price_version,
+                occurred_at=event.occurred_at,
+                ttl_s=estimate.ttl_s,
+            )
+            for budget in _budgets(event.budgets)
+        ]
+
+    def settle(self, event: UsageEvent) -> list[LedgerEntry]:
+        cost = self.estimator.price_usage(event)
+        price = self.estimator.table.price(event.model, backend=event.backend, provider=event.provider)
+        ttl = price.reservation_ttl_s or self.estimator.reservation.ttl_s
+        return [
+            LedgerEntry(
+                entry_id=entry_id(event.request_id, event.attempt, "settle", budget),
+                budget_id=budget,
+                request_id=event.request_id,
+                attempt=event.attempt,
+                kind="settle",
+                period=event.period,
+                amount_pico_usd=cost.pico_usd,
+                model=event.model,
+                provider=event.provider,
+                backend=cost.backend,
+                input_tokens=event.input_tokens,
+                output_tokens=event.output_tokens,
+                cached_input_tokens=event.cached_input_tokens,
+                reasoning_tokens=event.reasoning_tokens,
+                tier="reported",
+                priced=cost.priced,
+                price_version=cost.price_version,
+                occurred_at=event.request_occurred_at,
+                usage_at=event.occurred_at,
+                outcome=event.outcome,
+                ttl_s=ttl,
+            )
+            for budget in _budgets(event.budgets)
+        ]
+
+
+class EnrichWorker:
+    """Consumes requests and usage, produces ledger entries, commits after the broker has them."""
+
+    def __init__(self, settings: Settings, enricher: Enricher, topics: Topics) -> None:
+        self.settings = settings
+        self.enricher = enricher
+        self.topics = topics
+        self.group_id = f"{settings.topics.prefix}enrich"
+        self.processed = 0
+        self.dead_letters = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        options = client_options(self.settings.kafka)
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**options)
+        await admin.start()
+        try:
+            await ensure_topics(admin, self.topics)
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(**options, enable_idempotence=True, acks="all", linger_ms=5,
+                                    max_batch_size=256 * 1024)  # fmt: skip
+        consumer = AIOKafkaConsumer(
+            self.topics.requests.name,
+            self.topics.usage.name,
+            **options,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.settings.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
+            max_poll_records=self.settings.worker.max_batch_records,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)
+            log.info("enrich worker started (group %s)", self.group_id)
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=self.settings.worker.poll_timeout_ms, max_records=self.settings.worker.max_batch_records
+                )
+                if batch:
+                    await self._cycle(consumer, producer, batch)
+
+    async def _cycle(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        batch: dict[TopicPartition, list[ConsumerRecord]],
+    ) -> None:
+        sends = []
+        ledger = self.topics.ledger.name
+        for tp, records in batch.items():
+            for record in records:
+                result = self.enricher.enrich(tp.topic, tp.partition, record.offset, record.key, record.value)
+                for entry in result.entries:
+                    assert entry.budget_id is not None
+                    sends.append(await producer.send(ledger, key=entry.budget_id.encode(), value=dumps(entry)))
+                if result.dead is not None:
+                    self.dead_letters += 1
+                    dead = result.dead
+                    sends.append(await producer.send(self.topics.dlq.name, key=dead.key, value=dead.value,
+                                                     headers=dead.headers()))  # fmt: skip
+            self.processed += len(records)
+        crash_point("enrich.after_send")
+        await asyncio.gather(*sends)
+        crash_point("enrich.before_commit")
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions: the new owner redoes these records, and
+            # the aggregate's idempotent state absorbs the duplicates.
+            log.warning("commit failed (%s); records will be redelivered", exc.__class__.__name__)

@@ -1,0 +1,100 @@
+"""Running the workers: one role per process, or `all` as two supervised child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Literal
+
+from budgetflow.schemas.settings import Settings
+
+__all__ = ["Role", "run_role", "supervise"]
+
+Role = Literal["enrich", "aggregate"]
+log = logging.getLogger("budgetflow.worker")
+
+
+def configure_logging(settings: Settings, role: str) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiokafka is chatty about retries it handles itself.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+
+
+async def _run(role: Role, settings: Settings) -> None:
+    from budgetflow.streams.clock import Clock
+    from budgetflow.streams.topics import Topics
+
+    topics = Topics.from_settings(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if role == "enrich":
+        from budgetflow.streams.enrich import Enricher, EnrichWorker
+        from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
+        from budgetflow.tokenizers.registry import TokenizerRule
+
+        registry = TokenizerRegistry.default(
+            [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
+        )
+        table = PriceTable.load(
+            settings.pricing.file,
+            fallback_input_usd_per_mtok=settings.pricing.fallback_input_usd_per_mtok,
+            fallback_output_usd_per_mtok=settings.pricing.fallback_output_usd_per_mtok,
+            local_providers=settings.pricing.local_providers,
+        )
+        estimator = Estimator(registry, table, settings.reservation, settings.tokenizers)
+        enricher = Enricher(estimator, topics, keep_raw=settings.dlq.keep_raw)
+        await EnrichWorker(settings, enricher, topics).run(stop)
+    else:
+        from budgetflow.streams.aggregate import AggregateWorker
+
+        await AggregateWorker(settings, topics, Clock(settings.clock)).run(stop)
+
+
+def run_role(role: Role, settings: Settings) -> None:
+    """Run one role in this process until SIGTERM or SIGINT."""
+    configure_logging(settings, role)
+    asyncio.run(_run(role, settings))
+
+
+def supervise(roles: list[Role]) -> int:
+    """Run each role as a child process; stop all when one exits or on SIGTERM/SIGINT."""
+    children = {
+        role: subprocess.Popen([sys.executable, "-m", "budgetflow.streams", "worker", "--role", role]) for role in roles
+    }
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while any(child.poll() is None for child in children.values()):
+        for role, child in children.items():
+            if child.poll() is not None and not stopping:
+                log.error("%s worker exited with %s; stopping the others", role, child.returncode)
+                code = child.returncode or 1
+                stop()
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.kill(child.pid, signal.SIGKILL)
+    return code
