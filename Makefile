@@ -49,8 +49,11 @@ test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
 bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
 	$(BIN)/budgetflow bench --out bench-results/bench.json
 
-run: setup  ## start the local Kafka and print its address
+run: setup  ## start Kafka, create topics, apply examples/policies.yaml, run the workers (Ctrl-C stops them)
 	$(BIN)/budgetflow kafka start
+	$(BIN)/budgetflow topics create > /dev/null
+	$(BIN)/budgetflow policy apply examples/policies.yaml
+	$(BIN)/budgetflow worker --role all
 
 clean:  ## remove the venv, caches and local data
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache .budgetflow build dist

@@ -94,6 +94,7 @@ class AggregateWorker:
         self.identity = ""
         self.processed = 0
         self.dead_letters = 0
+        self.first_batch_at: float | None = None  # perf_counter of the first records (benchmarks)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._restorer: AIOKafkaConsumer | None = None
@@ -229,6 +230,8 @@ class AggregateWorker:
         assert self._consumer is not None
         dead: list[DeadLetter] = []
         offsets: dict[TopicPartition, int] = {}
+        if batch and self.first_batch_at is None:
+            self.first_batch_at = time.perf_counter()
         for tp, records in batch.items():
             ledger = self.ledgers.get(tp.partition)
             if ledger is None:
@@ -252,6 +255,13 @@ class AggregateWorker:
         changelog: dict[int, list[Awaitable[Any]]] = {}
         writes: dict[int, list[tuple[bytes, bytes | None]]] = {}
         outgoing: list[Outgoing] = []
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        for p in [p for p in self.ledgers if p not in assigned]:
+            # The group moved this partition without telling us yet (we stalled): write
+            # nothing more for it; its new owner restores from the changelog.
+            log.warning("partition %d is no longer assigned; dropping its unwritten changes", p)
+            self.ledgers.pop(p).store.close()
+            offsets.pop(TopicPartition(self.topics.ledger.name, p), None)
         for p, ledger in self.ledgers.items():
             changes = ledger.drain()
             if changes:

@@ -7,6 +7,7 @@ without asserting any timing.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 import statistics
@@ -160,24 +161,37 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "tokenizers": bench_tokenizers,
     "heuristic_error": bench_heuristic_error,
 }
+# Sections that need a broker get its bootstrap address as a second argument.
+KAFKA_SECTIONS = ("aggregate", "latency")
 
 
 def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
     """Run the chosen sections; write the JSON; return the results."""
-    chosen = only or list(SECTIONS)
-    unknown = [name for name in chosen if name not in SECTIONS]
+    from budgetflow.streams import bench_pipeline
+
+    known = [*SECTIONS, *KAFKA_SECTIONS]
+    chosen = only or known
+    unknown = [name for name in chosen if name not in known]
     if unknown:
-        raise ValueError(f"unknown bench section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown bench section {unknown[0]!r}; known: {', '.join(known)}")
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick,
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
         "sections": {},
     }
-    for name in chosen:
-        began = time.monotonic()
-        results["sections"][name] = SECTIONS[name](quick)
-        results["sections"][name]["elapsed_s"] = round(time.monotonic() - began, 2)
+    with contextlib.ExitStack() as stack:
+        bootstrap: str | None = None
+        for name in chosen:
+            began = time.monotonic()
+            if name in KAFKA_SECTIONS:
+                if bootstrap is None:
+                    bootstrap = stack.enter_context(bench_pipeline.bench_kafka(out.parent))
+                section = bench_pipeline.bench_aggregate if name == "aggregate" else bench_pipeline.bench_latency
+                results["sections"][name] = section(quick, bootstrap)
+            else:
+                results["sections"][name] = SECTIONS[name](quick)
+            results["sections"][name]["elapsed_s"] = round(time.monotonic() - began, 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(dumps(results))
     return results
@@ -214,4 +228,19 @@ def render(results: dict[str, Any]) -> str:
                 f"| {e['p95_percent']:+.1f} | {e['min_percent']:+.1f} | {e['max_percent']:+.1f} "
                 f"| {e['underestimates_percent']:.1f} % |"
             )
+    if "aggregate" in sections:
+        section = sections["aggregate"]
+        lines += ["", f"aggregate, {section['entries']:,} ledger entries, one worker", "",
+                  "| budgets | aggregate entries/s | raw consumer entries/s | ratio |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for label in ("1000_budgets", "one_budget"):
+            row = section[label]
+            name = label.replace("_", " ")
+            lines.append(f"| {name} | {row['aggregate_per_s']:,.0f} | {row['raw_consumer_per_s']:,.0f} "
+                         f"| {row['ratio']:.2f} |")  # fmt: skip
+    if "latency" in sections:
+        row = sections["latency"]
+        lines += ["", f"threshold crossing to status on the topic, idle, {row['trials']} trials: "
+                  f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+                  f"max {row['max_ms']:.0f} ms"]  # fmt: skip
     return "\n".join(lines)

@@ -95,8 +95,15 @@ async def ensure_topics(admin: AIOKafkaAdminClient, topics: Topics, specs: list[
 
 
 async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
-    described = await admin.describe_topics([s.name for s in specs])
-    partitions = {t["topic"]: len(t["partitions"]) for t in described}
+    import asyncio
+
+    # Topics created a moment ago may not show their partitions in the metadata yet.
+    for _ in range(50):
+        described = await admin.describe_topics([s.name for s in specs])
+        partitions = {t["topic"]: len(t["partitions"]) for t in described if t.get("error_code", 0) == 0}
+        if all(partitions.get(s.name) for s in specs):
+            break
+        await asyncio.sleep(0.2)
     for spec in specs:
         have = partitions.get(spec.name)
         # The single-partition topics may be larger; co-partitioned ones must match exactly.

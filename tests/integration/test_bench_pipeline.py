@@ -1,0 +1,30 @@
+"""The broker benchmarks run (quick sizes) so they cannot rot; their timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Path, budgetflow_cli) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
+    env["BUDGETFLOW_BENCH_BOOTSTRAP"] = kafka_bootstrap
+    proc = subprocess.run(
+        budgetflow_cli("bench", "--quick", "--only", "aggregate", "--only", "latency", "--out", str(out)),
+        capture_output=True, text=True, env=env, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    sections = json.loads(out.read_text())["sections"]
+    for label in ("1000_budgets", "one_budget"):
+        assert sections["aggregate"][label]["aggregate_per_s"] > 0
+        assert sections["aggregate"][label]["raw_consumer_per_s"] > 0
+    assert sections["latency"]["trials"] == 5
+    assert sections["latency"]["p99_ms"] >= sections["latency"]["p50_ms"] > 0
+    print(proc.stdout)
