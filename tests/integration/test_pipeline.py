@@ -51,7 +51,8 @@ def check_status_order(records: list[tuple[int, bytes | None, bytes | None, int]
 
 
 async def test_scenario_is_exact_ordered_and_rolls_over(pipeline_factory: Any, kit: Any) -> None:
-    pipeline, scenario = await kit.start(pipeline_factory)
+    pipeline, scenario = await kit.start(pipeline_factory, n=2500)
+    assert len(scenario.records) > 5000
     pipeline.start("enrich")
     pipeline.start("aggregate")
     await pipeline.produce(scenario.records)
