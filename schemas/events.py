@@ -253,3 +253,4 @@ class Heartbeat(Event):
     stream_time: Timestamp
     lag_s: Annotated[float, Field(ge=0)]
     enrich_lag_s: Annotated[float, Field(ge=0)] | None = None
+    owner: Annotated[str, StringConstraints(max_length=512)] | None = None

@@ -38,12 +38,15 @@ __all__ = [
     "KafkaSettings",
     "LocalKafkaSettings",
     "PricingSettings",
+    "PublisherSettings",
     "ReservationSettings",
     "SecuritySettings",
     "Settings",
     "StatusSettings",
     "TokenizerSettings",
     "TopicSettings",
+    "ViewSettings",
+    "WebSettings",
     "WorkerSettings",
     "env_name",
     "load_settings",
@@ -304,6 +307,52 @@ class WorkerSettings(_Section):
     )
 
 
+class ViewSettings(_Section):
+    """How a router's BudgetView treats old news."""
+
+    stale_after_s: float = Field(
+        30.0, gt=0, description="A budget is stale when its partition's heartbeat is older or reports more lag."
+    )
+    expire_after_s: float = Field(300.0, gt=0, description="Past this, a stale budget follows stale_mode.")
+    stale_mode: Literal["open", "closed"] = Field(
+        "open", description="open: an expired budget reads as normal; closed: as hard-limited, blocking cloud."
+    )
+    admit_grace_s: float = Field(
+        5.0, ge=0, description="A status this much newer than an admission is taken to include it."
+    )
+    admit_max_age_s: float = Field(60.0, gt=0, description="Admissions older than this are forgotten.")
+
+    @model_validator(mode="after")
+    def _order(self) -> ViewSettings:
+        if self.expire_after_s < self.stale_after_s:
+            raise ValueError("expire_after_s must be at least stale_after_s")
+        return self
+
+
+class PublisherSettings(_Section):
+    """The gateway-side publisher."""
+
+    on_full: Literal["block", "drop_request", "reject_cloud"] = Field(
+        "reject_cloud", description="What a request does when the buffer is full (usage is spooled, never dropped)."
+    )
+    buffer_max: int = Field(10_000, ge=1, description="Events buffered in memory before on_full applies.")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Bound of the usage spool on disk.")
+    delivery_timeout_ms: int = Field(15_000, ge=1_000, description="A send not acknowledged by then has failed.")
+    linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
+    replay_interval_s: float = Field(2.0, gt=0, description="How often spooled usage is retried.")
+
+
+class WebSettings(_Section):
+    """The HTTP endpoints of the workers (stats API, health, metrics) and of `budgetflow view serve`."""
+
+    host: str = Field("0.0.0.0", description="Interface to listen on.")  # noqa: S104  # a service, in a pod
+    port: int = Field(8085, ge=0, le=65535, description="Port of the aggregate's stats API (0 picks a free one).")
+    advertised_url: str | None = Field(
+        None, description="URL other workers use to reach this one (default http://<hostname>:<port>)."
+    )
+    bearer_token: SecretStr | None = Field(None, description="If set, the stats API requires this bearer token.")
+
+
 class Settings(BaseSettings):
     """budgetflow's settings; see the README for the table of environment variables."""
 
@@ -334,6 +383,9 @@ class Settings(BaseSettings):
     clock: ClockSettings = Field(default_factory=ClockSettings)
     dlq: DlqSettings = Field(default_factory=DlqSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    view: ViewSettings = Field(default_factory=ViewSettings)
+    publisher: PublisherSettings = Field(default_factory=PublisherSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @model_validator(mode="after")
     def _testing_only(self) -> Settings:

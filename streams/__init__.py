@@ -1,9 +1,31 @@
-"""budgetflow's moving parts: the local broker, the workers, the CLI.
+"""budgetflow's moving parts: what gateways import, and the workers behind it.
 
-Importing this package imports nothing heavy: gateways import the publisher
-and the view from here without pulling in Faust.
+A gateway imports only this package's top level: the publisher, the view and
+the routing types. None of them imports Faust or RocksDB (a test checks).
+The workers live in submodules (`budgetflow.streams.aggregate`, ...).
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from budgetflow.streams.publisher import BudgetPublisher, RequestHandle, SpoolFull, SyncBudgetPublisher
+from budgetflow.streams.routing import BudgetExceeded, BudgetState, Candidate, Decision, affinity, cloud_share
+from budgetflow.streams.usage import Usage, from_anthropic, from_gemini, from_openai
+from budgetflow.streams.view import BudgetView
+
+__all__ = [
+    "BudgetExceeded",
+    "BudgetPublisher",
+    "BudgetState",
+    "BudgetView",
+    "Candidate",
+    "Decision",
+    "RequestHandle",
+    "SpoolFull",
+    "SyncBudgetPublisher",
+    "Usage",
+    "affinity",
+    "cloud_share",
+    "from_anthropic",
+    "from_gemini",
+    "from_openai",
+]

@@ -37,6 +37,7 @@ from budgetflow.streams.publish import Outgoing, StatusPublisher
 from budgetflow.streams.status import StatusRules
 from budgetflow.streams.store import MemoryStore, RocksStore, Store
 from budgetflow.streams.topics import Topics, ensure_topics, partition_for
+from budgetflow.streams.view import BudgetView
 
 __all__ = ["AggregateWorker"]
 
@@ -95,6 +96,8 @@ class AggregateWorker:
         self.processed = 0
         self.dead_letters = 0
         self.first_batch_at: float | None = None  # perf_counter of the first records (benchmarks)
+        self.url: str | None = None
+        self.view: BudgetView | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._restorer: AIOKafkaConsumer | None = None
@@ -133,6 +136,11 @@ class AggregateWorker:
             await self._consumer.start()
             stack.push_async_callback(self._consumer.stop)
             stack.callback(self._close_stores)
+            self.view = BudgetView(self.settings, clock=self.clock)
+            await self.view.start()
+            stack.push_async_callback(self.view.stop)
+            runner = await self._serve_web(self.view)
+            stack.push_async_callback(runner.cleanup)
             ticker = asyncio.create_task(self._ticker(stop), name="ticker")
             stack.push_async_callback(_cancel, ticker)
             log.info("aggregate worker started (group %s)", self.group_id)
@@ -142,6 +150,30 @@ class AggregateWorker:
                 )
                 async with self.lock:
                     await self._cycle(batch)
+
+    async def _serve_web(self, view: BudgetView) -> Any:
+        from aiohttp import web
+
+        from budgetflow.streams.web import stats_app
+
+        runner = web.AppRunner(stats_app(self, view), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.web.host, self.settings.web.port)
+        await site.start()
+        port = runner.addresses[0][1]
+        template = self.settings.web.advertised_url or "http://127.0.0.1:{port}"
+        self.url = template.replace("{port}", str(port))
+        log.info("stats API on %s (port %d)", self.url, port)
+        return runner
+
+    @property
+    def ready(self) -> bool:
+        """Partitions restored and caught up, policies read: what /healthz reports."""
+        return bool(self.ledgers) and not self._catch_up and self.policies.ready.is_set()
+
+    @property
+    def catching_up(self) -> list[int]:
+        return sorted(self._catch_up)
 
     def _close_stores(self) -> None:
         for ledger in self.ledgers.values():
@@ -273,7 +305,7 @@ class AggregateWorker:
             outgoing += self.publisher.after_batch(ledger, transitions, touched, rollover, owned_policies, known)
             outgoing += self.publisher.refresh(ledger)
             if p in self._heartbeat_due:
-                outgoing.append(self.publisher.heartbeat(ledger, self._lag_s(p), None))
+                outgoing.append(self.publisher.heartbeat(ledger, self._lag_s(p), None, self.url))
         self._heartbeat_due.clear()
         outgoing += await self._caught_up_republish()
         others = [await self._send(o) for o in outgoing]

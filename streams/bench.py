@@ -8,6 +8,7 @@ without asserting any timing.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import random
 import statistics
@@ -157,12 +158,80 @@ def bench_heuristic_error(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_routing(quick: bool) -> dict[str, Any]:
+    """BudgetView memory at 100,000 budgets, and `decide` beside a trivial baseline, per call."""
+    import gc
+    import hashlib
+    import tracemalloc
+
+    from budgetflow.schemas.events import BudgetStatus
+    from budgetflow.schemas.settings import Settings
+    from budgetflow.streams.routing import Candidate
+    from budgetflow.streams.view import BudgetView
+
+    budgets = 2_000 if quick else 100_000
+    view = BudgetView(Settings())
+    now = datetime.now(UTC)
+    period = f"{now.year:04d}-{now.month:02d}"
+    from budgetflow.streams.clock import next_month_start
+
+    reset = next_month_start(period)
+    gc.collect()
+    rss_before = _rss_bytes()
+    tracemalloc.start()
+    for i in range(budgets):
+        spend = (i * 7919) % (100 * 10**12)
+        view.apply_status(BudgetStatus(
+            budget_id=f"team:{i}", period=period, status="soft_limit" if spend > 75 * 10**12 else "normal",
+            spend_usd=spend, settled_usd=spend, reserved_usd=0, limit_usd=100 * 10**12,
+            remaining_usd=100 * 10**12 - spend, utilization_percent=spend / 10**12, soft_limit_percent=75,
+            hard_limit_action="block_cloud", as_of=now, next_reset=reset, reason="step", partition=i % 8, seq=i,
+        ))  # fmt: skip
+    traced, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    gc.collect()
+    rss_after = _rss_bytes()
+    candidates = [Candidate("gpt-4o", "cloud", 1.0), Candidate("llama3.1:8b", "local", 0.5)]
+    rng = random.Random(5)
+    calls = 2_000 if quick else 50_000
+    names = [(f"req-{i}", [f"team:{rng.randrange(budgets)}", f"team:{rng.randrange(budgets)}"]) for i in range(calls)]
+    ours, base = [], []
+    statuses = view._statuses
+
+    def trivial(request_id: str, wanted: list[str]) -> bool:
+        # The least a router does: look its budgets up and hash the request id.
+        found = [statuses.get(b) for b in wanted]
+        return hashlib.sha256(request_id.encode()).digest()[0] < 128 and all(f is not None for f in found)
+
+    for request_id, wanted in names:
+        began = time.perf_counter_ns()
+        view.decide(request_id, wanted, candidates, now=now)
+        ours.append(time.perf_counter_ns() - began)
+        began = time.perf_counter_ns()
+        trivial(request_id, wanted)
+        base.append(time.perf_counter_ns() - began)
+    return {
+        "budgets": budgets,
+        "view_traced_bytes": traced,
+        "view_rss_bytes": rss_after - rss_before,
+        "bytes_per_budget": traced / budgets,
+        "decide": _percentiles(ours),
+        "baseline": _percentiles(base),
+    }
+
+
 SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "tokenizers": bench_tokenizers,
     "heuristic_error": bench_heuristic_error,
+    "routing": bench_routing,
 }
 # Sections that need a broker get its bootstrap address as a second argument.
-KAFKA_SECTIONS = ("aggregate", "latency")
+KAFKA_SECTIONS = ("aggregate", "latency", "publisher")
 
 
 def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
@@ -187,7 +256,8 @@ def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
             if name in KAFKA_SECTIONS:
                 if bootstrap is None:
                     bootstrap = stack.enter_context(bench_pipeline.bench_kafka(out.parent))
-                section = bench_pipeline.bench_aggregate if name == "aggregate" else bench_pipeline.bench_latency
+                section = {"aggregate": bench_pipeline.bench_aggregate, "latency": bench_pipeline.bench_latency,
+                           "publisher": bench_pipeline.bench_publisher}[name]  # fmt: skip
                 results["sections"][name] = section(quick, bootstrap)
             else:
                 results["sections"][name] = SECTIONS[name](quick)
@@ -243,4 +313,22 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", f"threshold crossing to status on the topic, idle, {row['trials']} trials: "
                   f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
                   f"max {row['max_ms']:.0f} ms"]  # fmt: skip
+    if "routing" in sections:
+        row = sections["routing"]
+        mib = row["view_traced_bytes"] / 2**20
+        lines += ["", f"BudgetView with {row['budgets']:,} budgets: {mib:.1f} MiB allocated "
+                  f"({row['bytes_per_budget']:.0f} B per budget), RSS +{row['view_rss_bytes'] / 2**20:.1f} MiB", "",
+                  "| call | p50 µs | p95 µs | p99 µs |", "|---|---|---|---|",
+                  _row("view.decide (2 budgets + global)", row["decide"]),
+                  _row("baseline: 3 dict lookups + SHA-256", row["baseline"])]  # fmt: skip
+    if "publisher" in sections:
+        row = sections["publisher"]
+        lines += ["", f"publisher, {row['calls']:,} calls, caller's side", "",
+                  "| call | p50 µs | p95 µs | p99 µs |", "|---|---|---|---|",
+                  _row("publish_request (validate, serialize, buffer)", row["publish_request"]),
+                  _row("baseline: asyncio.Queue.put", row["baseline"])]  # fmt: skip
     return "\n".join(lines)
+
+
+def _row(name: str, p: dict[str, float]) -> str:
+    return f"| {name} | {p['p50_us']:.1f} | {p['p95_us']:.1f} | {p['p99_us']:.1f} |"

@@ -165,7 +165,7 @@ def bench_latency(quick: bool, bootstrap: str) -> dict[str, Any]:
         env = worker_env({
             "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "BUDGETFLOW_TOPICS__PREFIX": prefix,
             "BUDGETFLOW_TOPICS__PARTITIONS": "8", "BUDGETFLOW_DATA_DIR": str(root), "BUDGETFLOW_HEARTBEAT_S": "0.5",
-            "BUDGETFLOW_LOG_LEVEL": "WARNING",
+            "BUDGETFLOW_LOG_LEVEL": "WARNING", "BUDGETFLOW_WEB__PORT": "0",
         })  # fmt: skip
         budgets = [f"lat:{i}" for i in range(trials)]
         policy = root / "policies.yaml"
@@ -250,3 +250,36 @@ async def _wait_ready(consumer: AIOKafkaConsumer, settings: Settings, topics: To
             return
         await asyncio.sleep(0.5)
     raise TimeoutError("workers did not come up within 90 s")
+
+
+def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
+    """`publish_request` on the caller's side (validate, serialize, buffer) beside a bare queue put."""
+    from budgetflow.streams.bench import _percentiles
+    from budgetflow.streams.publisher import BudgetPublisher
+
+    calls = 2_000 if quick else 20_000
+    prefix = f"pub{uuid.uuid4().hex[:6]}."
+
+    async def run() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = _settings(bootstrap, prefix, Path(tmp))
+            await ensure_topics_now(settings, Topics.from_settings(settings))
+            async with BudgetPublisher(settings, buffer_max=calls * 2) as publisher:
+                messages = [{"role": "user", "content": "Summarize the attached quarterly report. " * 20}]
+                ours = []
+                for i in range(calls):
+                    began = time.perf_counter_ns()
+                    await publisher.publish_request(request_id=f"b-{i}", model="gpt-4o", provider="openai",
+                                                    backend="cloud", budgets=["team:a"], messages=messages,
+                                                    max_tokens=256)  # fmt: skip
+                    ours.append(time.perf_counter_ns() - began)
+                await publisher.flush()
+            queue: asyncio.Queue[bytes] = asyncio.Queue()
+            base = []
+            for _ in range(calls):
+                began = time.perf_counter_ns()
+                await queue.put(b"x")
+                base.append(time.perf_counter_ns() - began)
+            return {"calls": calls, "publish_request": _percentiles(ours), "baseline": _percentiles(base)}
+
+    return asyncio.run(run())

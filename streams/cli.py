@@ -233,6 +233,66 @@ def status_cmd(ctx: _Context, budget: str | None, as_json: bool) -> None:
     Console(width=200).print(table)
 
 
+# -- view -----------------------------------------------------------------------
+@cli.group()
+def view() -> None:
+    """The router's view of the budgets."""
+
+
+@view.command("serve")
+@click.option("--port", type=click.IntRange(0, 65535), default=8086, envvar="BUDGETFLOW_VIEW_PORT", show_envvar=True,
+              help="Port to listen on.")  # fmt: skip
+@click.option("--host", default="127.0.0.1", envvar="BUDGETFLOW_VIEW_HOST", show_envvar=True, help="Interface.")
+@pass_ctx
+def view_serve(ctx: _Context, port: int, host: str) -> None:
+    """Serve a BudgetView over HTTP (POST /v1/decide, POST /v1/admit, GET /v1/status/ID) for non-Python gateways."""
+    from aiohttp import web
+
+    from budgetflow.streams.view import BudgetView
+    from budgetflow.streams.viewserver import view_app
+
+    settings = ctx.settings()
+    token = settings.web.bearer_token
+
+    async def app() -> web.Application:
+        budget_view = BudgetView(settings)
+        await budget_view.start()
+        application = view_app(budget_view, token.get_secret_value() if token else None)
+
+        async def close(_: web.Application) -> None:
+            await budget_view.stop()
+
+        application.on_cleanup.append(close)
+        return application
+
+    web.run_app(app(), host=host, port=port, print=lambda text: click.echo(text, err=True))
+
+
+# -- simulate -------------------------------------------------------------------
+@cli.group()
+def simulate() -> None:
+    """Simulations of routing policy (no broker needed)."""
+
+
+@simulate.command("shift")
+@click.option("--requests", default=200_000, show_default=True, help="Requests in the simulated month.")
+@click.option("--seed", default=1, show_default=True, help="Random seed.")
+@click.option("--overspend", default=1.6, show_default=True, help="Cloud cost of the traffic, times the limit.")
+def simulate_shift_cmd(requests: int, seed: int, overspend: float) -> None:
+    """A month of traffic with and without the soft-limit shift: cloud spend in the 80-100 % band."""
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.streams.simulate import simulate_shift
+
+    r = simulate_shift(requests, seed, overspend)
+    days = (r.band_start_s / 86_400, r.band_end_s / 86_400)
+    click.echo(f"budget ${format_usd(r.limit_pico, 2)}, soft limit 75 %, {r.requests:,} requests whose cloud cost "
+               f"is {overspend:g} x the limit")  # fmt: skip
+    click.echo(f"80-100 % band of the run without the shift: day {days[0]:.1f} to day {days[1]:.1f}")
+    click.echo(f"cloud spend in that band: without the shift ${format_usd(r.without_band_spend, 2)}, "
+               f"with it ${format_usd(r.with_band_spend, 2)}: {r.reduction_percent:.1f} % less")  # fmt: skip
+    click.echo(f"cloud requests over the month: {r.without_cloud_requests:,} without, {r.with_cloud_requests:,} with")
+
+
 # -- bench --------------------------------------------------------------------
 @cli.command("bench")
 @click.option("--only", multiple=True, help="Run only this section (repeatable).")

@@ -174,12 +174,15 @@ class StatusPublisher:
                     "reserved_usd": usd_string(state.reserved), "seq": state.o, "replayed": True})))  # fmt: skip
         return out
 
-    def heartbeat(self, ledger: PartitionLedger, lag_s: float, enrich_lag_s: float | None) -> Outgoing:
+    def heartbeat(
+        self, ledger: PartitionLedger, lag_s: float, enrich_lag_s: float | None, owner: str | None = None
+    ) -> Outgoing:
         record = Heartbeat(
             partition=ledger.partition,
             as_of=self.now(),
             stream_time=datetime.fromtimestamp(max(ledger.meta.stream_time, 946_684_800), UTC),
             lag_s=max(lag_s, 0.0),
             enrich_lag_s=enrich_lag_s,
+            owner=owner,
         )
         return Outgoing("heartbeats", str(ledger.partition).encode(), dumps(record))

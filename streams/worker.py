@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -30,14 +31,39 @@ def configure_logging(settings: Settings, role: str) -> None:
 
 
 async def _run(role: Role, settings: Settings) -> None:
-    from budgetflow.streams.clock import Clock
-    from budgetflow.streams.topics import Topics
+    """Run the role until a signal; if the broker goes away, tear down and start again with a backoff.
 
-    topics = Topics.from_settings(settings)
+    A restart is a recovery like any other: state comes back from the store and the changelog,
+    and the idempotent ledger absorbs whatever is replayed.
+    """
+    from aiokafka.errors import KafkaError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    backoff = 1.0
+    while not stop.is_set():
+        began = loop.time()
+        try:
+            await _run_once(role, settings, stop)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if stop.is_set():
+                break
+            if loop.time() - began > 60:
+                backoff = 1.0  # it ran for a while: this is a new outage
+            log.warning("%s worker lost the broker (%s: %s); restarting in %.0f s", role,
+                        exc.__class__.__name__, exc, backoff)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None:
+    from budgetflow.streams.clock import Clock
+    from budgetflow.streams.topics import Topics
+
+    topics = Topics.from_settings(settings)
     if role == "enrich":
         from budgetflow.streams.enrich import Enricher, EnrichWorker
         from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry

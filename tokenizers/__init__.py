@@ -6,7 +6,7 @@ HuggingFace's ``tokenizers`` package in a user's environment.
 
 from __future__ import annotations
 
-from budgetflow.tokenizers.estimate import Estimate, Estimator, estimate_request, price_usage
+from budgetflow.tokenizers.estimate import Estimate, Estimator, estimate_request, price_usage, quick_estimate
 from budgetflow.tokenizers.pricing import Cost, Price, PriceTable
 from budgetflow.tokenizers.registry import (
     TokenCount,
@@ -29,4 +29,5 @@ __all__ = [
     "estimate_request",
     "heuristic_tokens",
     "price_usage",
+    "quick_estimate",
 ]

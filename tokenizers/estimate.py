@@ -25,7 +25,7 @@ from budgetflow.tokenizers.registry import (
     utf8_len,
 )
 
-__all__ = ["Estimate", "Estimator", "estimate_request", "price_usage"]
+__all__ = ["Estimate", "Estimator", "estimate_request", "price_usage", "quick_estimate"]
 
 _TIER_RANK: dict[Tier, int] = {"exact": 0, "reported": 0, "approximate": 1, "heuristic": 2}
 
@@ -153,3 +153,26 @@ def estimate_request(
 def price_usage(event: UsageEvent, table: PriceTable) -> Cost:
     """The actual cost of a finished call, by design.md's formula."""
     return Estimator(TokenizerRegistry([]), table).price_usage(event)
+
+
+def quick_estimate(
+    table: PriceTable,
+    model: str,
+    *,
+    input_bytes: int,
+    max_output_tokens: int | None = None,
+    n: int = 1,
+    backend: Backend = "cloud",
+    provider: str | None = None,
+    default_output_tokens: int = 1024,
+) -> int:
+    """A cheap reservation-like estimate in pico-dollars, for a gateway that does not tokenize.
+
+    The byte heuristic on the input, plus the output budget capped by the model,
+    at the output rate: what ``X-Budget-Cost-Estimated`` and ``view.admit`` need.
+    """
+    price = table.price(model, backend=backend, provider=provider)
+    output = max_output_tokens if max_output_tokens is not None else default_output_tokens
+    if price.max_output_tokens is not None:
+        output = min(output, price.max_output_tokens)
+    return heuristic_tokens(input_bytes) * price.input + output * max(n, 1) * max(price.output, price.reasoning)

@@ -254,6 +254,7 @@ class Pipeline:
             "BUDGETFLOW_STATUS__REFRESH_S": "1",
             "BUDGETFLOW_PRICING__FILE": str(prices),
             "BUDGETFLOW_LOG_LEVEL": "INFO",
+            "BUDGETFLOW_WEB__PORT": "0",
             **(extra_env or {}),
         })  # fmt: skip
         self.workers: list[Worker] = []
@@ -349,10 +350,10 @@ class Pipeline:
 def pipeline_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
     made: list[Pipeline] = []
 
-    def make(**kwargs: Any) -> Pipeline:
+    def make(bootstrap: str | None = None, **kwargs: Any) -> Pipeline:
         root = tmp_path / f"pipeline-{len(made)}"
         root.mkdir()
-        pipeline = Pipeline(kafka_bootstrap, root, **kwargs)
+        pipeline = Pipeline(bootstrap or kafka_bootstrap, root, **kwargs)
         made.append(pipeline)
         return pipeline
 

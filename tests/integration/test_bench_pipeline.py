@@ -17,7 +17,8 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
     env["BUDGETFLOW_BENCH_BOOTSTRAP"] = kafka_bootstrap
     proc = subprocess.run(
-        budgetflow_cli("bench", "--quick", "--only", "aggregate", "--only", "latency", "--out", str(out)),
+        budgetflow_cli("bench", "--quick", "--only", "aggregate", "--only", "latency", "--only", "publisher",
+                       "--out", str(out)),
         capture_output=True, text=True, env=env, timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -27,4 +28,5 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
         assert sections["aggregate"][label]["raw_consumer_per_s"] > 0
     assert sections["latency"]["trials"] == 5
     assert sections["latency"]["p99_ms"] >= sections["latency"]["p50_ms"] > 0
+    assert sections["publisher"]["publish_request"]["p99_us"] > 0
     print(proc.stdout)

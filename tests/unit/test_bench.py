@@ -13,7 +13,8 @@ SCRIPT = str(Path(sys.executable).with_name("budgetflow"))
 def test_quick_bench_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [SCRIPT, "bench", "--quick", "--only", "tokenizers", "--only", "heuristic_error", "--out", str(out)],
+        [SCRIPT, "bench", "--quick", "--only", "tokenizers", "--only", "heuristic_error", "--only", "routing",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -24,6 +25,10 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
         assert row["budgetflow"]["tokens_per_s"] > 0
         assert row["tiktoken"]["p99_us"] >= row["tiktoken"]["p50_us"]
     assert "code/o200k_base" in results["sections"]["heuristic_error"]
+    routing = results["sections"]["routing"]
+    assert routing["budgets"] == 2_000
+    assert routing["view_traced_bytes"] > 0
+    assert routing["decide"]["p99_us"] >= routing["decide"]["p50_us"] > 0
     assert "overhead" in proc.stdout
 
 

@@ -23,7 +23,7 @@ def test_schemas_public_surface() -> None:
 def test_tokenizers_public_surface() -> None:
     assert sorted(budgetflow.tokenizers.__all__) == sorted([
         "Cost", "Estimate", "Estimator", "Price", "PriceTable", "TokenCount", "Tokenizer", "TokenizerRegistry",
-        "TokenizerRule", "estimate_request", "heuristic_tokens", "price_usage",
+        "TokenizerRule", "estimate_request", "heuristic_tokens", "price_usage", "quick_estimate",
     ])  # fmt: skip
     for name in budgetflow.tokenizers.__all__:
         assert hasattr(budgetflow.tokenizers, name)

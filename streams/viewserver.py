@@ -1,0 +1,98 @@
+"""`budgetflow view serve`: a BudgetView over HTTP, for gateways not written in Python.
+
+``POST /v1/decide`` takes ``{"request_id", "budgets", "candidates": [{"name", "backend", "score"}],
+"session_id"?, "estimated_cost_usd"?}`` and answers the ordered candidates, the X-Budget-* headers
+and, when the request is rejected, the 429 body a gateway should return. ``POST /v1/admit``
+counts an admitted request; ``GET /v1/status/{id}`` is one budget as a router sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from budgetflow.schemas.events import BudgetId
+from budgetflow.schemas.money import NonNegativeUsdAmount
+from budgetflow.schemas.serde import dumps, loads, validation_message
+from budgetflow.streams.routing import Candidate
+from budgetflow.streams.view import BudgetView
+from budgetflow.streams.web import bearer_guard, state_json
+
+__all__ = ["view_app"]
+
+
+class _CandidateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    backend: str = Field(pattern="^(cloud|local)$")
+    score: float = 0.0
+
+
+class _DecideIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=256)
+    budgets: list[BudgetId] = Field(default_factory=list, max_length=64)
+    candidates: list[_CandidateIn] = Field(min_length=1, max_length=64)
+    session_id: str | None = Field(None, max_length=256)
+    estimated_cost_usd: NonNegativeUsdAmount | None = None
+
+
+class _AdmitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    budgets: list[BudgetId] = Field(default_factory=list, max_length=64)
+    estimated_cost_usd: NonNegativeUsdAmount
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(data), status=status, content_type="application/json")
+
+
+async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate(loads(await request.read()))
+    except ValidationError as exc:
+        raise web.HTTPBadRequest(text=validation_message(exc), content_type="text/plain") from exc
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text="the body is not valid JSON", content_type="text/plain") from exc
+
+
+def view_app(view: BudgetView, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[bearer_guard(token)])
+
+    async def decide(request: web.Request) -> web.Response:
+        body: _DecideIn = await _parse(request, _DecideIn)
+        candidates = [Candidate(c.name, c.backend, c.score) for c in body.candidates]  # type: ignore[arg-type]
+        decision = view.decide(body.request_id, body.budgets, candidates, session_id=body.session_id)
+        answer: dict[str, Any] = {
+            "candidates": [{"name": c.name, "backend": c.backend, "score": c.score} for c in decision.candidates],
+            "cloud_allowed": decision.cloud_allowed,
+            "cloud_share": decision.cloud_share,
+            "affinity": decision.affinity,
+            "flags": list(decision.flags),
+            "headers": view.headers(body.budgets, body.estimated_cost_usd),
+            "error": None,
+        }
+        if decision.error is not None:
+            status, headers, payload = decision.error.to_response()
+            answer["error"] = {"status": status, "headers": headers, "body": loads(payload)}
+        return _json(answer)
+
+    async def admit(request: web.Request) -> web.Response:
+        body: _AdmitIn = await _parse(request, _AdmitIn)
+        view.admit(body.budgets, body.estimated_cost_usd)
+        return web.Response(status=204)
+
+    async def status(request: web.Request) -> web.Response:
+        return _json(state_json(view.status(request.match_info["budget_id"])))
+
+    async def healthz(_: web.Request) -> web.Response:
+        snapshot = view.snapshot()
+        return _json(snapshot, status=200 if snapshot["ready"] else 503)
+
+    app.router.add_post("/v1/decide", decide)
+    app.router.add_post("/v1/admit", admit)
+    app.router.add_get("/v1/status/{budget_id}", status)
+    app.router.add_get("/healthz", healthz)
+    return app

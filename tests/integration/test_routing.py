@@ -1,0 +1,110 @@
+"""Routers on the real pipeline: statuses reach a BudgetView in another process and decide follows them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+POLICIES = """
+budgets:
+  - id: global
+  - {id: "r:normal", monthly_limit_usd: "1.00"}
+  - {id: "r:80", monthly_limit_usd: "1.00"}
+  - {id: "r:90", monthly_limit_usd: "1.00"}
+  - {id: "r:99", monthly_limit_usd: "1.00"}
+  - {id: "r:hard-warn", monthly_limit_usd: "1.00", hard_limit_action: warn}
+  - {id: "r:hard-cloud", monthly_limit_usd: "1.00", hard_limit_action: block_cloud}
+  - {id: "r:hard-all", monthly_limit_usd: "1.00", hard_limit_action: block_all}
+"""
+# test-small's output rate is $2.50 per million tokens: 4,000 output tokens per cent.
+TARGET = {
+    "r:normal": 10,
+    "r:80": 80,
+    "r:90": 90,
+    "r:99": 99,
+    "r:hard-warn": 100,
+    "r:hard-cloud": 100,
+    "r:hard-all": 100,
+}
+
+
+def usage(budget: str, percent: int, now: datetime) -> tuple[str, bytes, bytes]:
+    event = {"v": 1, "request_id": f"fill-{budget}", "request_occurred_at": now.isoformat(), "occurred_at": now.isoformat(),
+             "budgets": [budget], "model": "test-small", "provider": "testco", "backend": "cloud",
+             "outcome": "completed", "input_tokens": 0, "output_tokens": 4_000 * percent}  # fmt: skip
+    return ("usage", event["request_id"].encode(), orjson.dumps(event))
+
+
+async def wait_for(predicate: Any, timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) -> None:
+    from budgetflow.schemas.events import BudgetStatus
+    from budgetflow.schemas.serde import dumps
+    from budgetflow.streams import BudgetView, Candidate
+
+    now = datetime.now(UTC)
+    pipeline = pipeline_factory(clock_start=now.isoformat(), speed=1.0,
+                                extra_env={"BUDGETFLOW_VIEW__STALE_AFTER_S": "3", "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": "8"})  # fmt: skip
+    (pipeline.root / "policies.yaml").write_text(POLICIES)
+    assert pipeline.cli("policy", "apply", str(pipeline.root / "policies.yaml")).returncode == 0
+    pipeline.start("enrich")
+    aggregate = pipeline.start("aggregate")
+    topics = pipeline.topics
+    await pipeline.produce([(topics.usage.name, k, v) for _, k, v in (usage(b, p, now) for b, p in TARGET.items())])
+
+    async with BudgetView(pipeline.settings()) as view:
+        await view.ready(timeout_s=60)
+        expected = {b: ("hard_limit" if p >= 100 else "soft_limit" if p >= 75 else "normal") for b, p in TARGET.items()}
+        await wait_for(lambda: all(view.status(b).status == s for b, s in expected.items()), what="statuses")
+        cloud, local = Candidate("gpt-4o", "cloud", 1.0), Candidate("llama3.1:8b", "local", 0.5)
+
+        assert view.decide("r", ["r:normal"], [cloud, local]).candidates == (cloud, local)
+        for budget, u in (("r:80", 80), ("r:90", 90), ("r:99", 99)):
+            allowed = sum(view.decide(f"q-{i}", [budget], [cloud, local]).cloud_allowed for i in range(10_000))
+            assert abs(allowed / 100 - (100 - u) / 25 * 100) <= 2.0, (budget, allowed)
+        # Hard, for each action, with and without a local model.
+        assert view.decide("r", ["r:hard-warn"], [cloud, local]).candidates == (local,)
+        assert view.decide("r", ["r:hard-warn"], [cloud]).candidates == (cloud,)
+        assert view.decide("r", ["r:hard-cloud"], [cloud, local]).candidates == (local,)
+        assert view.decide("r", ["r:hard-cloud"], [cloud]).error is not None
+        assert view.decide("r", ["r:hard-all"], [cloud, local]).error is not None
+        # Several budgets: the smallest share, and the strictest block.
+        allowed = sum(view.decide(f"q-{i}", ["r:80", "r:99"], [cloud, local]).cloud_allowed for i in range(10_000))
+        assert abs(allowed / 100 - 4.0) <= 2.0
+        blocked = view.decide("r", ["r:hard-cloud", "r:hard-all"], [cloud, local])
+        assert blocked.error is not None
+        assert blocked.error.budget_id == "r:hard-all"
+        # Rollover on read: next month, a spent budget is normal again.
+        next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, 0, 0, 1, tzinfo=UTC)
+        assert view.decide("r", ["r:hard-all"], [cloud], now=next_month).error is None
+        # An older seq never overwrites a newer one, even written straight to the topic.
+        current = view._statuses["r:hard-all"]
+        forged = BudgetStatus(budget_id="r:hard-all", period=current.period, status="normal", spend_usd=0,
+                              settled_usd=0, reserved_usd=0, limit_usd=current.limit, remaining_usd=current.limit,
+                              utilization_percent=0.0, soft_limit_percent=75, hard_limit_action="block_all",
+                              as_of=datetime.now(UTC), next_reset=next_month, reason="refresh",
+                              partition=current.partition, seq=current.seq - 1)  # fmt: skip
+        await pipeline.produce([(topics.status.name, b"r:hard-all", dumps(forged))])
+        await wait_for(lambda: view.stale_records > 0, what="the forged status to arrive")
+        assert view.status("r:hard-all").status == "hard_limit"
+        # Stale, then expired (stale_mode open): the aggregate stops, its heartbeats age.
+        aggregate.stop()
+        await wait_for(lambda: view.status("r:hard-all").stale, timeout_s=30, what="staleness")
+        assert view.status("r:hard-all").status == "hard_limit"
+        assert "stale" in view.decide("r", ["r:hard-all"], [cloud, local]).flags
+        await wait_for(lambda: view.status("r:hard-all").status == "normal", timeout_s=30, what="expiry")
+        assert view.decide("r", ["r:hard-all"], [cloud, local]).error is None

@@ -1,0 +1,113 @@
+"""BudgetView's rules, fed directly (no broker): highest seq wins, rollover on read, staleness, admissions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from budgetflow.schemas.events import BudgetStatus, Heartbeat
+from budgetflow.schemas.settings import Settings
+from budgetflow.streams.routing import Candidate
+from budgetflow.streams.view import BudgetView
+
+NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
+LIMIT = 100 * 10**12
+
+
+def view(**view_settings: Any) -> BudgetView:
+    return BudgetView(Settings(view=view_settings))  # type: ignore[arg-type]
+
+
+def status(budget: str = "team:a", *, spend: int = 0, seq: int = 10, state: str = "normal", period: str = "2026-11",
+           as_of: datetime = NOW, action: str = "block_cloud", partition: int = 0) -> BudgetStatus:  # fmt: skip
+    return BudgetStatus(budget_id=budget, period=period, status=state, spend_usd=spend, settled_usd=spend,  # type: ignore[arg-type]
+                        reserved_usd=0, limit_usd=LIMIT, remaining_usd=max(LIMIT - spend, 0),
+                        utilization_percent=spend * 100 / LIMIT, soft_limit_percent=75, hard_limit_action=action,  # type: ignore[arg-type]
+                        as_of=as_of, next_reset=datetime(2026, 12, 1, tzinfo=UTC), reason="threshold",
+                        partition=partition, seq=seq)  # fmt: skip
+
+
+def beat(partition: int = 0, as_of: datetime = NOW, lag_s: float = 0.0) -> Heartbeat:
+    return Heartbeat(partition=partition, as_of=as_of, stream_time=as_of, lag_s=lag_s)
+
+
+def test_never_seen_budgets_are_normal() -> None:
+    state = view().status("team:new", now=NOW)
+    assert (state.status, state.seen, state.period) == ("normal", False, "2026-11")
+
+
+def test_an_older_seq_never_overwrites_a_newer_one() -> None:
+    v = view()
+    assert v.apply_status(status(spend=90 * 10**12, seq=20, state="soft_limit"))
+    assert not v.apply_status(status(spend=10 * 10**12, seq=19))
+    assert v.status("team:a", now=NOW).status == "soft_limit"
+    assert v.apply_status(status(spend=10 * 10**12, seq=20))  # a tie: the later record wins
+    assert v.status("team:a", now=NOW).spend_pico == 10 * 10**12
+
+
+def test_rollover_on_read() -> None:
+    v = view()
+    v.apply_status(status(spend=LIMIT, state="hard_limit"))
+    v.apply_heartbeat(beat())
+    assert v.status("team:a", now=NOW).status == "hard_limit"
+    december = v.status("team:a", now=datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC))
+    assert (december.status, december.period, december.spend_pico) == ("normal", "2026-12", 0)
+    assert december.next_reset == datetime(2027, 1, 1, tzinfo=UTC)
+
+
+def test_stale_then_expired_open_and_closed() -> None:
+    for mode, expired_status in (("open", "normal"), ("closed", "hard_limit")):
+        v = view(stale_after_s=30, expire_after_s=300, stale_mode=mode)
+        v.apply_status(status(spend=80 * 10**12, state="soft_limit"))
+        v.apply_heartbeat(beat(as_of=NOW))
+        assert not v.status("team:a", now=NOW + timedelta(seconds=10)).stale
+        stale = v.status("team:a", now=NOW + timedelta(seconds=60))
+        assert (stale.stale, stale.status) == (True, "soft_limit")
+        expired = v.status("team:a", now=NOW + timedelta(seconds=400))
+        assert (expired.stale, expired.status) == (True, expired_status)
+        decision = v.decide("r", ["team:a"], [Candidate("gpt-4o", "cloud")], now=NOW + timedelta(seconds=400))
+        assert "stale" in decision.flags
+        if mode == "closed":
+            assert decision.error is not None  # block_cloud and no local model
+
+
+def test_lag_reported_by_the_heartbeat_makes_a_budget_stale() -> None:
+    v = view(stale_after_s=30)
+    v.apply_status(status())
+    v.apply_heartbeat(beat(lag_s=45.0))
+    assert v.status("team:a", now=NOW).stale
+
+
+def test_admitted_spend_counts_until_a_status_includes_it() -> None:
+    v = view(admit_grace_s=5)
+    v.apply_status(status(spend=90 * 10**12, state="soft_limit", as_of=NOW))
+    v.apply_heartbeat(beat())
+    v.admit(["team:a"], 11 * 10**12, now=NOW)
+    assert v.status("team:a", now=NOW).status == "hard_limit"
+    assert v.status("global", now=NOW).spend_pico == 11 * 10**12  # global is implied
+    # A status taken after the admission (plus the grace) includes it: the admission is dropped.
+    v.apply_status(status(spend=91 * 10**12, seq=11, state="soft_limit", as_of=NOW + timedelta(seconds=6)))
+    assert v.status("team:a", now=NOW + timedelta(seconds=6)).spend_pico == 91 * 10**12
+
+
+def test_decide_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    v = view()
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(v, "status", broken)
+    decision = v.decide("r", ["team:a"], [Candidate("gpt-4o", "cloud")])
+    assert decision.error is None
+    assert "decision_error" in decision.flags
+
+
+def test_headers_name_the_deciding_budget() -> None:
+    v = view()
+    v.apply_status(status("team:a", spend=80 * 10**12, state="soft_limit"))
+    v.apply_heartbeat(beat())
+    headers = v.headers(["team:a"], 5 * 10**9, now=NOW)
+    assert headers["X-Budget-Id"] == "team:a"
+    assert headers["X-Budget-Cost-Estimated"] == "0.005000"
