@@ -101,6 +101,7 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
         await pipeline.produce([(topics.status.name, b"r:hard-all", dumps(forged))])
         await wait_for(lambda: view.stale_records > 0, what="the forged status to arrive")
         assert view.status("r:hard-all").status == "hard_limit"
+        await _check_view_serve(pipeline)
         # Stale, then expired (stale_mode open): the aggregate stops, its heartbeats age.
         aggregate.stop()
         await wait_for(lambda: view.status("r:hard-all").stale, timeout_s=30, what="staleness")
@@ -108,3 +109,56 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
         assert "stale" in view.decide("r", ["r:hard-all"], [cloud, local]).flags
         await wait_for(lambda: view.status("r:hard-all").status == "normal", timeout_s=30, what="expiry")
         assert view.decide("r", ["r:hard-all"], [cloud, local]).error is None
+
+
+async def _check_view_serve(pipeline: Any) -> None:
+    """`budgetflow view serve` answers the same over HTTP, for gateways not written in Python."""
+    import subprocess
+
+    import aiohttp
+
+    from budgetflow.streams.localkafka import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(pipeline_cmd("view", "serve", "--port", str(port)), env=pipeline.env_base,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with http.get(f"{base}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "view serve never became ready"
+                await asyncio.sleep(0.3)
+            candidates = [{"name": "gpt-4o", "backend": "cloud", "score": 1}, {"name": "llama", "backend": "local"}]
+            async with http.post(f"{base}/v1/decide", json={"request_id": "r", "budgets": ["r:hard-all"],
+                                                            "candidates": candidates}) as response:  # fmt: skip
+                answer = await response.json()
+            assert answer["candidates"] == []
+            assert answer["error"]["status"] == 429
+            assert answer["error"]["headers"]["x-should-retry"] == "false"
+            assert answer["error"]["body"]["error"]["code"] == "budget_exceeded"
+            async with http.post(f"{base}/v1/decide", json={"request_id": "r", "budgets": ["r:hard-cloud"],
+                                                            "candidates": candidates}) as response:  # fmt: skip
+                answer = await response.json()
+            assert [c["backend"] for c in answer["candidates"]] == ["local"]
+            assert answer["headers"]["X-Budget-Status"] == "hard_limit"
+            async with http.get(f"{base}/v1/status/r:80") as response:
+                assert (await response.json())["status"] == "soft_limit"
+            async with http.post(f"{base}/v1/decide", json={"request_id": "r"}) as response:
+                assert response.status == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def pipeline_cmd(*args: str) -> list[str]:
+    import sys
+    from pathlib import Path
+
+    return [str(Path(sys.executable).with_name("budgetflow")), *args]
