@@ -25,12 +25,14 @@ import uuid
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BUDGET_ID_PATTERN
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, from_openai
+from budgetflow.streams.metrics import RouterCollector, exposition
 from budgetflow.tokenizers import PriceTable, quick_estimate
 from budgetflow.tokenizers.registry import utf8_len
 
@@ -146,9 +148,16 @@ async def make_app(settings: Settings, local_model: str) -> web.Application:
     await view.start()
     await view.ready(timeout_s=60)
     gateway = Gateway(settings, publisher, view, local_model=local_model)
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(view, publisher, now=view.clock.now))
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=exposition(registry), headers={"Content-Type": "text/plain; version=0.0.4"})
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", gateway.chat)
     app.router.add_get("/healthz", gateway.healthz)
+    app.router.add_get("/metrics", metrics)
 
     async def close(_: web.Application) -> None:
         await publisher.stop()

@@ -35,8 +35,10 @@ __all__ = [
     "ClockSettings",
     "DefaultPolicySettings",
     "DlqSettings",
+    "ForecastSettings",
     "KafkaSettings",
     "LocalKafkaSettings",
+    "MetricsSettings",
     "PricingSettings",
     "PublisherSettings",
     "ReservationSettings",
@@ -353,6 +355,21 @@ class WebSettings(_Section):
     bearer_token: SecretStr | None = Field(None, description="If set, the stats API requires this bearer token.")
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics."""
+
+    port: int = Field(9108, ge=0, le=65535, description="Port of the enrich worker's /metrics (the aggregate "
+                      "serves /metrics on WEB__PORT).")  # fmt: skip
+    max_budgets: int = Field(1000, ge=1, description="Budgets exported per worker (those with a policy, by name).")
+
+
+class ForecastSettings(_Section):
+    """The burn-rate forecast."""
+
+    window_s: float = Field(6 * 3600.0, gt=0, description="Time constant of the smoothed burn rate.")
+    sample_s: float = Field(60.0, gt=0, description="Stream time between two samples of a partition's spend.")
+
+
 class Settings(BaseSettings):
     """budgetflow's settings; see the README for the table of environment variables."""
 
@@ -386,6 +403,8 @@ class Settings(BaseSettings):
     view: ViewSettings = Field(default_factory=ViewSettings)
     publisher: PublisherSettings = Field(default_factory=PublisherSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    forecast: ForecastSettings = Field(default_factory=ForecastSettings)
 
     @model_validator(mode="after")
     def _testing_only(self) -> Settings:

@@ -28,10 +28,12 @@ from budgetflow.schemas.events import LedgerEntry, period_of
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
-from budgetflow.streams.clock import Clock
+from budgetflow.streams.clock import Clock, month_start, next_month_start
 from budgetflow.streams.crash import crash_due, crash_now, crash_point
 from budgetflow.streams.dlq import DeadLetter
+from budgetflow.streams.forecast import Forecast, Forecaster
 from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.metrics import AggregateCollector, PipelineMetrics
 from budgetflow.streams.policies import PolicyBook
 from budgetflow.streams.publish import Outgoing, StatusPublisher
 from budgetflow.streams.status import StatusRules
@@ -88,10 +90,17 @@ class AggregateWorker:
         self.lock = asyncio.Lock()
         self._policy_changes: set[str] = set()
         self.policies = PolicyBook(settings, topics.policies.name, self._policy_changed)
-        self.publisher = StatusPublisher(rules, self.policies.policy_for, clock.now, settings.status.refresh_s)
+        self.metrics = PipelineMetrics()
+        self.metrics.registry.register(AggregateCollector(self, settings.metrics.max_budgets))
+        self.forecaster = Forecaster(settings.forecast.window_s)
+        self._sampled_at: dict[int, float] = {}
+        self.publisher = StatusPublisher(rules, self.policies.policy_for, clock.now, settings.status.refresh_s,
+                                         forecast=self.forecast,
+                                         on_publish=self._published)  # fmt: skip
         self._catch_up: dict[int, tuple[int, int | None]] = {}
         self._heartbeat_due: set[int] = set()
         self._last_record_ts: dict[int, float] = {}
+        self._first_record_ts: dict[int, float] = {}
         self.identity = ""
         self.processed = 0
         self.dead_letters = 0
@@ -275,8 +284,12 @@ class AggregateWorker:
                 self._apply(ledger, tp, record, dead)
             offsets[tp] = records[-1].offset + 1
             self._last_record_ts[tp.partition] = records[-1].timestamp / 1000
+            self._first_record_ts[tp.partition] = records[0].timestamp / 1000
             self.processed += len(records)
+            self.metrics.records.labels("aggregate", "in").inc(len(records))
         self.dead_letters += len(dead)
+        for letter in dead:
+            self.metrics.dead_letters.labels("aggregate", letter.reason).inc()
         changed_policies, self._policy_changes = self._policy_changes, set()
         for budget in changed_policies:
             p = partition_for(budget, self.topics.ledger.partitions)
@@ -300,15 +313,28 @@ class AggregateWorker:
                 writes[p] = changes
                 changelog[p] = await self._send_changelog(p, changes)
             transitions, touched, rollover = ledger.take_outputs()
+            for transition in transitions:
+                self.metrics.budget_events.labels(transition.event).inc()
+            if ledger.expirations:
+                self.metrics.expired.inc(ledger.expirations)
+                ledger.expirations = 0
             owned_policies = [b for b in changed_policies if partition_for(b, self.topics.ledger.partitions) == p]
             known = [b for b in self.policies.budgets() if partition_for(b, self.topics.ledger.partitions) == p]
-            outgoing += self.publisher.after_batch(ledger, transitions, touched, rollover, owned_policies, known)
+            published = self.publisher.after_batch(ledger, transitions, touched, rollover, owned_policies, known)
+            first = self._first_record_ts.pop(p, None)
+            if first is not None:
+                now = time.time()
+                for item in published:
+                    if item.role == "status":
+                        self.metrics.propagation.observe(max(0.0, now - first))
+            outgoing += published
             outgoing += self.publisher.refresh(ledger)
             if p in self._heartbeat_due:
                 outgoing.append(self.publisher.heartbeat(ledger, self._lag_s(p), None, self.url))
         self._heartbeat_due.clear()
         outgoing += await self._caught_up_republish()
         others = [await self._send(o) for o in outgoing]
+        self.metrics.records.labels("aggregate", "out").inc(len(outgoing) + len(dead))
         for letter in dead:
             others.append(await self._producer.send(self.topics.dlq.name, key=letter.key, value=letter.value,
                                                     headers=letter.headers()))  # fmt: skip
@@ -337,11 +363,14 @@ class AggregateWorker:
                                    record.key, record.value or b"null"))  # fmt: skip
             return
         outcome = ledger.apply(entry, record.offset)
+        self.metrics.ledger_entries.labels(entry.kind, outcome).inc()
         if outcome in _LATE_MESSAGES:
+            self.metrics.late.labels(outcome.removeprefix("late_")).inc()
             dead.append(DeadLetter("aggregate", "late", _LATE_MESSAGES[outcome], tp.topic, tp.partition,
                                    record.offset, record.key, record.value or b"null"))  # fmt: skip
         elif outcome == "tick":
             self._heartbeat_due.add(tp.partition)
+            self._sample(ledger)
 
     async def _send_changelog(self, partition: int, changes: list[tuple[bytes, bytes | None]]) -> list[Awaitable[Any]]:
         assert self._producer is not None
@@ -387,6 +416,44 @@ class AggregateWorker:
                 # before a crash: announce them again (keyed budget:period:event, so consumers dedupe).
                 out += self.publisher.events_of(ledger, current, since_offset=committed)
         return out
+
+    def _published(self, reason: str) -> None:
+        self.metrics.statuses.labels(reason).inc()
+
+    def _sample(self, ledger: PartitionLedger) -> None:
+        """Feed the forecaster each current-period budget's spend, once per sample interval of stream time."""
+        t = ledger.meta.stream_time
+        if t - self._sampled_at.get(ledger.partition, 0.0) < self.settings.forecast.sample_s:
+            return
+        self._sampled_at[ledger.partition] = t
+        current = self.publisher.current_period(ledger)
+        start = month_start(current).timestamp()
+        for (budget, period), state in ledger.periods.items():
+            if period == current:
+                self.forecaster.sample((budget, period), t, state.spend, start)
+
+    def forecast(self, ledger: PartitionLedger, budget: str, period: str) -> Forecast:
+        """Where the budget's month will end, on this partition's stream time (or the clock, if later)."""
+        state = ledger.period_state(budget, period)
+        spend = state.spend if state is not None else 0
+        limit = self.policies.policy_for(budget).monthly_limit_usd
+        now = max(ledger.meta.stream_time, self.clock.now().timestamp())
+        return self.forecaster.forecast((budget, period), now, spend, limit, month_start(period).timestamp(),
+                                        next_month_start(period).timestamp())  # fmt: skip
+
+    @staticmethod
+    def period_end(period: str) -> float:
+        return next_month_start(period).timestamp()
+
+    def lag_records(self, partition: int) -> int | None:
+        """Ledger records not yet applied on a partition (None before the first fetch)."""
+        if self._consumer is None:
+            return None
+        highwater = self._consumer.highwater(TopicPartition(self.topics.ledger.name, partition))
+        ledger = self.ledgers.get(partition)
+        if highwater is None or ledger is None:
+            return None
+        return max(0, int(highwater) - ledger.meta.applied - 1)
 
     def _lag_s(self, partition: int) -> float:
         assert self._consumer is not None

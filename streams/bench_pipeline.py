@@ -165,7 +165,7 @@ def bench_latency(quick: bool, bootstrap: str) -> dict[str, Any]:
         env = worker_env({
             "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "BUDGETFLOW_TOPICS__PREFIX": prefix,
             "BUDGETFLOW_TOPICS__PARTITIONS": "8", "BUDGETFLOW_DATA_DIR": str(root), "BUDGETFLOW_HEARTBEAT_S": "0.5",
-            "BUDGETFLOW_LOG_LEVEL": "WARNING", "BUDGETFLOW_WEB__PORT": "0",
+            "BUDGETFLOW_LOG_LEVEL": "WARNING", "BUDGETFLOW_WEB__PORT": "0", "BUDGETFLOW_METRICS__PORT": "0",
         })  # fmt: skip
         budgets = [f"lat:{i}" for i in range(trials)]
         policy = root / "policies.yaml"

@@ -11,19 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import GLOBAL_BUDGET, LedgerEntry, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.events import GLOBAL_BUDGET, Backend, LedgerEntry, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.money import pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.crash import crash_point
 from budgetflow.streams.dlq import DeadLetter, redact_request
+from budgetflow.streams.metrics import PipelineMetrics
 from budgetflow.streams.topics import Topics, ensure_topics
 from budgetflow.tokenizers.estimate import Estimator
 
@@ -49,26 +55,44 @@ class EnrichResult:
 class Enricher:
     """Turns one raw input record into ledger entries, or into a dead letter."""
 
-    def __init__(self, estimator: Estimator, topics: Topics, *, keep_raw: bool = False) -> None:
+    def __init__(
+        self, estimator: Estimator, topics: Topics, *, keep_raw: bool = False, metrics: PipelineMetrics | None = None
+    ) -> None:
         self.estimator = estimator
         self.topics = topics
         self.keep_raw = keep_raw
+        self.metrics = metrics or PipelineMetrics()
 
     def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
         is_request = topic == self.topics.requests.name
         try:
             if is_request:
                 request, unknown = decode(RequestEvent, value)
-                return EnrichResult(self.reserve(request), unknown_fields=unknown)
-            usage, unknown = decode(UsageEvent, value)
-            return EnrichResult(self.settle(usage), unknown_fields=unknown)
+                result = EnrichResult(self.reserve(request), unknown_fields=unknown)
+            else:
+                usage, unknown = decode(UsageEvent, value)
+                result = EnrichResult(self.settle(usage), unknown_fields=unknown)
         except InvalidEvent as exc:
             stored = value if self.keep_raw or not is_request else redact_request(value)
             dead = DeadLetter("enrich", exc.reason, str(exc), topic, partition, offset, key, stored or b"null")
+            self.metrics.dead_letters.labels("enrich", exc.reason).inc()
             return EnrichResult(dead=dead)
+        if unknown:
+            self.metrics.unknown_fields.labels("requests" if is_request else "usage").inc(len(unknown))
+        return result
+
+    def _model_label(self, model: str, backend: Backend, provider: str) -> str:
+        price = self.estimator.table.price(model, backend=backend, provider=provider)
+        return self.metrics.models(price.match) if price.priced else "other"
 
     def reserve(self, event: RequestEvent) -> list[LedgerEntry]:
+        began = time.perf_counter()
         estimate = self.estimator.estimate(event)
+        self.metrics.count_duration.labels(estimate.tier).observe(time.perf_counter() - began)
+        label = self._model_label(event.model, event.backend, event.provider)
+        self.metrics.tokens.labels(estimate.tier, label, "input").inc(estimate.input_tokens)
+        if not estimate.priced:
+            self.metrics.unpriced.labels(self.metrics.unpriced_models(event.model)).inc()
         return [
             LedgerEntry(
                 entry_id=entry_id(event.request_id, event.attempt, "reserve", budget),
@@ -96,6 +120,12 @@ class Enricher:
         cost = self.estimator.price_usage(event)
         price = self.estimator.table.price(event.model, backend=event.backend, provider=event.provider)
         ttl = price.reservation_ttl_s or self.estimator.reservation.ttl_s
+        label = self._model_label(event.model, event.backend, event.provider)
+        self.metrics.cost.labels(label, cost.backend).observe(pico_to_float_usd(cost.pico_usd))
+        for kind, count in (("input", event.input_tokens), ("cached", event.cached_input_tokens),
+                            ("output", event.output_tokens), ("reasoning", event.reasoning_tokens)):  # fmt: skip
+            if count:
+                self.metrics.tokens.labels("reported", label, kind).inc(count)
         return [
             LedgerEntry(
                 entry_id=entry_id(event.request_id, event.attempt, "settle", budget),
@@ -134,6 +164,46 @@ class EnrichWorker:
         self.group_id = f"{settings.topics.prefix}enrich"
         self.processed = 0
         self.dead_letters = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._positions: dict[TopicPartition, int] = {}
+        self.metrics = enricher.metrics
+        self.metrics.registry.register(_LagCollector(self))
+
+    async def _serve_metrics(self) -> Any:
+        from aiohttp import web
+
+        from budgetflow.streams.metrics import exposition
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=exposition(self.metrics.registry),
+                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})  # fmt: skip
+
+        async def healthz(_: web.Request) -> web.Response:
+            ready = self._consumer is not None and bool(self._consumer.assignment())
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.web.host, self.settings.metrics.port)
+        await site.start()
+        self.metrics_port = runner.addresses[0][1]
+        log.info("enrich metrics on port %d", self.metrics_port)
+        return runner
+
+    def lag(self) -> dict[str, int]:
+        """Records behind the end, per input partition."""
+        if self._consumer is None:
+            return {}
+        out = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                position = self._positions.get(tp, 0)
+                out[f"{tp.topic.rsplit('.', 1)[-1]}-{tp.partition}"] = max(0, int(highwater) - position)
+        return out
 
     async def run(self, stop: asyncio.Event) -> None:
         options = client_options(self.settings.kafka)
@@ -163,6 +233,9 @@ class EnrichWorker:
             stack.push_async_callback(producer.stop)
             await consumer.start()
             stack.push_async_callback(consumer.stop)
+            self._consumer = consumer
+            runner = await self._serve_metrics()
+            stack.push_async_callback(runner.cleanup)
             log.info("enrich worker started (group %s)", self.group_id)
             while not stop.is_set():
                 batch = await consumer.getmany(
@@ -185,12 +258,15 @@ class EnrichWorker:
                 for entry in result.entries:
                     assert entry.budget_id is not None
                     sends.append(await producer.send(ledger, key=entry.budget_id.encode(), value=dumps(entry)))
+                self.metrics.records.labels("enrich", "out").inc(len(result.entries) + (result.dead is not None))
                 if result.dead is not None:
                     self.dead_letters += 1
                     dead = result.dead
                     sends.append(await producer.send(self.topics.dlq.name, key=dead.key, value=dead.value,
                                                      headers=dead.headers()))  # fmt: skip
             self.processed += len(records)
+            self._positions[tp] = records[-1].offset + 1
+            self.metrics.records.labels("enrich", "in").inc(len(records))
         crash_point("enrich.after_send")
         await asyncio.gather(*sends)
         crash_point("enrich.before_commit")
@@ -201,3 +277,20 @@ class EnrichWorker:
             # A rebalance took the partitions: the new owner redoes these records, and
             # the aggregate's idempotent state absorbs the duplicates.
             log.warning("commit failed (%s); records will be redelivered", exc.__class__.__name__)
+
+
+class _LagCollector(Collector):
+    """The enrich stage's consumer lag per input partition, at scrape time."""
+
+    def __init__(self, worker: EnrichWorker) -> None:
+        self.worker = worker
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("budgetflow_consumer_lag_records", "Records behind the end of the input.",
+                                   labels=["stage", "partition"])  # fmt: skip
+        for partition, behind in sorted(self.worker.lag().items()):
+            family.add_metric(["enrich", partition], behind)
+        yield family

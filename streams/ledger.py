@@ -229,6 +229,7 @@ class PartitionLedger:
         self.touched: set[tuple[str, str]] = set()
         self.rollover_to: str | None = None
         self.anomalies = 0
+        self.expirations = 0
         self.load()
 
     # -- loading ----------------------------------------------------------------
@@ -416,6 +417,7 @@ class PartitionLedger:
             pkey = (period.budget, period.period)
             if period.o < offset or pkey in live:
                 live.add(pkey)
+                self.expirations += 1
                 period.settled += after.settled_part - state.settled_part
                 period.reserved += after.reserved_part - state.reserved_part
                 period.expired += 1

@@ -19,6 +19,7 @@ from budgetflow.schemas.events import Heartbeat, StatusName, StatusReason, perio
 from budgetflow.schemas.money import usd_string
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import dumps
+from budgetflow.streams.forecast import Forecast
 from budgetflow.streams.ledger import PartitionLedger, Transition
 from budgetflow.streams.status import StatusRules, build_status
 
@@ -52,11 +53,15 @@ class StatusPublisher:
         policy_for: Callable[[str], BudgetPolicy],
         now: Callable[[], datetime],
         refresh_s: float,
+        forecast: Callable[[PartitionLedger, str, str], Forecast] | None = None,
+        on_publish: Callable[[StatusReason], None] | None = None,
     ) -> None:
         self.rules = rules
         self.policy_for = policy_for
         self.now = now
         self.refresh_s = refresh_s
+        self.forecast = forecast
+        self.on_publish = on_publish
         self._last: dict[str, _Published] = {}
         self._dirty: set[str] = set()
         self.published = 0
@@ -80,6 +85,15 @@ class StatusPublisher:
             reserved=reserved, policy=policy, as_of=self.now(), reason=reason, partition=ledger.partition,
             seq=ledger.meta.applied if ledger.meta.applied >= 0 else -1,
         )  # fmt: skip
+        if self.forecast is not None:
+            projection = self.forecast(ledger, budget, period)
+            hard_at = projection.hard_limit_at
+            record = record.model_copy(update={
+                "projected_month_end_usd": projection.month_end_pico,
+                "projected_hard_limit_at": None if hard_at is None else datetime.fromtimestamp(hard_at, UTC),
+            })  # fmt: skip
+        if self.on_publish is not None:
+            self.on_publish(reason)
         spend = settled + reserved
         self._last[budget] = _Published(period, status, self.rules.step_of(spend, policy.monthly_limit_usd), spend,
                                         time.monotonic())  # fmt: skip

@@ -191,6 +191,11 @@ class BudgetView:
     def apply_heartbeat(self, beat: Heartbeat) -> None:
         self._beats[beat.partition] = _Beat(beat.as_of.timestamp(), beat.lag_s, beat.owner)
 
+    def heartbeat_ages(self, now: datetime | None = None) -> dict[int, float]:
+        """Seconds since each partition's last heartbeat, on the view's clock."""
+        ts = (now or self.clock.now()).timestamp()
+        return {p: max(0.0, ts - beat.as_of) for p, beat in self._beats.items()}
+
     def owner(self, partition: int) -> str | None:
         """The URL of the aggregate worker that last sent this partition's heartbeat."""
         beat = self._beats.get(partition)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -95,9 +96,23 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
         ]  # fmt: skip
         current = next((p for p in periods if p.period == state.period), None)
         body["requests"] = current.requests if current else 0
+        projection = worker.forecast(ledger, budget_id, state.period)
+        body["projected_month_end_usd"] = usd_string(projection.month_end_pico)
+        body["projected_hard_limit_at"] = (
+            None
+            if projection.hard_limit_at is None
+            else datetime.fromtimestamp(projection.hard_limit_at, UTC).isoformat()
+        )
         return _json(body)
 
+    async def metrics(_: web.Request) -> web.Response:
+        from budgetflow.streams.metrics import exposition
+
+        return web.Response(body=exposition(worker.metrics.registry),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})  # fmt: skip
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/budgets", budgets)
     app.router.add_get("/v1/budgets/{budget_id}", budget)
     return app

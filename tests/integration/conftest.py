@@ -255,6 +255,7 @@ class Pipeline:
             "BUDGETFLOW_PRICING__FILE": str(prices),
             "BUDGETFLOW_LOG_LEVEL": "INFO",
             "BUDGETFLOW_WEB__PORT": "0",
+            "BUDGETFLOW_METRICS__PORT": "0",
             **(extra_env or {}),
         })  # fmt: skip
         self.workers: list[Worker] = []
