@@ -43,7 +43,11 @@ async def test_stats_api_is_right_on_either_worker(pipeline_factory: Any, kit: A
                 async with http.get(f"{url}/v1/budgets/{budget}") as response:
                     assert response.status == 200, await response.text()
                     answers.append(await response.json())
-            assert answers[0] == answers[1], "both workers give the same answer"
+            # The projection moves with the clock between the two calls; everything else is the same.
+            moving = ("projected_month_end_usd", "projected_hard_limit_at")
+            assert all(key in answers[0] for key in moving)
+            same = [{k: v for k, v in a.items() if k not in moving} for a in answers]
+            assert same[0] == same[1], "both workers give the same answer"
             month = next(p for p in answers[0]["periods"] if p["period"] == period)
             assert month["settled_usd"] == usd_string(settled)
             assert month["requests"] == scenario.requests[(budget, period)]
