@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup lint format typecheck unit integration test run bench clean
+.PHONY: help setup lint format typecheck unit integration test run demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
 
 bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
 	$(BIN)/budgetflow bench --out bench-results/bench.json
+
+demo: setup  ## a month of LLM traffic through the real pipeline in about a minute, watched live
+	$(BIN)/budgetflow demo
 
 run: setup  ## start Kafka, create topics, apply examples/policies.yaml, run the workers (Ctrl-C stops them)
 	$(BIN)/budgetflow kafka start

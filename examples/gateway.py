@@ -37,7 +37,18 @@ from budgetflow.tokenizers import PriceTable, quick_estimate
 from budgetflow.tokenizers.registry import utf8_len
 
 log = logging.getLogger("example-gateway")
-PROVIDERS = {"cloud": "openai", "local": "ollama"}
+LOCAL_PROVIDER = "ollama"
+
+
+def provider_of(model: str, backend: str) -> str:
+    """Which provider serves a model (a real gateway knows it from its routing table)."""
+    if backend == "local":
+        return LOCAL_PROVIDER
+    if model.startswith("claude"):
+        return "anthropic"
+    if model.startswith("gemini"):
+        return "google"
+    return "openai"
 
 
 class FakeModel:
@@ -89,7 +100,7 @@ class Gateway:
         request_id = request.headers.get("X-Request-Id") or f"gw-{uuid.uuid4().hex}"
         session = request.headers.get("X-Session-Id")
         estimate = quick_estimate(self.table, model, input_bytes=len(dumps(messages)), max_output_tokens=max_tokens,
-                                  provider="openai")  # fmt: skip
+                                  provider=provider_of(model, "cloud"))  # fmt: skip
         candidates = [Candidate(model, "cloud", 1.0), Candidate(self.local_model, "local", 0.5)]
         if request.headers.get("X-Local-Fallback", "yes") == "no":
             candidates = candidates[:1]
@@ -101,8 +112,8 @@ class Gateway:
         chosen = decision.candidates[0]
         try:
             handle = await self.publisher.publish_request(
-                request_id=request_id, model=chosen.name, provider=PROVIDERS[chosen.backend], backend=chosen.backend,
-                budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
+                request_id=request_id, model=chosen.name, provider=provider_of(chosen.name, chosen.backend),
+                backend=chosen.backend, budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
             )  # fmt: skip
         except InvalidEvent as exc:
             return _error(400, f"invalid request: {exc}")
@@ -115,7 +126,7 @@ class Gateway:
                 return _error(503, "budget accounting is unavailable; retry shortly", retry=True)
             chosen = local[0]
             handle = await self.publisher.publish_request(
-                request_id=request_id, model=chosen.name, provider=PROVIDERS["local"], backend="local",
+                request_id=request_id, model=chosen.name, provider=LOCAL_PROVIDER, backend="local",
                 budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
             )  # fmt: skip
         if chosen.backend == "cloud":
@@ -128,7 +139,8 @@ class Gateway:
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": answer["content"]}}],
         }  # fmt: skip
-        headers.update({"X-Budgetflow-Backend": chosen.backend, "X-Budgetflow-Model": chosen.name})
+        headers.update({"X-Budgetflow-Backend": chosen.backend, "X-Budgetflow-Model": chosen.name,
+                        "X-Budgetflow-Period": f"{handle.occurred_at:%Y-%m}"})  # fmt: skip
         return web.Response(body=dumps(response), content_type="application/json", headers=headers)
 
     async def healthz(self, _: web.Request) -> web.Response:

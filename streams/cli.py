@@ -293,6 +293,26 @@ def simulate_shift_cmd(requests: int, seed: int, overspend: float) -> None:
     click.echo(f"cloud requests over the month: {r.without_cloud_requests:,} without, {r.with_cloud_requests:,} with")
 
 
+# -- demo -----------------------------------------------------------------------
+@cli.command("demo")
+@click.option("--duration", default=60.0, show_default=True, envvar="BUDGETFLOW_DEMO_DURATION_S", show_envvar=True,
+              help="Wall-clock seconds the simulated month lasts.")  # fmt: skip
+@click.option("--requests", default=3000, show_default=True, help="Requests sent through the gateway.")
+@click.option("--seed", default=2026, show_default=True, help="Random seed of the traffic.")
+@click.option("--keep-running", is_flag=True, help="Leave the workers, gateway and broker up after the summary.")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the summary as JSON here.")  # fmt: skip
+@pass_ctx
+def demo(ctx: _Context, duration: float, requests: int, seed: int, keep_running: bool,
+         summary_json: Path | None) -> None:  # fmt: skip
+    """A month of LLM traffic through the real pipeline in about a minute, watched live."""
+    from budgetflow.streams.demo import DemoConfig, run_demo
+
+    config = DemoConfig(duration_s=duration, requests=requests, seed=seed, keep_running=keep_running,
+                        summary_json=summary_json)  # fmt: skip
+    sys.exit(run_demo(config, ctx.settings()))
+
+
 # -- bench --------------------------------------------------------------------
 @cli.command("bench")
 @click.option("--only", multiple=True, help="Run only this section (repeatable).")

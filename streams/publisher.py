@@ -41,6 +41,7 @@ from budgetflow.schemas.events import RequestEvent, UsageEvent
 from budgetflow.schemas.serde import describe_validation_error, dumps, loads
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.clients import client_options
+from budgetflow.streams.clock import Clock
 from budgetflow.streams.topics import Topics
 from budgetflow.streams.usage import Usage
 
@@ -146,6 +147,7 @@ class BudgetPublisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._healthy_at = 0.0
+        self.clock = Clock(self.settings.clock)
         self.counts: dict[str, int] = {
             "requests_published": 0, "usage_published": 0, "requests_failed": 0, "usage_spooled": 0,
             "usage_replayed": 0, "requests_dropped": 0, "requests_rejected_cloud": 0, "requests_blocked": 0,
@@ -217,7 +219,7 @@ class BudgetPublisher:
         occurred_at: datetime | None = None,
     ) -> RequestHandle:
         """Validate and buffer a RequestEvent; raises :class:`InvalidEvent` for a bad one."""
-        when = occurred_at or datetime.now(UTC)
+        when = occurred_at or self.clock.now()
         event = _validated(RequestEvent, {
             "request_id": request_id, "attempt": attempt, "occurred_at": when, "budgets": list(budgets),
             "model": model, "provider": provider, "backend": backend, "session_id": session_id,
@@ -251,7 +253,7 @@ class BudgetPublisher:
         """Validate and buffer the UsageEvent of a request; if the buffer is full, spool it (never drop it)."""
         event = _validated(UsageEvent, {
             "request_id": handle.request_id, "attempt": handle.attempt, "request_occurred_at": handle.occurred_at,
-            "occurred_at": occurred_at or datetime.now(UTC), "budgets": list(handle.budgets),
+            "occurred_at": occurred_at or self.clock.now(), "budgets": list(handle.budgets),
             "model": model or handle.model, "provider": handle.provider, "backend": handle.backend,
             "outcome": outcome, "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_input_tokens": usage.cached_input_tokens,
