@@ -91,6 +91,7 @@ class AggregateWorker:
         self._policy_changes: set[str] = set()
         self.policies = PolicyBook(settings, topics.policies.name, self._policy_changed)
         self.metrics = PipelineMetrics()
+        self.metrics.start_counters("aggregate")
         self.metrics.registry.register(AggregateCollector(self, settings.metrics.max_budgets))
         self.forecaster = Forecaster(settings.forecast.window_s)
         self._sampled_at: dict[int, float] = {}

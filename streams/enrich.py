@@ -167,6 +167,7 @@ class EnrichWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self._positions: dict[TopicPartition, int] = {}
         self.metrics = enricher.metrics
+        self.metrics.start_counters("enrich")
         self.metrics.registry.register(_LagCollector(self))
 
     async def _serve_metrics(self) -> Any:

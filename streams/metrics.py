@@ -91,6 +91,23 @@ class PipelineMetrics:
         self.models = LabelLimiter(200)
         self.unpriced_models = LabelLimiter(50)
 
+    def start_counters(self, stage: str) -> None:
+        """Counters of a bounded label set start at 0, so that rates and alerts see them before a first event."""
+        from budgetflow.schemas.serde import REASONS
+
+        for reason in REASONS:
+            self.dead_letters.labels(stage, reason)
+        for direction in ("in", "out"):
+            self.records.labels(stage, direction)
+        if stage == "aggregate":
+            self.dead_letters.labels(stage, "late")
+            for reason in ("period", "horizon"):
+                self.late.labels(reason)
+            for event in ("soft_limit", "hard_limit", "normal"):
+                self.budget_events.labels(event)
+            for reason in ("threshold", "step", "refresh", "rollover", "policy"):
+                self.statuses.labels(reason)
+
 
 class _Families:
     def __init__(self) -> None:
