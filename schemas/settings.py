@@ -59,6 +59,11 @@ ENV_PREFIX = "BUDGETFLOW_"
 NESTING = "__"
 # Variables under this prefix belong to the test harness, not to Settings.
 TEST_ENV_PREFIX = "BUDGETFLOW_TEST_"
+# Variables that back command-line options rather than settings (the CLI lists them in --help).
+COMMAND_ENV = frozenset({
+    "BUDGETFLOW_ROLE", "BUDGETFLOW_VIEW_PORT", "BUDGETFLOW_VIEW_HOST", "BUDGETFLOW_BENCH_QUICK",
+    "BUDGETFLOW_BENCH_BOOTSTRAP", "BUDGETFLOW_DEMO_DURATION_S",
+})  # fmt: skip
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._\-]*$")
@@ -320,7 +325,7 @@ class ViewSettings(_Section):
         "open", description="open: an expired budget reads as normal; closed: as hard-limited, blocking cloud."
     )
     admit_grace_s: float = Field(
-        5.0, ge=0, description="A status this much newer than an admission is taken to include it."
+        0.5, ge=0, description="A status this much newer than an admission is taken to include it."
     )
     admit_max_age_s: float = Field(60.0, gt=0, description="Admissions older than this are forgotten.")
 
@@ -447,6 +452,7 @@ def _unknown_env(environ: Mapping[str, str]) -> list[str]:
         for name in environ
         if name.startswith(ENV_PREFIX)
         and not name.startswith(TEST_ENV_PREFIX)
+        and name not in COMMAND_ENV
         and name not in known
         and name not in sections
     )

@@ -25,7 +25,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import LedgerEntry, period_of
-from budgetflow.schemas.serde import decode, dumps
+from budgetflow.schemas.serde import decode_fast, dumps
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock, month_start, next_month_start
@@ -102,6 +102,7 @@ class AggregateWorker:
         self._heartbeat_due: set[int] = set()
         self._last_record_ts: dict[int, float] = {}
         self._first_record_ts: dict[int, float] = {}
+        self._outcomes: dict[tuple[str, str], int] = {}  # counted per entry, handed to Prometheus per cycle
         self.identity = ""
         self.processed = 0
         self.dead_letters = 0
@@ -289,6 +290,9 @@ class AggregateWorker:
             self.processed += len(records)
             self.metrics.records.labels("aggregate", "in").inc(len(records))
         self.dead_letters += len(dead)
+        for (kind, outcome), count in self._outcomes.items():
+            self.metrics.ledger_entries.labels(kind, outcome).inc(count)
+        self._outcomes.clear()
         for letter in dead:
             self.metrics.dead_letters.labels("aggregate", letter.reason).inc()
         changed_policies, self._policy_changes = self._policy_changes, set()
@@ -298,7 +302,7 @@ class AggregateWorker:
                 self.ledgers[p].refresh_policy(budget)
         crash_point("aggregate.after_apply")
 
-        changelog: dict[int, list[Awaitable[Any]]] = {}
+        changelog: dict[int, list[tuple[Awaitable[Any], int]]] = {}
         writes: dict[int, list[tuple[bytes, bytes | None]]] = {}
         outgoing: list[Outgoing] = []
         assigned = {tp.partition for tp in self._consumer.assignment()}
@@ -339,11 +343,12 @@ class AggregateWorker:
         for letter in dead:
             others.append(await self._producer.send(self.topics.dlq.name, key=letter.key, value=letter.value,
                                                     headers=letter.headers()))  # fmt: skip
-        results = {p: await asyncio.gather(*futures) for p, futures in changelog.items()}
+        results = {p: list(zip(await asyncio.gather(*(f for f, _ in batches)), (n for _, n in batches), strict=True))
+                   for p, batches in changelog.items()}  # fmt: skip
         await asyncio.gather(*others)
         crash_point("aggregate.after_flush")
         for p, changes in writes.items():
-            last = max(meta.offset for meta in results[p])
+            last = max(int(meta.offset) + count - 1 for meta, count in results[p])
             self._changelog_end[p] = last
             if p in self.ledgers:
                 self.ledgers[p].store.write(dict(changes), checkpoint=last)
@@ -358,13 +363,14 @@ class AggregateWorker:
         self, ledger: PartitionLedger, tp: TopicPartition, record: ConsumerRecord, dead: list[DeadLetter]
     ) -> None:
         try:
-            entry, _ = decode(LedgerEntry, record.value)
+            entry = decode_fast(LedgerEntry, record.value)
         except InvalidEvent as exc:
             dead.append(DeadLetter("aggregate", exc.reason, str(exc), tp.topic, tp.partition, record.offset,
                                    record.key, record.value or b"null"))  # fmt: skip
             return
         outcome = ledger.apply(entry, record.offset)
-        self.metrics.ledger_entries.labels(entry.kind, outcome).inc()
+        key = (entry.kind, outcome)
+        self._outcomes[key] = self._outcomes.get(key, 0) + 1
         if outcome in _LATE_MESSAGES:
             self.metrics.late.labels(outcome.removeprefix("late_")).inc()
             dead.append(DeadLetter("aggregate", "late", _LATE_MESSAGES[outcome], tp.topic, tp.partition,
@@ -373,18 +379,35 @@ class AggregateWorker:
             self._heartbeat_due.add(tp.partition)
             self._sample(ledger)
 
-    async def _send_changelog(self, partition: int, changes: list[tuple[bytes, bytes | None]]) -> list[Awaitable[Any]]:
+    async def _send_changelog(
+        self, partition: int, changes: list[tuple[bytes, bytes | None]]
+    ) -> list[tuple[Awaitable[Any], int]]:
+        """Send a partition's changes in order, as whole batches (one producer, one partition: order is kept)."""
+        if len(changes) > 1 and crash_due("aggregate.mid_changelog"):
+            # Make a prefix of the batch durable, then die: the case the write order exists for.
+            await asyncio.gather(*(f for f, _ in await self._send_batches(partition, changes[: len(changes) // 2])))
+            crash_now()
+        return await self._send_batches(partition, changes)
+
+    async def _send_batches(
+        self, partition: int, changes: list[tuple[bytes, bytes | None]]
+    ) -> list[tuple[Awaitable[Any], int]]:
+        """(future, records) per batch; a batch's metadata carries its first record's offset."""
         assert self._producer is not None
         topic = self.topics.state.name
         futures = []
-        if len(changes) > 1 and crash_due("aggregate.mid_changelog"):
-            # Make a prefix of the batch durable, then die: the case the write order exists for.
-            for key, value in changes[: len(changes) // 2]:
-                futures.append(await self._producer.send(topic, key=key, value=value, partition=partition))
-            await self._producer.flush()
-            crash_now()
-        for key, value in changes:
-            futures.append(await self._producer.send(topic, key=key, value=value, partition=partition))
+        index = 0
+        while index < len(changes):
+            batch = self._producer.create_batch()
+            start = index
+            while index < len(changes):
+                key, value = changes[index]
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    break
+                index += 1
+            if index == start:
+                raise ValueError(f"a state record of {len(changes[index][0])} bytes does not fit in a batch")
+            futures.append((await self._producer.send_batch(batch, topic, partition=partition), index - start))
         return futures
 
     async def _send(self, item: Outgoing) -> Awaitable[Any]:

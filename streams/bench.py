@@ -231,12 +231,16 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "routing": bench_routing,
 }
 # Sections that need a broker get its bootstrap address as a second argument.
-KAFKA_SECTIONS = ("aggregate", "latency", "publisher")
+KAFKA_SECTIONS = ("enrich", "aggregate", "latency", "load", "recovery", "publisher")
 
 
 def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
     """Run the chosen sections; write the JSON; return the results."""
-    from budgetflow.streams import bench_pipeline
+    import logging
+
+    from budgetflow.streams import bench_load, bench_pipeline
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its retries during start-up are not results
 
     known = [*SECTIONS, *KAFKA_SECTIONS]
     chosen = only or known
@@ -256,8 +260,14 @@ def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
             if name in KAFKA_SECTIONS:
                 if bootstrap is None:
                     bootstrap = stack.enter_context(bench_pipeline.bench_kafka(out.parent))
-                section = {"aggregate": bench_pipeline.bench_aggregate, "latency": bench_pipeline.bench_latency,
-                           "publisher": bench_pipeline.bench_publisher}[name]  # fmt: skip
+                section = {
+                    "aggregate": bench_pipeline.bench_aggregate,
+                    "latency": bench_pipeline.bench_latency,
+                    "publisher": bench_pipeline.bench_publisher,
+                    "enrich": bench_pipeline.bench_enrich,
+                    "load": bench_load.bench_load,
+                    "recovery": bench_load.bench_recovery,
+                }[name]
                 results["sections"][name] = section(quick, bootstrap)
             else:
                 results["sections"][name] = SECTIONS[name](quick)
@@ -298,6 +308,11 @@ def render(results: dict[str, Any]) -> str:
                 f"| {e['p95_percent']:+.1f} | {e['min_percent']:+.1f} | {e['max_percent']:+.1f} "
                 f"| {e['underestimates_percent']:.1f} % |"
             )
+    if "enrich" in sections:
+        row = sections["enrich"]
+        lines += ["", f"enrich, {row['requests']:,} chat requests (mean {row['mean_bytes']:,.0f} B), one worker: "
+                  f"{row['enrich_per_s']:,.0f} requests/s; raw tiktoken on the same texts in one process: "
+                  f"{row['raw_tiktoken_per_s']:,.0f}/s; ratio {row['ratio']:.2f}"]  # fmt: skip
     if "aggregate" in sections:
         section = sections["aggregate"]
         lines += ["", f"aggregate, {section['entries']:,} ledger entries, one worker", "",
@@ -313,6 +328,25 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", f"threshold crossing to status on the topic, idle, {row['trials']} trials: "
                   f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
                   f"max {row['max_ms']:.0f} ms"]  # fmt: skip
+    if "load" in sections:
+        row = sections["load"]
+        q = row["latency"]
+        lines += ["", f"under {row['achieved_per_s']:,.0f} usage events/s: threshold crossing to status on the topic "
+                  f"p50 {q['p50_ms']:.0f} ms, p95 {q['p95_ms']:.0f} ms, p99 {q['p99_ms']:.0f} ms ({row['trials']} "
+                  "trials)"]  # fmt: skip
+        over = row["overshoot"]
+        for mode in ("bounded", "admitted"):
+            o = over[mode]
+            lines.append(f"overshoot at {row['rate_per_s']:,.0f} requests/s on a $1 cap, "
+                         f"{'with' if mode == 'admitted' else 'without'} view.admit: ${o['overshoot_usd']:.4f} "
+                         f"({o['overshoot_requests']:.1f} requests of ${over['request_cost_usd']:.4f})")  # fmt: skip
+    if "recovery" in sections:
+        row = sections["recovery"]
+        lines += ["", f"aggregate with {row['budgets']:,} budgets, stop to ready: {row['ready_rocksdb_s']:.1f} s "
+                  f"on its RocksDB store, {row['ready_from_changelog_s']:.1f} s from the changelog "
+                  f"({row['changelog_records']:,} records), {row['ready_empty_state_s']:.1f} s with no state; "
+                  f"RSS {row['rss_loaded_bytes'] / 2**20:.0f} MiB ({row['rss_bytes_per_budget']:.0f} B per budget), "
+                  f"store {row['store_bytes_per_budget']:.0f} B per budget"]  # fmt: skip
     if "routing" in sections:
         row = sections["routing"]
         mib = row["view_traced_bytes"] / 2**20

@@ -283,3 +283,68 @@ def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
             return {"calls": calls, "publish_request": _percentiles(ours), "baseline": _percentiles(base)}
 
     return asyncio.run(run())
+
+
+def _chat_requests(n: int, seed: int = 3) -> list[dict[str, Any]]:
+    """Realistic chat requests: a system prompt and a user message, mixed sizes averaging about 2 KB."""
+    import random
+
+    from budgetflow.streams.bench import sample_text
+
+    rng = random.Random(seed)
+    now = datetime.now(UTC).isoformat()
+    out = []
+    for i in range(n):
+        size = min(20_000, int(rng.lognormvariate(7.2, 0.9)))
+        out.append({"v": 1, "request_id": f"e{i}", "occurred_at": now, "budgets": [f"team:{i % 50}"],
+                    "model": rng.choice(["gpt-4o", "gpt-4o-mini", "gpt-4.1"]), "provider": "openai",
+                    "backend": "cloud", "max_tokens": 512,
+                    "messages": [{"role": "system", "content": sample_text(rng, 200)},
+                                 {"role": "user", "content": sample_text(rng, size)}]})  # fmt: skip
+    return out
+
+
+def bench_enrich(quick: bool, bootstrap: str) -> dict[str, Any]:
+    """The enrich worker (decode, count, price, one entry per budget, produce) vs raw tiktoken on the same texts."""
+    from budgetflow.streams.enrich import Enricher, EnrichWorker
+    from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
+    from budgetflow.tokenizers.encodings import get_encoding
+
+    n = 1_000 if quick else 20_000
+    requests = _chat_requests(n)
+    mean_bytes = sum(sum(len(m["content"].encode()) for m in r["messages"]) for r in requests) / n
+    encode = get_encoding("o200k_base").encode_ordinary
+    for r in requests[:50]:
+        encode(r["messages"][1]["content"])  # warm up
+    began = time.perf_counter()
+    for r in requests:
+        for m in r["messages"]:
+            encode(m["role"])
+            encode(m["content"])
+    raw_rate = n / (time.perf_counter() - began)
+    prefix = f"enr{uuid.uuid4().hex[:6]}."
+
+    async def run() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = _settings(bootstrap, prefix, Path(tmp), metrics={"port": 0})
+            topics = Topics.from_settings(settings)
+            await ensure_topics_now(settings, topics)
+            await _fill(settings, topics.requests.name, [(r["request_id"], dumps(r)) for r in requests])
+            estimator = Estimator(TokenizerRegistry.default(), PriceTable.default())
+            worker = EnrichWorker(settings, Enricher(estimator, topics), topics)
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                while worker.processed < n:  # polling a counter, deliberately cheap
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.005)
+                assert worker.first_batch_at is not None
+                return n / (time.perf_counter() - worker.first_batch_at)
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 60)
+
+    rate = asyncio.run(run())
+    return {"requests": n, "mean_bytes": mean_bytes, "enrich_per_s": rate, "raw_tiktoken_per_s": raw_rate,
+            "ratio": rate / raw_rate}  # fmt: skip

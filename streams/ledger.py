@@ -25,6 +25,7 @@ Exactly once comes from idempotent state (design.md, Exactly once):
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 from collections.abc import Callable, Iterator
@@ -174,6 +175,7 @@ class LedgerConfig:
     default_ttl_s: int = 3_600
     rules: StatusRules = field(default_factory=StatusRules)
     sweep_keys_per_tick: int = 20_000
+    sweep_interval_s: float = 600.0
     keep_periods: int = 13
 
 
@@ -193,6 +195,7 @@ def decode_key(raw: bytes) -> tuple[str, tuple[str, ...]]:
     return kind, tuple(part.decode() for part in raw[2:].split(SEP))
 
 
+@functools.lru_cache(maxsize=256)
 def _period_end(period: str) -> float:
     return next_month_start(period).timestamp()
 
@@ -221,9 +224,11 @@ class PartitionLedger:
         self._closed: dict[RequestKey, RequestState] = {}
         self._opened: dict[RequestKey, RequestState] = {}
         self._unopened: set[RequestKey] = set()
+        self._fresh: set[RequestKey] = set()  # opened in this batch: no open record of theirs is durable
         self._deletes: dict[bytes, None] = {}
         self._last_offset = -1
         self._sweep_cursor: bytes | None = None
+        self._swept_at = 0.0
         # What the worker publishes after a batch.
         self.transitions: list[Transition] = []
         self.touched: set[tuple[str, str]] = set()
@@ -354,6 +359,8 @@ class PartitionLedger:
         key = after.key
         self._batch[key] = after
         if after.is_open:
+            if before is None:
+                self._fresh.add(key)
             self._open[key] = after
             self._opened[key] = after
             self._closed.pop(key, None)
@@ -397,7 +404,9 @@ class PartitionLedger:
             self.meta.period = current
         if entry.expire:
             self._expire(now, offset)
-        self._sweep(self.meta.stream_time)
+        if self.meta.stream_time - self._swept_at >= self.config.sweep_interval_s:
+            self._swept_at = self.meta.stream_time
+            self._sweep(self.meta.stream_time)
 
     def _expire(self, now: float, offset: int) -> None:
         deferred: list[tuple[float, RequestKey]] = []
@@ -461,7 +470,7 @@ class PartitionLedger:
         for key, state in self._opened.items():
             changes.append((_request_key(O_PREFIX, key), state.encode()))
         for key in self._unopened:
-            if key not in self._opened:
+            if key not in self._opened and key not in self._fresh:
                 changes.append((_request_key(O_PREFIX, key), None))
         if changes or self._last_offset > self.meta.applied or self._deletes:
             self.meta.applied = self._last_offset
@@ -472,6 +481,7 @@ class PartitionLedger:
         self._closed.clear()
         self._opened.clear()
         self._unopened.clear()
+        self._fresh.clear()
         self._deletes.clear()
         return changes
 

@@ -90,6 +90,15 @@ class PipelineMetrics:
                                      buckets=PROPAGATION_BUCKETS, registry=r)  # fmt: skip
         self.models = LabelLimiter(200)
         self.unpriced_models = LabelLimiter(50)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: on a hot path the label lookup costs more than the increment."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def start_counters(self, stage: str) -> None:
         """Counters of a bounded label set start at 0, so that rates and alerts see them before a first event."""

@@ -132,7 +132,7 @@ class BudgetExceeded:
         return self.http_status, headers, json.dumps(body).encode()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """Where a request may go: candidates in order, or the error that rejects it."""
 
@@ -149,11 +149,18 @@ class Decision:
         return self.error is None
 
 
-def _strictest(states: Sequence[BudgetState]) -> BudgetState | None:
+def _strictest(states: Sequence[BudgetState], shares: Sequence[float]) -> BudgetState | None:
     """The budget that decides: lowest share, then highest status, then least remaining."""
     if not states:
         return None
-    return min(states, key=lambda s: (s.share, -_RANK.get(s.status, 0), s.remaining_pico or 0))
+    best = 0
+    for i in range(1, len(states)):
+        a, b = states[i], states[best]
+        key_a = (shares[i], -_RANK.get(a.status, 0), a.remaining_pico or 0)
+        key_b = (shares[best], -_RANK.get(b.status, 0), b.remaining_pico or 0)
+        if key_a < key_b:
+            best = i
+    return states[best]
 
 
 def decide(
@@ -165,8 +172,9 @@ def decide(
 ) -> Decision:
     """design.md's routing rule over the request's budgets (pure; the view catches anything unexpected)."""
     h = affinity(session_id if session_id else request_id)
-    share = min((s.share for s in states), default=1.0)
-    deciding = _strictest(states)
+    shares = [cloud_share(s.utilization, s.soft_limit_percent, s.status) for s in states]
+    share = min(shares, default=1.0)
+    deciding = _strictest(states, shares)
     ordered = sorted(candidates, key=lambda c: -c.score)
     cloud = [c for c in ordered if c.backend == "cloud"]
     local = [c for c in ordered if c.backend == "local"]

@@ -32,11 +32,16 @@ def utilization(spend: int, limit: int | None) -> Fraction | None:
 
 
 class StatusRules:
-    """design.md's status rules with the configured hysteresis and step."""
+    """design.md's status rules with the configured hysteresis and step, in exact integer arithmetic."""
+
+    # Thresholds in millionths of a percent point: hysteresis and step may have up to 6 decimals.
+    _SCALE = 1_000_000
 
     def __init__(self, hysteresis_points: Decimal = Decimal(1), step_points: Decimal = Decimal(1)) -> None:
         self.hysteresis = Fraction(hysteresis_points)
         self.step = Fraction(step_points)
+        self._h = int(Fraction(hysteresis_points) * self._SCALE)
+        self._step = Fraction(step_points)
 
     def next_status(self, previous: StatusName, spend: int, policy: BudgetPolicy) -> StatusName:
         """hard at ≥ 100 %, soft at ≥ the soft limit; a status drops only below threshold − hysteresis."""
@@ -45,19 +50,21 @@ class StatusRules:
             return "normal"
         if limit == 0:
             return "hard_limit"
-        u = Fraction(100 * spend, limit)
-        h = self.hysteresis
-        soft = Fraction(policy.soft_limit_percent)
-        if u >= 100 or (previous == "hard_limit" and u >= 100 - h):
+        # u >= x  <=>  100 * SCALE * spend >= x * SCALE * limit, all in integers
+        scaled = 100 * self._SCALE * spend
+        hard = 100 * self._SCALE * limit
+        soft = policy.soft_limit_percent * self._SCALE * limit
+        band = self._h * limit
+        if scaled >= hard or (previous == "hard_limit" and scaled >= hard - band):
             return "hard_limit"
-        if u >= soft or (_RANK[previous] >= 1 and u >= soft - h):
+        if scaled >= soft or (_RANK[previous] >= 1 and scaled >= soft - band):
             return "soft_limit"
         return "normal"
 
     def step_of(self, spend: int, limit: int | None) -> int | None:
         """Which utilization step a spend is in (a publish happens when it changes)."""
         u = utilization(spend, limit)
-        return None if u is None else math.floor(u / self.step)
+        return None if u is None else math.floor(u / self._step)
 
     @staticmethod
     def rank(status: StatusName) -> int:

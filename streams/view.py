@@ -33,7 +33,7 @@ from budgetflow.schemas.events import GLOBAL_BUDGET, BudgetStatus, Heartbeat, pe
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.clients import client_options
-from budgetflow.streams.clock import Clock, next_month_start
+from budgetflow.streams.clock import Clock, month_start, next_month_start
 from budgetflow.streams.routing import Action, BudgetState, Candidate, Decision, decide, headers_for
 from budgetflow.streams.topics import Topics
 
@@ -55,6 +55,8 @@ class _Status:
     action: Action
     partition: int
     as_of: float
+    reset_ts: float
+    base: BudgetState | None = None  # built on first use, then shared by every decision on the budget
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class BudgetView:
         self._statuses: dict[str, _Status] = {}
         self._beats: dict[int, _Beat] = {}
         self._admitted: dict[str, list[tuple[float, int]]] = {}
+        self._unseen: dict[str, tuple[float, float, BudgetState]] = {}  # budgets with no status: normal
         self._ready = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -180,6 +183,7 @@ class BudgetView:
             action=record.hard_limit_action,
             partition=record.partition,
             as_of=record.as_of.timestamp(),
+            reset_ts=record.next_reset.timestamp(),
         )
         # What this router admitted before the status was taken is in it now.
         admitted = self._admitted.get(record.budget_id)
@@ -209,24 +213,34 @@ class BudgetView:
         """A budget as a router should treat it now: rollover, staleness and admissions applied."""
         moment = now or self.clock.now()
         ts = moment.timestamp()
-        current = period_of(moment)
         record = self._statuses.get(budget_id)
         if record is None:
-            never_seen = BudgetState(budget_id, current, next_reset=next_month_start(current), seen=False)
-            return self._with_admitted(never_seen, ts)
-        base = BudgetState(
-            budget_id=budget_id,
-            period=record.period,
-            status=record.status,
-            spend_pico=record.spend,
-            limit_pico=record.limit,
-            utilization=_utilization(record.spend, record.limit),
-            soft_limit_percent=record.soft,
-            hard_limit_action=record.action,
-            next_reset=next_month_start(record.period),
-        )
-        if record.period < current:
+            cached = self._unseen.get(budget_id)
+            if cached is None or not cached[0] <= ts < cached[1]:
+                current = period_of(moment)
+                reset = next_month_start(current)
+                state = BudgetState(budget_id, current, next_reset=reset, seen=False)
+                cached = (month_start(current).timestamp(), reset.timestamp(), state)
+                if len(self._unseen) > 10_000:
+                    self._unseen.clear()
+                self._unseen[budget_id] = cached
+            return self._with_admitted(cached[2], ts) if budget_id in self._admitted else cached[2]
+        base = record.base
+        if base is None:
+            base = record.base = BudgetState(
+                budget_id=budget_id,
+                period=record.period,
+                status=record.status,
+                spend_pico=record.spend,
+                limit_pico=record.limit,
+                utilization=_utilization(record.spend, record.limit),
+                soft_limit_percent=record.soft,
+                hard_limit_action=record.action,
+                next_reset=next_month_start(record.period),
+            )
+        if ts >= record.reset_ts:
             # Rollover on read: last month's status says nothing about this one.
+            current = period_of(moment)
             fresh = replace(
                 base,
                 period=current,
@@ -245,8 +259,9 @@ class BudgetView:
                 return replace(base, status="normal", utilization=None, stale=True)
             closed = replace(base, status="hard_limit", utilization=100.0, hard_limit_action="block_cloud")
             return replace(closed, stale=True)
-        stale = age > view.stale_after_s or lag > view.stale_after_s
-        return self._with_admitted(replace(base, stale=stale), ts)
+        if age > view.stale_after_s or lag > view.stale_after_s:
+            base = replace(base, stale=True)
+        return self._with_admitted(base, ts) if budget_id in self._admitted else base
 
     def _with_admitted(self, state: BudgetState, ts: float) -> BudgetState:
         admitted = self._admitted.get(state.budget_id)
@@ -285,7 +300,8 @@ class BudgetView:
     ) -> Decision:
         """Where the request may go (design.md's rule over its budgets, ``global`` included). Never raises."""
         try:
-            states = [self.status(b, now=now) for b in _with_global(budgets)]
+            moment = now or self.clock.now()
+            states = [self.status(b, now=moment) for b in _with_global(budgets)]
             decision = decide(request_id, states, candidates, session_id=session_id)
         except Exception:  # a router must answer: fail open, and say so
             log.exception("budget decision failed; letting the request through")
@@ -320,5 +336,7 @@ def _utilization(spend: int, limit: int | None) -> float | None:
     return spend * 100 / limit
 
 
-def _with_global(budgets: Sequence[str]) -> list[str]:
+def _with_global(budgets: Sequence[str]) -> Sequence[str]:
+    if GLOBAL_BUDGET not in budgets and len(set(budgets)) == len(budgets):
+        return [*budgets, GLOBAL_BUDGET]
     return list(dict.fromkeys([*budgets, GLOBAL_BUDGET]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(500)
 
 
 def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Path, budgetflow_cli) -> None:
@@ -17,9 +17,9 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
     env["BUDGETFLOW_BENCH_BOOTSTRAP"] = kafka_bootstrap
     proc = subprocess.run(
-        budgetflow_cli("bench", "--quick", "--only", "aggregate", "--only", "latency", "--only", "publisher",
-                       "--out", str(out)),
-        capture_output=True, text=True, env=env, timeout=280,
+        budgetflow_cli("bench", "--quick", "--only", "enrich", "--only", "aggregate", "--only", "latency",
+                       "--only", "load", "--only", "recovery", "--only", "publisher", "--out", str(out)),
+        capture_output=True, text=True, env=env, timeout=480,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     sections = json.loads(out.read_text())["sections"]
@@ -29,4 +29,8 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
     assert sections["latency"]["trials"] == 5
     assert sections["latency"]["p99_ms"] >= sections["latency"]["p50_ms"] > 0
     assert sections["publisher"]["publish_request"]["p99_us"] > 0
+    assert sections["enrich"]["enrich_per_s"] > 0
+    assert sections["load"]["latency"]["p99_ms"] > 0
+    assert set(sections["load"]["overshoot"]) >= {"bounded", "admitted"}
+    assert sections["recovery"]["ready_rocksdb_s"] > 0
     print(proc.stdout)

@@ -50,3 +50,24 @@ def test_status_and_stop_without_a_broker(tmp_path: Path, args: tuple[str, ...])
     proc = run(*args, "--data-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
     assert "not running" in proc.stderr
     assert proc.returncode == (1 if args[1] == "status" else 0)
+
+
+def test_every_option_variable_is_a_setting_or_a_known_command_variable() -> None:
+    import click
+
+    from budgetflow.schemas.settings import COMMAND_ENV, setting_rows
+    from budgetflow.streams.cli import cli
+
+    settings = {name for name, _, _ in setting_rows()}
+    seen = set()
+
+    def walk(command: click.Command) -> None:
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar:
+                seen.add(param.envvar)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(cli)
+    assert seen
+    assert seen <= settings | COMMAND_ENV, seen - settings - COMMAND_ENV
