@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup lint format typecheck unit integration test run demo bench clean
+.PHONY: help setup lint format typecheck unit integration test run demo bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ integration: setup  ## integration tests (starts a real Kafka)
 
 test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
 	$(BIN)/pytest
+
+soak: setup  ## the soak test for ten minutes (CI runs it for 20 s)
+	BUDGETFLOW_TEST_SOAK_S=600 BUDGETFLOW_TEST_SOAK_RATE=15000 $(BIN)/pytest tests/integration/test_soak.py -s
 
 bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
 	$(BIN)/budgetflow bench --out bench-results/bench.json

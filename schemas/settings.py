@@ -399,6 +399,9 @@ class Settings(BaseSettings):
         86_400, ge=60, description="A request's state is kept this long after its TTL, then later entries are late."
     )
     period_grace_s: int = Field(7 * 86_400, ge=0, description="A month stays open this long after it ends.")
+    max_clock_skew_s: int = Field(
+        300, ge=0, description="An event stamped further in the future than this goes to the DLQ as future."
+    )
     heartbeat_s: float = Field(5.0, gt=0, description="Interval of ticks and heartbeats per ledger partition.")
     status: StatusSettings = Field(default_factory=StatusSettings)
     default_policy: DefaultPolicySettings = Field(default_factory=DefaultPolicySettings)

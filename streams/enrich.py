@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -28,6 +29,7 @@ from budgetflow.schemas.money import pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
+from budgetflow.streams.clock import Clock
 from budgetflow.streams.crash import crash_point
 from budgetflow.streams.dlq import DeadLetter, redact_request
 from budgetflow.streams.metrics import PipelineMetrics
@@ -57,21 +59,33 @@ class Enricher:
     """Turns one raw input record into ledger entries, or into a dead letter."""
 
     def __init__(
-        self, estimator: Estimator, topics: Topics, *, keep_raw: bool = False, metrics: PipelineMetrics | None = None
+        self,
+        estimator: Estimator,
+        topics: Topics,
+        *,
+        keep_raw: bool = False,
+        metrics: PipelineMetrics | None = None,
+        clock: Clock | None = None,
+        max_clock_skew_s: float = 300.0,
     ) -> None:
         self.estimator = estimator
         self.topics = topics
         self.keep_raw = keep_raw
         self.metrics = metrics or PipelineMetrics()
+        self.clock = clock or Clock()
+        self.max_clock_skew_s = max_clock_skew_s
 
     def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
         is_request = topic == self.topics.requests.name
         try:
             if is_request:
                 request, unknown = decode(RequestEvent, value)
+                self._not_future(request.occurred_at, "occurred_at")
                 result = EnrichResult(self.reserve(request), unknown_fields=unknown)
             else:
                 usage, unknown = decode(UsageEvent, value)
+                self._not_future(usage.request_occurred_at, "request_occurred_at")
+                self._not_future(usage.occurred_at, "occurred_at")
                 result = EnrichResult(self.settle(usage), unknown_fields=unknown)
         except InvalidEvent as exc:
             stored = value if self.keep_raw or not is_request else redact_request(value)
@@ -81,6 +95,13 @@ class Enricher:
         if unknown:
             self.metrics.unknown_fields.labels("requests" if is_request else "usage").inc(len(unknown))
         return result
+
+    def _not_future(self, moment: datetime, field: str) -> None:
+        """An event from beyond the allowed clock skew would count in a month that has not begun."""
+        ahead = (moment - self.clock.now()).total_seconds()
+        if ahead > self.max_clock_skew_s:
+            raise InvalidEvent("future", f"{field}: {ahead:.0f} s ahead of the clock (skew allowed: "
+                                         f"{self.max_clock_skew_s:.0f} s)")  # fmt: skip
 
     def _model_label(self, model: str, backend: Backend, provider: str) -> str:
         price = self.estimator.table.price(model, backend=backend, provider=provider)

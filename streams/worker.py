@@ -79,7 +79,8 @@ async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None
             local_providers=settings.pricing.local_providers,
         )
         estimator = Estimator(registry, table, settings.reservation, settings.tokenizers)
-        enricher = Enricher(estimator, topics, keep_raw=settings.dlq.keep_raw)
+        enricher = Enricher(estimator, topics, keep_raw=settings.dlq.keep_raw, clock=Clock(settings.clock),
+                            max_clock_skew_s=settings.max_clock_skew_s)  # fmt: skip
         await EnrichWorker(settings, enricher, topics).run(stop)
     else:
         from budgetflow.streams.aggregate import AggregateWorker

@@ -256,6 +256,8 @@ class Pipeline:
             "BUDGETFLOW_LOG_LEVEL": "INFO",
             "BUDGETFLOW_WEB__PORT": "0",
             "BUDGETFLOW_METRICS__PORT": "0",
+            # Scenarios publish hours of simulated traffic at once, ahead of the simulated clock.
+            "BUDGETFLOW_MAX_CLOCK_SKEW_S": "86400",
             **(extra_env or {}),
         })  # fmt: skip
         self.workers: list[Worker] = []
@@ -486,9 +488,9 @@ def check_counts(states: dict[tuple[str, str], Any], scenario: Scenario) -> None
 
 
 async def start_pipeline(factory: Callable[..., Pipeline], *, start: datetime.datetime = START,
-                         n: int = 1200, **kwargs: Any) -> tuple[Pipeline, Scenario]:  # fmt: skip
+                         n: int = 1200, speed: float = SPEED, **kwargs: Any) -> tuple[Pipeline, Scenario]:  # fmt: skip
     """Topics created, policies applied (through the CLI), a scenario built; no worker started yet."""
-    pipeline = factory(clock_start=start.isoformat(), speed=SPEED, **kwargs)
+    pipeline = factory(clock_start=start.isoformat(), speed=speed, **kwargs)
     proc = pipeline.cli("topics", "create")
     assert proc.returncode == 0, proc.stderr
     policy = pipeline.root / "policies.yaml"

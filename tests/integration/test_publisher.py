@@ -17,7 +17,7 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
     pipeline_factory: Any, kit: Any, tmp_path: Path
 ) -> None:
     from budgetflow.schemas.settings import LocalKafkaSettings
-    from budgetflow.streams import BudgetPublisher, Usage
+    from budgetflow.streams import BudgetPublisher, BudgetView, Usage
     from budgetflow.streams.localkafka import LocalKafka
 
     # A broker of its own: this test stops it.
@@ -28,11 +28,16 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
         pipeline = pipeline_factory(bootstrap=bootstrap, clock_start=now.isoformat(), speed=1.0,
                                     extra_env={"BUDGETFLOW_PUBLISHER__DELIVERY_TIMEOUT_MS": "3000",
                                                "BUDGETFLOW_PUBLISHER__BUFFER_MAX": "50",
-                                               "BUDGETFLOW_PUBLISHER__REPLAY_INTERVAL_S": "0.5"})  # fmt: skip
+                                               "BUDGETFLOW_PUBLISHER__REPLAY_INTERVAL_S": "0.5",
+                                               "BUDGETFLOW_HEARTBEAT_S": "0.5",
+                                               "BUDGETFLOW_VIEW__STALE_AFTER_S": "3",
+                                               "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": "600"})  # fmt: skip
         assert pipeline.cli("topics", "create").returncode == 0
         pipeline.start("enrich")
         pipeline.start("aggregate")
         usages: list[tuple[str, dict[str, Any]]] = []
+        view = BudgetView(pipeline.settings())
+        await view.start()
         async with BudgetPublisher(pipeline.settings(), spool_dir=tmp_path / "spool") as publisher:
 
             async def call(i: int) -> Any:
@@ -54,6 +59,11 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and len(await pipeline.period_states()) < 2:
                 await asyncio.sleep(0.5)  # the workers are up and counting
+            await view.ready(timeout_s=60)
+            while time.monotonic() < deadline and view.status("team:a").stale:
+                await asyncio.sleep(0.2)
+            assert view.status("team:a").seen
+            assert not view.status("team:a").stale
             broker.kill()  # kill -9 the broker
             began = time.monotonic()
             handles = [await call(i) for i in range(100, 400)]
@@ -67,12 +77,19 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
             await asyncio.sleep(5)  # past the delivery timeout: what was in flight fails over to the spool
             assert publisher.counts["usage_spooled"] > 0
             assert publisher.spool_bytes() > 0
+            assert view.status("team:a").stale, "no heartbeats while the broker is down: the view says so"
             await asyncio.to_thread(broker.start)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and (publisher.spool_bytes() or publisher.buffered):
                 await asyncio.sleep(0.5)
             assert publisher.spool_bytes() == 0, publisher.counts
             await publisher.flush()
+            # The workers reconnected by themselves: heartbeats flow again, and the view is fresh.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and view.status("team:a").stale:
+                await asyncio.sleep(0.5)
+            assert not view.status("team:a").stale, pipeline.logs()
+        await view.stop()
         # Every usage counts exactly once, however often it was retried.
         expected = kit.expected_of(usages)
         deadline = time.monotonic() + 120

@@ -42,13 +42,13 @@ def test_the_fast_entry_json_is_what_the_model_would_write() -> None:
 
 
 def test_usage_becomes_a_settle_with_the_request_time() -> None:
-    usage = {"v": 1, "request_id": "r-1", "request_occurred_at": "2026-11-30T23:59:00Z",
-             "occurred_at": "2026-12-01T00:00:05Z", "model": "gpt-4o", "provider": "openai", "backend": "cloud",
+    usage = {"v": 1, "request_id": "r-1", "request_occurred_at": "2026-10-31T23:59:00Z",
+             "occurred_at": "2026-11-01T00:00:05Z", "model": "gpt-4o", "provider": "openai", "backend": "cloud",
              "outcome": "completed", "input_tokens": 1000, "output_tokens": 100}  # fmt: skip
     result = ENRICHER.enrich(TOPICS.usage.name, 0, 1, b"r-1", dumps(usage))
     ((budget, raw),) = result.entries
     entry = decode_fast(LedgerEntry, raw)
-    assert (budget, entry.kind, entry.period, entry.tier) == ("global", "settle", "2026-11", "reported")
+    assert (budget, entry.kind, entry.period, entry.tier) == ("global", "settle", "2026-10", "reported")
     assert entry.amount_pico_usd == 1000 * 2_500_000 + 100 * 10_000_000
 
 
@@ -61,3 +61,23 @@ def test_a_bad_request_is_a_redacted_dead_letter() -> None:
     headers = dict(result.dead.headers())
     assert headers["budgetflow.source.offset"] == b"9"
     assert b"max_tokens" in headers["budgetflow.error"]
+
+
+def test_events_from_beyond_the_clock_skew_are_future_dead_letters() -> None:
+    from datetime import timedelta
+
+    from budgetflow.schemas.settings import ClockSettings
+    from budgetflow.streams.clock import Clock
+
+    clock = Clock(ClockSettings(start=NOW, speed=1.0))
+    enricher = Enricher(ENRICHER.estimator, TOPICS, clock=clock, max_clock_skew_s=300)
+    soon = enricher.enrich(
+        TOPICS.requests.name, 0, 1, b"r", request(occurred_at=(NOW + timedelta(seconds=200)).isoformat())
+    )
+    assert soon.dead is None
+    later = enricher.enrich(
+        TOPICS.requests.name, 0, 2, b"r", request(occurred_at=(NOW + timedelta(days=3)).isoformat())
+    )
+    assert later.dead is not None
+    assert later.dead.reason == "future"
+    assert later.entries == []
