@@ -147,6 +147,18 @@ class TopicSettings(_Section):
         8, ge=1, le=1024, description="Partitions of the input and ledger topics (fixed once created)."
     )
     replication_factor: int = Field(1, ge=1, le=16, description="Replication factor of created topics.")
+    requests_retention_ms: int = Field(
+        3_600_000, ge=1_000, description="How long the requests topic (it holds prompt text) keeps records."
+    )
+    requests_segment_ms: int = Field(
+        600_000, ge=1_000, description="Segment roll of the requests topic: retention deletes whole segments only."
+    )
+
+    @model_validator(mode="after")
+    def _segments(self) -> TopicSettings:
+        if self.requests_segment_ms > self.requests_retention_ms:
+            raise ValueError("requests_segment_ms must not exceed requests_retention_ms, or records outlive it")
+        return self
 
     @field_validator("prefix")
     @classmethod

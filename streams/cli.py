@@ -351,14 +351,14 @@ _data_dir = click.option(
 )
 
 
-def _local_kafka(ctx: _Context, data_dir: Path | None, port: int | None = None) -> Any:
+def _local_kafka(ctx: _Context, data_dir: Path | None, port: int | None = None, secure: Path | None = None) -> Any:
     from budgetflow.streams.localkafka import LocalKafka
 
     settings = ctx.settings()
     local = settings.local_kafka
     if port is not None:
         local = local.model_copy(update={"port": port})
-    return LocalKafka(data_dir or settings.data_dir, local)
+    return LocalKafka(data_dir or settings.data_dir, local, secure_dir=secure, topic_prefix=settings.topics.prefix)
 
 
 @kafka.command("start")
@@ -371,13 +371,21 @@ def _local_kafka(ctx: _Context, data_dir: Path | None, port: int | None = None) 
     default=None,
     help="Client port on 127.0.0.1; 0 picks a free one (default: the port used last time, else 9092).",
 )
+@click.option(
+    "--secure",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run with SASL/SCRAM over TLS and ACLs; certificates, credentials and a <role>.env per principal "
+    "(admin, worker, router, gateway) are kept in this directory. Only on a new data dir.",
+)
 @pass_ctx
-def kafka_start(ctx: _Context, data_dir: Path | None, port: int | None) -> None:
+def kafka_start(ctx: _Context, data_dir: Path | None, port: int | None, secure: Path | None) -> None:
     """Start the broker (fetching it through Maven once), wait until ready, print its address.
 
-    Harmless when it is already running: it prints the address again.
+    Harmless when it is already running: it prints the address again. A broker first started with --secure
+    stays secure on later starts.
     """
-    broker = _local_kafka(ctx, data_dir, port)
+    broker = _local_kafka(ctx, data_dir, port, secure)
     began = time.monotonic()
     was_running = broker.pid() is not None
     address = broker.start()
@@ -385,6 +393,9 @@ def kafka_start(ctx: _Context, data_dir: Path | None, port: int | None) -> None:
         click.echo(
             f"kafka ready in {time.monotonic() - began:.1f} s (pid {broker.pid()}, data {broker.home})", err=True
         )
+    if broker.secure is not None:
+        files = broker.secure.write_env_files(address)
+        click.echo(f"SASL_SSL with ACLs; settings per principal (source one): {', '.join(map(str, files))}", err=True)
     click.echo(address)
 
 

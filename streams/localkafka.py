@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,11 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
 from budgetflow.schemas.errors import LocalKafkaError
 from budgetflow.schemas.settings import LocalKafkaSettings
+from budgetflow.streams.securekafka import SecureDir
 
 __all__ = ["DEFAULT_PORT", "KafkaJars", "LocalKafka", "free_port"]
 
@@ -68,6 +71,10 @@ def _tool(name: str) -> str:
     return path
 
 
+def _pom_template() -> str:
+    return resources.files("budgetflow.streams").joinpath("kafka-local/pom.xml").read_text()
+
+
 @dataclass(frozen=True)
 class KafkaJars:
     """The broker's runtime jars, fetched once from Maven Central into a cache dir."""
@@ -80,7 +87,9 @@ class KafkaJars:
         base = settings.cache_dir
         if base is None:
             base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "budgetflow"
-        return cls(settings.version, base / f"kafka-{settings.version}")
+        # The cache is keyed by the POM too: a jar added to it is fetched, not missed in an old cache.
+        digest = hashlib.sha256(_pom_template().encode()).hexdigest()[:8]
+        return cls(settings.version, base / f"kafka-{settings.version}-{digest}")
 
     @property
     def lib(self) -> Path:
@@ -92,9 +101,8 @@ class KafkaJars:
         if done.exists():
             return self.lib
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        template = resources.files("budgetflow.streams").joinpath("kafka-local/pom.xml").read_text()
         pom = self.cache_dir / "pom.xml"
-        pom.write_text(template.replace("@KAFKA_VERSION@", self.version))
+        pom.write_text(_pom_template().replace("@KAFKA_VERSION@", self.version))
         staging = self.cache_dir / "lib.partial"
         shutil.rmtree(staging, ignore_errors=True)
         cmd = [
@@ -124,15 +132,30 @@ class _State:
     cluster_id: str
     port: int
     controller_port: int
+    secure_dir: str | None = None
 
 
 class LocalKafka:
     """One broker, one data dir: ``start`` is idempotent, ``stop`` is controlled, ``kill`` is a crash."""
 
-    def __init__(self, data_dir: Path, settings: LocalKafkaSettings | None = None) -> None:
+    def __init__(self, data_dir: Path, settings: LocalKafkaSettings | None = None, *,
+                 secure_dir: Path | None = None, topic_prefix: str = "budgetflow.") -> None:  # fmt: skip
         self.settings = settings or LocalKafkaSettings()
         self.home = Path(data_dir).resolve() / "kafka"
         self.jars = KafkaJars.from_settings(self.settings)
+        self._secure_dir = Path(secure_dir).resolve() if secure_dir else None
+        self.topic_prefix = topic_prefix
+
+    @property
+    def secure(self) -> SecureDir | None:
+        """The TLS/SCRAM material if this broker runs secure (asked now, or when its storage was formatted)."""
+        if self._secure_dir is not None:
+            return SecureDir(self._secure_dir)
+        with contextlib.suppress(LocalKafkaError):
+            state = self._load_state()
+            if state is not None and state.secure_dir:
+                return SecureDir(Path(state.secure_dir))
+        return None
 
     # -- paths ---------------------------------------------------------------
     @property
@@ -181,6 +204,7 @@ class LocalKafka:
             pid = self._spawn(lib, state)
             try:
                 self._wait_ready(state, pid)
+                self._grant(state)
             except BaseException:
                 self._signal(pid, signal.SIGKILL)
                 raise
@@ -221,7 +245,8 @@ class LocalKafka:
     def _load_state(self) -> _State | None:
         try:
             raw = json.loads(self._state_file.read_text())
-            return _State(str(raw["cluster_id"]), int(raw["port"]), int(raw["controller_port"]))
+            return _State(str(raw["cluster_id"]), int(raw["port"]), int(raw["controller_port"]),
+                          raw.get("secure_dir"))  # fmt: skip
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
@@ -243,15 +268,22 @@ class LocalKafka:
         if _port_open(controller) or controller == port:
             controller = free_port()
         cluster_id = previous.cluster_id if previous else self._new_cluster_id()
-        state = _State(cluster_id, port, controller)
+        formatted = (self.log_dir / "meta.properties").exists()
+        secure = self.secure
+        was_secure = previous is not None and previous.secure_dir is not None
+        if formatted and secure is not None and not was_secure:
+            raise LocalKafkaError(f"{self.home} was formatted without --secure; remove it to start a secure broker")
+        if secure is not None:
+            secure.ensure()
+        state = _State(cluster_id, port, controller, str(secure.path) if secure else None)
 
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.home / "server.properties").write_text(self._server_properties(state))
         template = resources.files("budgetflow.streams").joinpath("kafka-local/log4j2.properties").read_text()
         (self.home / "log4j2.properties").write_text(template.replace("@LOG_DIR@", str(self.home / "logs")))
-        if not (self.log_dir / "meta.properties").exists():
-            self._format(cluster_id)
+        if not formatted:
+            self._format(cluster_id, secure)
         self._state_file.write_text(json.dumps(state.__dict__))
         return state
 
@@ -297,6 +329,8 @@ class LocalKafka:
             "num.recovery.threads.per.data.dir": "1",
             "log.cleaner.threads": "1",
         }
+        if state.secure_dir:
+            props.update(SecureDir(Path(state.secure_dir)).server_properties(state.port, state.controller_port))
         return "".join(f"{key}={value}\n" for key, value in props.items())
 
     def _java(self) -> str:
@@ -318,7 +352,7 @@ class LocalKafka:
             f"-Dkafka.logs.dir={self.home / 'logs'}",
         ]
 
-    def _format(self, cluster_id: str) -> None:
+    def _format(self, cluster_id: str, secure: SecureDir | None) -> None:
         cmd = [
             self._java(),
             *self._jvm_flags(),
@@ -330,6 +364,7 @@ class LocalKafka:
             cluster_id,
             "-c",
             str(self.home / "server.properties"),
+            *(secure.scram_arguments() if secure else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -353,12 +388,52 @@ class LocalKafka:
         while time.monotonic() < deadline:
             if pid is None or not _pid_alive(pid):
                 raise LocalKafkaError(f"the broker exited during start-up; see {self.server_log}:\n{self._log_tail()}")
-            if _port_open(state.port) and asyncio.run(_lists_broker(address)):
+            if _port_open(state.port) and asyncio.run(_lists_broker(address, self._admin_options(state))):
                 return
             time.sleep(0.2)
         raise LocalKafkaError(
             f"the broker did not become ready in {self.settings.start_timeout_s:.0f} s; see {self.server_log}"
         )
+
+    def _admin_options(self, state: _State) -> dict[str, Any]:
+        if not state.secure_dir:
+            return {}
+        from budgetflow.schemas.settings import KafkaSettings
+        from budgetflow.streams.clients import client_options
+
+        secure = SecureDir(Path(state.secure_dir))
+        env = secure.env("admin", f"127.0.0.1:{state.port}")
+        security = {k.removeprefix("BUDGETFLOW_KAFKA__SECURITY__").lower(): v for k, v in env.items()
+                    if k.startswith("BUDGETFLOW_KAFKA__SECURITY__")}  # fmt: skip
+        options = client_options(KafkaSettings(security=security))  # type: ignore[arg-type]
+        for key in ("bootstrap_servers", "request_timeout_ms", "client_id"):
+            options.pop(key)
+        return options
+
+    def _grant(self, state: _State) -> None:
+        """Set the ACLs of a secure broker for the topic prefix, once (they live in the cluster metadata)."""
+        if not state.secure_dir:
+            return
+        secure = SecureDir(Path(state.secure_dir))
+        marker = self.home / "acls.json"
+        try:
+            granted = set(json.loads(marker.read_text()))
+        except (OSError, ValueError):
+            granted = set()
+        if self.topic_prefix in granted:
+            return
+        config = self.home / "admin-client.properties"
+        config.touch(mode=0o600)
+        config.write_text(secure.client_properties("admin"))
+        for args in secure.acl_commands(self.topic_prefix):
+            cmd = [self._java(), "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                   f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}", "-cp", f"{self.jars.lib}/*",
+                   "org.apache.kafka.tools.AclCommand", "--bootstrap-server", f"127.0.0.1:{state.port}",
+                   "--command-config", str(config), *args]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise LocalKafkaError(f"setting ACLs failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
+        marker.write_text(json.dumps(sorted(granted | {self.topic_prefix})))
 
     def _log_tail(self, lines: int = 15) -> str:
         text = ""
@@ -385,9 +460,9 @@ class LocalKafka:
         return not _pid_alive(pid)
 
 
-async def _lists_broker(address: str) -> bool:
+async def _lists_broker(address: str, options: dict[str, Any]) -> bool:
     """True when a metadata request answers and lists broker 1."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=address, request_timeout_ms=3000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=address, **{"request_timeout_ms": 3000, **options})
     try:
         await admin.start()
         cluster = await admin.describe_cluster()

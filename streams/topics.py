@@ -46,7 +46,8 @@ class Topics:
         prefix, n = settings.prefix, settings.partitions
         self.replication_factor = settings.replication_factor
         self.requests = TopicSpec(f"{prefix}requests", n, {
-            "cleanup.policy": "delete", "retention.ms": str(_HOUR_MS), "segment.ms": str(10 * 60_000)},
+            "cleanup.policy": "delete", "retention.ms": str(settings.requests_retention_ms),
+            "segment.ms": str(settings.requests_segment_ms)},
             "RequestEvent keyed by request_id (holds prompt text: short retention)")  # fmt: skip
         self.usage = TopicSpec(f"{prefix}usage", n, {"cleanup.policy": "delete"}, "UsageEvent keyed by request_id")
         self.ledger = TopicSpec(f"{prefix}ledger", n, {
