@@ -91,8 +91,10 @@ async def test_scenario_is_exact_ordered_and_rolls_over(pipeline_factory: Any, k
 
 
 async def test_a_lowered_limit_moves_the_status_without_a_restart(pipeline_factory: Any, kit: Any) -> None:
-    # The clock stays in November, where team:b has spent something.
-    pipeline, scenario = await kit.start(pipeline_factory, start=kit.START - timedelta(days=10))
+    # The clock stays in November, where team:b has spent something; the scenario's events are ten days ahead
+    # of that clock, so the allowed clock skew is widened (else they are rightly `future`).
+    pipeline, scenario = await kit.start(pipeline_factory, start=kit.START - timedelta(days=10),
+                                         extra_env={"BUDGETFLOW_MAX_CLOCK_SKEW_S": str(30 * 86_400)})  # fmt: skip
     pipeline.start("enrich")
     pipeline.start("aggregate")
     await pipeline.produce(scenario.records[:200])
