@@ -7,8 +7,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Helm, built from the Go module proxy at a pinned version into the user cache (tests/unit/test_helm_chart.py
+# finds it there too).
+HELM_VERSION := $(shell cat helm/HELM_VERSION)
+HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/budgetflow/tools/helm-$(HELM_VERSION)/helm
 
-.PHONY: help setup lint format typecheck unit integration test run demo bench soak clean
+.PHONY: help setup lint format typecheck unit integration test run demo bench soak chart clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, install promtool
+$(HELM):
+	@command -v go >/dev/null || { echo "go is missing: Helm is built from the Go module proxy" >&2; exit 1; }
+	GOBIN=$(dir $(HELM)) CGO_ENABLED=0 go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	touch $(HELM)
+
+setup: $(STAMP) $(HELM)  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, build helm, install promtool
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's prometheus package (promtool and a Prometheus server for the tests)"; \
@@ -53,6 +62,10 @@ test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
 
 soak: setup  ## the soak test for ten minutes (CI runs it for 20 s)
 	BUDGETFLOW_TEST_SOAK_S=600 BUDGETFLOW_TEST_SOAK_RATE=15000 $(BIN)/pytest tests/integration/test_soak.py -s
+
+chart: setup  ## helm lint --strict and render the chart with its default values
+	$(HELM) lint --strict helm/budgetflow
+	$(HELM) template budgetflow helm/budgetflow >/dev/null && echo "chart renders"
 
 bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
 	$(BIN)/budgetflow bench --out bench-results/bench.json
