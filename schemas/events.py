@@ -254,3 +254,25 @@ class Heartbeat(Event):
     lag_s: Annotated[float, Field(ge=0)]
     enrich_lag_s: Annotated[float, Field(ge=0)] | None = None
     owner: Annotated[str, StringConstraints(max_length=512)] | None = None
+
+
+class AuditRecord(Event):
+    """Who changed a budget, when, and how: a policy change or a ledger adjustment (``budgetflow.audit``).
+
+    ``old``/``new`` are the policy before and after (``None``: it did not exist / was deleted); ``revision`` is
+    the offset of the new policy record on the policies topic, so it only grows. An adjustment carries its
+    period, signed amount, reason and the ledger entry id it wrote.
+    """
+
+    kind: Literal["policy", "adjust"]
+    budget_id: BudgetId
+    at: Timestamp
+    actor: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    principal: Annotated[str, StringConstraints(max_length=256)] | None = None
+    revision: Annotated[int, Field(ge=0)] | None = None
+    old: dict[str, Any] | None = None
+    new: dict[str, Any] | None = None
+    period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)] | None = None
+    amount_usd: PicoUsd | None = None
+    reason: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    entry_id: Annotated[str, StringConstraints(max_length=1024)] | None = None

@@ -36,7 +36,6 @@ from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
 from budgetflow.streams.metrics import AggregateCollector, PipelineMetrics
 from budgetflow.streams.policies import PolicyBook
 from budgetflow.streams.publish import Outgoing, StatusPublisher
-from budgetflow.streams.status import StatusRules
 from budgetflow.streams.store import MemoryStore, RocksStore, Store
 from budgetflow.streams.topics import Topics, ensure_topics, partition_for
 from budgetflow.streams.view import BudgetView
@@ -76,14 +75,7 @@ class AggregateWorker:
         self.topics = topics
         self.clock = clock
         self.group_id = f"{settings.topics.prefix}aggregate"
-        rules = StatusRules(settings.status.hysteresis_points, settings.status.step_points)
-        self.config = LedgerConfig(
-            horizon_s=settings.dedupe_horizon_s,
-            grace_s=settings.period_grace_s,
-            default_ttl_s=settings.reservation.ttl_s,
-            rules=rules,
-            sweep_keys_per_tick=settings.worker.sweep_keys_per_tick,
-        )
+        self.config = LedgerConfig.from_settings(settings)
         self.ledgers: dict[int, PartitionLedger] = {}
         self._parked: dict[int, tuple[PartitionLedger, int]] = {}
         self._changelog_end: dict[int, int] = {}
@@ -95,7 +87,8 @@ class AggregateWorker:
         self.metrics.registry.register(AggregateCollector(self, settings.metrics.max_budgets))
         self.forecaster = Forecaster(settings.forecast.window_s)
         self._sampled_at: dict[int, float] = {}
-        self.publisher = StatusPublisher(rules, self.policies.policy_for, clock.now, settings.status.refresh_s,
+        self.publisher = StatusPublisher(self.config.rules, self.policies.policy_for, clock.now,
+                                         settings.status.refresh_s,
                                          forecast=self.forecast,
                                          on_publish=self._published)  # fmt: skip
         self._catch_up: dict[int, tuple[int, int | None]] = {}

@@ -144,6 +144,9 @@ def topics_create(ctx: _Context) -> None:
 
 
 # -- policies -------------------------------------------------------------------
+_actor = click.option("--actor", default=None, help="Who makes the change, for the audit trail (default user@host).")
+
+
 @cli.group()
 def policy() -> None:
     """Budget policies: limits, soft limits and hard-limit actions."""
@@ -153,10 +156,16 @@ def policy() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--prune", is_flag=True, help="Delete budgets that are on the topic but not in FILE.")
 @click.option("--dry-run", is_flag=True, help="Print what would change, publish nothing.")
+@_actor
 @pass_ctx
-def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool) -> None:
-    """Validate every budget in FILE, then publish what changed; running workers follow without a restart."""
+def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool, actor: str | None) -> None:
+    """Validate every budget in FILE, then publish what changed; running workers follow without a restart.
+
+    Every change is also appended to the audit topic (`budgetflow audit`).
+    """
     from budgetflow.schemas.money import format_usd
+    from budgetflow.streams.audit import default_actor
+    from budgetflow.streams.clock import Clock
     from budgetflow.streams.policies import apply_policy_file
     from budgetflow.streams.topics import Topics, ensure_topics_now
 
@@ -164,7 +173,9 @@ def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool) -> None:
     specs = Topics.from_settings(settings)
     if not dry_run:
         asyncio.run(ensure_topics_now(settings, specs))
-    result = asyncio.run(apply_policy_file(settings, specs.policies.name, file, prune=prune, dry_run=dry_run))
+    result = asyncio.run(apply_policy_file(settings, specs.policies.name, file, prune=prune, dry_run=dry_run,
+                                           audit_topic=specs.audit.name, actor=actor or default_actor(),
+                                           now=Clock(settings.clock).now()))  # fmt: skip
 
     def limit(p: Any) -> str:
         return "unlimited" if p.monthly_limit_usd is None else "$" + format_usd(p.monthly_limit_usd, 2)
@@ -182,6 +193,93 @@ def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool) -> None:
         f"{len(result.unchanged)} unchanged ({verb})",
         err=True,
     )
+
+
+# -- audit and adjustments --------------------------------------------------------
+@cli.command("audit")
+@click.argument("budget", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the AuditRecords as JSON lines.")
+@pass_ctx
+def audit(ctx: _Context, budget: str | None, as_json: bool) -> None:
+    """The history of policy changes and ledger adjustments, of one BUDGET or all, oldest first."""
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.schemas.serde import dumps
+    from budgetflow.streams.audit import read_audit
+    from budgetflow.streams.topics import Topics
+
+    settings = ctx.settings()
+    records = asyncio.run(read_audit(settings, Topics.from_settings(settings).audit.name, budget))
+    for r in records:
+        if as_json:
+            click.echo(dumps(r.model_dump(mode="json")).decode())
+            continue
+        who = r.actor + (f" ({r.principal})" if r.principal else "")
+        if r.kind == "adjust":
+            amount = format_usd(r.amount_usd or 0, 2)
+            sign = "+" if (r.amount_usd or 0) >= 0 else ""
+            what = f"adjust {r.period} {sign}${amount}: {r.reason} [{r.entry_id}]"
+        else:
+            old, new = r.old or {}, r.new or {}
+            if not old:
+                what = "created " + ", ".join(f"{k}={v}" for k, v in new.items() if k != "id")
+            elif not new:
+                what = "deleted"
+            else:
+                what = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
+            what = f"policy r{r.revision}: {what}"
+        click.echo(f"{r.at.isoformat()}\t{r.budget_id}\t{who}\t{what}")
+    if not records:
+        click.echo("no audit records" + (f" for {budget}" if budget else ""), err=True)
+
+
+@cli.group()
+def ledger() -> None:
+    """The ledger: adjustments (credits and debits) that count like any other entry."""
+
+
+# A credit is a negative amount: "-0.05" must reach USD instead of being read as an option.
+@ledger.command("adjust", context_settings={"ignore_unknown_options": True})
+@click.argument("budget")
+@click.argument("usd")
+@click.option("--period", required=True, help="The month it counts in, YYYY-MM (open, or closed within the grace).")
+@click.option("--reason", required=True, help="Why, for the audit trail (no secrets).")
+@click.option("--id", "adjust_id", default=None,
+              help="Your own id: the command run again with it changes nothing (default: a new one).")  # fmt: skip
+@_actor
+@pass_ctx
+def ledger_adjust(ctx: _Context, budget: str, usd: str, period: str, reason: str, adjust_id: str | None,
+                  actor: str | None) -> None:  # fmt: skip
+    """Credit (negative USD) or debit (positive USD) BUDGET in a period, exactly once, with an audit record."""
+    from budgetflow.streams.audit import default_actor
+    from budgetflow.streams.clock import Clock
+    from budgetflow.streams.ledger_tools import adjust as do_adjust
+
+    settings = ctx.settings()
+    entry = asyncio.run(do_adjust(settings, budget, usd, period=period, reason=reason, adjust_id=adjust_id,
+                                  actor=actor or default_actor(), now=Clock(settings.clock).now()))  # fmt: skip
+    click.echo(entry.entry_id)
+
+
+@cli.command("report")
+@click.option("--period", default=None, help="The month, YYYY-MM (default: every month in the ledger).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@pass_ctx
+def report(ctx: _Context, period: str | None, fmt: str) -> None:
+    """Spend per budget, model, provider, backend and tier, from a replay of the ledger (not the tables).
+
+    Amounts are exact decimal USD strings; each budget's rows add up to exactly what the aggregate holds.
+    """
+    import re
+
+    from budgetflow.streams.ledger_tools import render_report
+    from budgetflow.streams.ledger_tools import report as build_report
+
+    if period is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", period):
+        raise click.BadParameter(f"{period!r} is not YYYY-MM", param_hint="--period")
+    rows, skipped = asyncio.run(build_report(ctx.settings(), period))
+    click.echo(render_report(rows, fmt), nl=False)
+    if skipped:
+        click.echo(f"{skipped} ledger records were not entries (they are in the DLQ) and count nowhere", err=True)
 
 
 # -- status ---------------------------------------------------------------------

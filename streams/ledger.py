@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from budgetflow.schemas.events import LedgerEntry, StatusName, period_of
 from budgetflow.schemas.policy import BudgetPolicy
@@ -39,6 +39,9 @@ from budgetflow.schemas.serde import dumps, loads
 from budgetflow.streams.clock import next_month_start
 from budgetflow.streams.status import StatusRules
 from budgetflow.streams.store import Store
+
+if TYPE_CHECKING:
+    from budgetflow.schemas.settings import Settings
 
 __all__ = [
     "LedgerConfig",
@@ -178,6 +181,16 @@ class LedgerConfig:
     sweep_interval_s: float = 600.0
     keep_periods: int = 13
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LedgerConfig:
+        return cls(
+            horizon_s=settings.dedupe_horizon_s,
+            grace_s=settings.period_grace_s,
+            default_ttl_s=settings.reservation.ttl_s,
+            rules=StatusRules(settings.status.hysteresis_points, settings.status.step_points),
+            sweep_keys_per_tick=settings.worker.sweep_keys_per_tick,
+        )
+
 
 def _request_key(prefix: bytes, key: RequestKey) -> bytes:
     return prefix + key[0].encode() + SEP + key[1].encode() + SEP + str(key[2]).encode()
@@ -235,6 +248,9 @@ class PartitionLedger:
         self.rollover_to: str | None = None
         self.anomalies = 0
         self.expirations = 0
+        # Called with (before, after) at every change of a request's state, after its period took the
+        # difference: what a replay needs to say which request made which spend (budgetflow report).
+        self.observer: Callable[[RequestState | None, RequestState], None] | None = None
         self.load()
 
     # -- loading ----------------------------------------------------------------
@@ -356,6 +372,8 @@ class PartitionLedger:
         return _replace(state, act=amount, o=offset)
 
     def _put_request(self, before: RequestState | None, after: RequestState) -> None:
+        if self.observer is not None:
+            self.observer(before, after)
         key = after.key
         self._batch[key] = after
         if after.is_open:

@@ -13,16 +13,20 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from budgetflow.schemas.errors import ConfigError
+from budgetflow.schemas.events import AuditRecord
 from budgetflow.schemas.policy import BudgetPolicy, parse_policy_file
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
+from budgetflow.streams.audit import send_audit
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.topics import topic_partitions
 
@@ -164,9 +168,21 @@ def plan(current: dict[str, BudgetPolicy], wanted: list[BudgetPolicy], prune: bo
 
 
 async def apply_policy_file(
-    settings: Settings, topic: str, path: Path, *, prune: bool, dry_run: bool = False
+    settings: Settings,
+    topic: str,
+    path: Path,
+    *,
+    prune: bool,
+    dry_run: bool = False,
+    audit_topic: str | None = None,
+    actor: str = "unknown",
+    now: datetime | None = None,
 ) -> PolicyPlan:
-    """Validate every entry of the file, then publish what changed (tombstones only with ``prune``)."""
+    """Validate every entry of the file, then publish what changed (tombstones only with ``prune``).
+
+    Each change is also appended to ``audit_topic``: who, when, the policy before and after, and the
+    revision (the new record's offset on the policies topic).
+    """  # fmt: skip
     try:
         data = yaml.safe_load(await asyncio.to_thread(path.read_text))
     except OSError as exc:
@@ -181,10 +197,22 @@ async def apply_policy_file(
     producer = AIOKafkaProducer(**client_options(settings.kafka), enable_idempotence=True, acks="all")
     await producer.start()
     try:
-        for policy in result.added + [new for _, new in result.changed]:
-            await producer.send(topic, key=policy.id.encode(), value=dumps(policy.model_dump(mode="json")))
+        changes: list[tuple[str, BudgetPolicy | None, BudgetPolicy | None, Any]] = []
+        for old, new in [(None, p) for p in result.added] + list(result.changed):
+            sent = await producer.send(topic, key=new.id.encode(), value=dumps(new.model_dump(mode="json")))
+            changes.append((new.id, old, new, sent))
         for budget in result.removed:
-            await producer.send(topic, key=budget.encode(), value=None)
+            changes.append((budget, current[budget], None, await producer.send(topic, key=budget.encode(), value=None)))
+        if audit_topic is not None:
+            at = now or datetime.now(UTC)
+            principal = settings.kafka.security.sasl_username
+            records = [
+                AuditRecord(kind="policy", budget_id=budget, at=at, actor=actor, principal=principal,
+                            revision=(await sent).offset, old=old.model_dump(mode="json") if old else None,
+                            new=new.model_dump(mode="json") if new else None)
+                for budget, old, new, sent in changes
+            ]  # fmt: skip
+            await send_audit(producer, audit_topic, records)
         await producer.flush()
     finally:
         await producer.stop()

@@ -65,12 +65,14 @@ class Topics:
                                 "status transitions keyed budget:period:event")  # fmt: skip
         self.dlq = TopicSpec(f"{prefix}dlq", 1, {"cleanup.policy": "delete", "retention.ms": str(7 * _DAY_MS)},
                              "records that failed a stage, redacted, with the reason in headers")  # fmt: skip
+        self.audit = TopicSpec(f"{prefix}audit", 1, {"cleanup.policy": "delete", "retention.ms": "-1"},
+                               "AuditRecord keyed by budget id: policy changes and adjustments, kept")  # fmt: skip
         self.state = TopicSpec(f"{prefix}aggregate-state", n, {"cleanup.policy": "compact"},
                                "the aggregate's state changelog, co-partitioned with the ledger")  # fmt: skip
 
     def all(self) -> list[TopicSpec]:
         return [self.requests, self.usage, self.ledger, self.policies, self.status, self.heartbeats, self.events,
-                self.dlq, self.state]  # fmt: skip
+                self.dlq, self.state, self.audit]  # fmt: skip
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
