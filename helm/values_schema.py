@@ -26,6 +26,7 @@ OWNED = {
     "BUDGETFLOW_TOPICS__REQUESTS_RETENTION_MS", "BUDGETFLOW_TOPICS__REQUESTS_SEGMENT_MS", "BUDGETFLOW_PRICING__FILE",
     "BUDGETFLOW_WEB__PORT", "BUDGETFLOW_WEB__ADVERTISED_URL", "BUDGETFLOW_WEB__BEARER_TOKEN",
     "BUDGETFLOW_METRICS__PORT",
+    "BUDGETFLOW_NOTIFY__WEBHOOK_URL",  # a secret: it would come from a Secret, never from plain values
 }  # fmt: skip
 # Not for a deployment: the local broker, the simulated clock, and secrets (which come from Secrets).
 EXCLUDED_PREFIXES = ("BUDGETFLOW_LOCAL_KAFKA__", "BUDGETFLOW_CLOCK__", "BUDGETFLOW_KAFKA__SECURITY__")

@@ -372,6 +372,21 @@ class WebSettings(_Section):
     bearer_token: SecretStr | None = Field(None, description="If set, the stats API requires this bearer token.")
 
 
+class NotifySettings(_Section):
+    """`budgetflow notify`: each budget transition posted once to a webhook (Slack-compatible JSON)."""
+
+    webhook_url: SecretStr | None = Field(None, description="Where to POST (secret: a Slack URL is a credential).")
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one POST.")
+    max_backoff_s: float = Field(60.0, ge=0.1, le=3600, description="Longest wait between two retries of a POST.")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics."""
 
@@ -424,6 +439,7 @@ class Settings(BaseSettings):
     publisher: PublisherSettings = Field(default_factory=PublisherSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     forecast: ForecastSettings = Field(default_factory=ForecastSettings)
 
     @model_validator(mode="after")

@@ -108,11 +108,12 @@ def schema_export(directory: Path) -> None:
 @cli.command("worker")
 @click.option(
     "--role",
-    type=click.Choice(["enrich", "aggregate", "all"]),
+    type=click.Choice(["enrich", "aggregate", "notify", "all"]),
     required=True,
     envvar="BUDGETFLOW_ROLE",
     show_envvar=True,
-    help="enrich prices events; aggregate keeps the ledger; all runs both as child processes.",
+    help="enrich prices events; aggregate keeps the ledger; notify posts budget transitions to a webhook; "
+    "all runs enrich and aggregate as child processes.",
 )
 @pass_ctx
 def worker(ctx: _Context, role: str) -> None:
@@ -123,6 +124,18 @@ def worker(ctx: _Context, role: str) -> None:
     if role == "all":
         sys.exit(supervise(["enrich", "aggregate"]))
     run_role(role, settings)  # type: ignore[arg-type]  # click.Choice guarantees the value
+
+
+@cli.command("notify")
+@pass_ctx
+def notify(ctx: _Context) -> None:
+    """Post each budget transition once to NOTIFY__WEBHOOK_URL (Slack-compatible), until SIGTERM or Ctrl-C."""
+    settings = ctx.settings()
+    if settings.notify.webhook_url is None:
+        raise click.UsageError("set BUDGETFLOW_NOTIFY__WEBHOOK_URL to the webhook to post to")
+    from budgetflow.streams.worker import run_role
+
+    run_role("notify", settings)
 
 
 @cli.group()

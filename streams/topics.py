@@ -67,12 +67,14 @@ class Topics:
                              "records that failed a stage, redacted, with the reason in headers")  # fmt: skip
         self.audit = TopicSpec(f"{prefix}audit", 1, {"cleanup.policy": "delete", "retention.ms": "-1"},
                                "AuditRecord keyed by budget id: policy changes and adjustments, kept")  # fmt: skip
+        self.notifications = TopicSpec(f"{prefix}notifications", 1, {"cleanup.policy": "compact"},
+                                       "the budget events `budgetflow notify` has posted, keyed like them")  # fmt: skip
         self.state = TopicSpec(f"{prefix}aggregate-state", n, {"cleanup.policy": "compact"},
                                "the aggregate's state changelog, co-partitioned with the ledger")  # fmt: skip
 
     def all(self) -> list[TopicSpec]:
         return [self.requests, self.usage, self.ledger, self.policies, self.status, self.heartbeats, self.events,
-                self.dlq, self.state, self.audit]  # fmt: skip
+                self.dlq, self.state, self.audit, self.notifications]  # fmt: skip
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -140,14 +142,14 @@ def partition_for(key: str, partitions: int) -> int:
     return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
-async def ensure_topics_now(settings: Settings, topics: Topics) -> None:
+async def ensure_topics_now(settings: Settings, topics: Topics, specs: list[TopicSpec] | None = None) -> None:
     """`ensure_topics` with an admin client of its own."""
     from budgetflow.streams.clients import client_options
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
     await admin.start()
     try:
-        await ensure_topics(admin, topics)
+        await ensure_topics(admin, topics, specs)
     finally:
         await admin.close()
 

@@ -16,7 +16,7 @@ from budgetflow.schemas.settings import Settings
 
 __all__ = ["Role", "run_role", "supervise"]
 
-Role = Literal["enrich", "aggregate"]
+Role = Literal["enrich", "aggregate", "notify"]
 log = logging.getLogger("budgetflow.worker")
 
 
@@ -82,6 +82,10 @@ async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None
         enricher = Enricher(estimator, topics, keep_raw=settings.dlq.keep_raw, clock=Clock(settings.clock),
                             max_clock_skew_s=settings.max_clock_skew_s)  # fmt: skip
         await EnrichWorker(settings, enricher, topics).run(stop)
+    elif role == "notify":
+        from budgetflow.streams.notify import Notifier
+
+        await Notifier(settings, topics).run(stop)
     else:
         from budgetflow.streams.aggregate import AggregateWorker
 
