@@ -26,6 +26,9 @@ class BudgetPolicy(BaseModel):
     soft_limit_percent: Annotated[int, Field(gt=0, lt=100, strict=True)] = 75
     hard_limit_action: HardLimitAction = "warn"
     description: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    owner: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9@#._:/+-]{1,128}$")] | None = Field(
+        None, description="Who answers for it (a team, a person, a channel): the `owner` label of its alerts."
+    )
 
     @property
     def unlimited(self) -> bool:

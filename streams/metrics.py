@@ -149,9 +149,11 @@ class AggregateCollector(Collector):
         limit = f.gauge("budget_limit_usd", "Monthly limit (absent when unlimited).", ["budget"])
         soft = f.gauge("budget_soft_limit_usd", "The soft limit in USD (absent when unlimited).", ["budget"])
         util = f.gauge("budget_utilization_percent", "Spend over limit, percent.", ["budget"])
-        status = f.gauge("budget_status", "0 normal, 1 soft limit, 2 hard limit.", ["budget"])
+        status = f.gauge("budget_status", "0 normal, 1 soft limit, 2 hard limit (owner: the policy's).",
+                         ["budget", "owner"])  # fmt: skip
         reset = f.gauge("budget_reset_seconds", "Seconds until the monthly reset.", ["budget"])
-        projected = f.gauge("budget_projected_spend_usd", "Projected spend at the end of the month.", ["budget"])
+        projected = f.gauge("budget_projected_spend_usd", "Projected spend at the end of the month.",
+                            ["budget", "owner"])  # fmt: skip
         hard_in = f.gauge("budget_projected_hard_limit_seconds",
                           "Seconds until the projected hard limit (absent if not this month).", ["budget"])  # fmt: skip
         requests = f.gauge("budget_requests", "Requests counted this month.", ["budget"])
@@ -173,10 +175,11 @@ class AggregateCollector(Collector):
                 s = state.settled if state else 0
                 r = state.reserved if state else 0
                 label = [budget]
+                owned = [budget, policy.owner or ""]
                 spend.add_metric(label, pico_to_float_usd(s + r))
                 settled.add_metric(label, pico_to_float_usd(s))
                 reserved.add_metric(label, pico_to_float_usd(r))
-                status.add_metric(label, STATUS_VALUE[state.status if state else "normal"])
+                status.add_metric(owned, STATUS_VALUE[state.status if state else "normal"])
                 requests.add_metric(label, state.requests if state else 0)
                 reset.add_metric(label, max(0.0, worker.period_end(current) - now.timestamp()))
                 if policy.monthly_limit_usd is not None:
@@ -187,7 +190,7 @@ class AggregateCollector(Collector):
                     if policy.monthly_limit_usd:
                         util.add_metric(label, (s + r) * 100 / policy.monthly_limit_usd)
                 forecast = worker.forecast(ledger, budget, current)
-                projected.add_metric(label, pico_to_float_usd(forecast.month_end_pico))
+                projected.add_metric(owned, pico_to_float_usd(forecast.month_end_pico))
                 if forecast.hard_limit_at is not None:
                     hard_in.add_metric(label, max(0.0, forecast.hard_limit_at - now.timestamp()))
         if worker.view is not None:

@@ -66,7 +66,7 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
 
     pipeline, scenario = await kit.start(pipeline_factory, n=800)
     policies = pipeline.root / "policies.yaml"
-    policies.write_text(kit.POLICIES + f'  - {{id: "{KEY_BUDGET}", monthly_limit_usd: "100"}}\n')
+    policies.write_text(kit.POLICIES + f'  - {{id: "{KEY_BUDGET}", monthly_limit_usd: "100", owner: "@alice"}}\n')
     assert pipeline.cli("policy", "apply", str(policies)).returncode == 0
     enrich = pipeline.start("enrich")
     pipeline.start("aggregate", data="agg-a")
@@ -121,6 +121,8 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
                     promtool_check_metrics(text)
                     scrapes[host] = text
         assert "budgetflow_budget_spend_usd" in "".join(scrapes[h] for h in targets["aggregate"])
+        # The policy's owner rides on the status gauge, for the alerts to carry.
+        assert f'budgetflow_budget_status{{budget="{KEY_BUDGET}",owner="@alice"}}' in "".join(scrapes.values())
         assert "budgetflow_cost_per_request_usd_bucket" in scrapes[targets["enrich"][0]]
         assert "budgetflow_router_decisions_total" in scrapes[targets["gateway"][0]]
 
