@@ -28,6 +28,8 @@ __all__ = [
     "HardLimitAction",
     "Heartbeat",
     "LedgerEntry",
+    "Metadata",
+    "MetadataKey",
     "Outcome",
     "RequestEvent",
     "StatusName",
@@ -45,6 +47,9 @@ MAX_TOKENS = 10**9
 _MIN_YEAR, _MAX_YEAR = 2000, 2999
 
 BudgetId = Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN)]
+MetadataKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+Metadata = Annotated[dict[MetadataKey, Annotated[str, StringConstraints(max_length=256)]], Field(max_length=32)]
+"""Gateway-supplied labels of a request (team, project, ...): what budget scopes match on. Never prompt text."""
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
@@ -124,6 +129,7 @@ class RequestEvent(Event):
     provider: Name
     backend: Backend
     session_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    metadata: Metadata = {}
     messages: Annotated[list[ChatMessage], Field(max_length=100_000)] | None = None
     prompt: str | None = None
     tools: list[dict[str, Any]] | None = None
@@ -159,6 +165,10 @@ class UsageEvent(Event):
     model: Name
     provider: Name
     backend: Backend
+    metadata: Metadata = {}
+    # The request's model when the provider reported another one (an alias resolved, a fallback): budget scopes
+    # match on the request's model, so a reserve and its settle are charged to the same budgets.
+    request_model: Name | None = None
     outcome: Outcome
     input_tokens: Tokens
     cached_input_tokens: Tokens = 0

@@ -4,14 +4,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from budgetflow.schemas.errors import ConfigError
-from budgetflow.schemas.events import BUDGET_ID_PATTERN, HardLimitAction
+from budgetflow.schemas.events import BUDGET_ID_PATTERN, Backend, HardLimitAction, MetadataKey
 from budgetflow.schemas.money import NonNegativeUsdAmount
 from budgetflow.schemas.serde import validation_message
 
-__all__ = ["BudgetPolicy", "PolicyFile", "parse_policy_file"]
+__all__ = ["BudgetPolicy", "PolicyFile", "Scope", "parse_policy_file"]
+
+Glob = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class Scope(BaseModel):
+    """Which requests a budget applies to without a gateway naming it: every condition given must hold.
+
+    ``model`` and the ``metadata`` values are shell-style globs (``gpt-4*``), matched case-insensitively;
+    ``provider`` and ``backend`` are exact.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    model: Glob | None = None
+    backend: Backend | None = None
+    metadata: Annotated[dict[MetadataKey, Glob], Field(max_length=16)] = {}
+
+    @model_validator(mode="after")
+    def _something(self) -> Scope:
+        if self.provider is None and self.model is None and self.backend is None and not self.metadata:
+            raise ValueError("applies_to needs at least one of provider, model, backend, metadata")
+        return self
 
 
 class BudgetPolicy(BaseModel):
@@ -29,6 +52,18 @@ class BudgetPolicy(BaseModel):
     owner: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9@#._:/+-]{1,128}$")] | None = Field(
         None, description="Who answers for it (a team, a person, a channel): the `owner` label of its alerts."
     )
+    applies_to: Scope | None = Field(None, description="Requests it is charged for without a gateway naming it.")
+    parent: Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN)] | None = Field(
+        None, description="A budget charged for everything this one is (team -> org -> global roll-ups)."
+    )
+
+    @model_validator(mode="after")
+    def _not_own_parent(self) -> BudgetPolicy:
+        if self.parent == self.id:
+            raise ValueError(f"parent: budget {self.id!r} cannot be its own parent")
+        if self.id == "global" and (self.parent is not None or self.applies_to is not None):
+            raise ValueError("global applies to every request already; it takes no parent or applies_to")
+        return self
 
     @property
     def unlimited(self) -> bool:
@@ -50,6 +85,14 @@ class PolicyFile(BaseModel):
             if budget.id in seen:
                 raise ValueError(f"budget id {budget.id!r} appears twice")
             seen.add(budget.id)
+        parents = {b.id: b.parent for b in budgets}
+        for budget in budgets:
+            chain, node = [budget.id], budget.parent
+            while node is not None:
+                if node in chain:
+                    raise ValueError(f"parents form a cycle: {' -> '.join([*chain, node])}")
+                chain.append(node)
+                node = parents.get(node)
         return budgets
 
 

@@ -18,7 +18,7 @@ __all__ = ["REASONS", "decode", "decode_fast", "describe_validation_error", "dum
 M = TypeVar("M", bound=BaseModel)
 
 # Reason codes are a bounded set: they become metric labels and DLQ headers.
-REASONS = ("empty", "json", "not_object", "version", "usage_rule", "invalid", "future")
+REASONS = ("empty", "json", "not_object", "version", "usage_rule", "invalid", "future", "unknown_budget")
 
 
 def dumps(value: BaseModel | dict[str, Any] | list[Any]) -> bytes:

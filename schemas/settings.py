@@ -426,6 +426,11 @@ class Settings(BaseSettings):
         86_400, ge=60, description="A request's state is kept this long after its TTL, then later entries are late."
     )
     period_grace_s: int = Field(7 * 86_400, ge=0, description="A month stays open this long after it ends.")
+    unknown_budget: Literal["default", "ignore", "dlq"] = Field(
+        "default",
+        description="A budget id with no policy: charged under the default policy, dropped, or the "
+        "event goes to the DLQ as unknown_budget.",
+    )
     max_clock_skew_s: int = Field(
         300, ge=0, description="An event stamped further in the future than this goes to the DLQ as future."
     )

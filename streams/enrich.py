@@ -33,6 +33,8 @@ from budgetflow.streams.clock import Clock
 from budgetflow.streams.crash import crash_point
 from budgetflow.streams.dlq import DeadLetter, redact_request
 from budgetflow.streams.metrics import PipelineMetrics
+from budgetflow.streams.policies import PolicyBook
+from budgetflow.streams.scopes import BudgetResolver
 from budgetflow.streams.topics import Topics, ensure_topics, partition_for
 from budgetflow.tokenizers.estimate import Estimator
 
@@ -67,6 +69,7 @@ class Enricher:
         metrics: PipelineMetrics | None = None,
         clock: Clock | None = None,
         max_clock_skew_s: float = 300.0,
+        resolver: BudgetResolver | None = None,
     ) -> None:
         self.estimator = estimator
         self.topics = topics
@@ -74,6 +77,14 @@ class Enricher:
         self.metrics = metrics or PipelineMetrics()
         self.clock = clock or Clock()
         self.max_clock_skew_s = max_clock_skew_s
+        # Without one (tests, benchmarks): the budgets the gateway names, and global.
+        self.resolver = resolver
+
+    def _budgets_of(self, listed: list[str], model: str, provider: str, backend: str,
+                    metadata: dict[str, str]) -> list[str]:  # fmt: skip
+        if self.resolver is None:
+            return _budgets(listed)
+        return self.resolver.resolve(listed, model=model, provider=provider, backend=backend, metadata=metadata)
 
     def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
         is_request = topic == self.topics.requests.name
@@ -123,7 +134,8 @@ class Enricher:
             "output_tokens": estimate.output_tokens, "tier": estimate.tier, "priced": estimate.priced,
             "price_version": estimate.price_version, "occurred_at": event.occurred_at, "ttl_s": estimate.ttl_s,
         }  # fmt: skip
-        return [(budget, entry_json(common, budget)) for budget in _budgets(event.budgets)]
+        budgets = self._budgets_of(event.budgets, event.model, event.provider, event.backend, event.metadata)
+        return [(budget, entry_json(common, budget)) for budget in budgets]
 
     def settle(self, event: UsageEvent) -> list[tuple[str, bytes]]:
         cost = self.estimator.price_usage(event)
@@ -145,7 +157,9 @@ class Enricher:
             "occurred_at": event.request_occurred_at, "usage_at": event.occurred_at, "outcome": event.outcome,
             "ttl_s": ttl,
         }  # fmt: skip
-        return [(budget, entry_json(common, budget)) for budget in _budgets(event.budgets)]
+        budgets = self._budgets_of(event.budgets, event.request_model or event.model, event.provider, event.backend,
+                                   event.metadata)  # fmt: skip
+        return [(budget, entry_json(common, budget)) for budget in budgets]
 
 
 def entry_json(common: dict[str, Any], budget: str) -> bytes:
@@ -195,6 +209,10 @@ class EnrichWorker:
         log.info("enrich metrics on port %d", self.metrics_port)
         return runner
 
+    def _unknown_budget(self, budget: str) -> None:
+        m = self.metrics
+        m.child(m.unknown_budgets, m.unknown_budget_ids(budget)).inc()
+
     @functools.lru_cache(maxsize=65_536)  # noqa: B019  # budget ids repeat; the worker lives as long as the process
     def _partition(self, budget: str, partitions: int) -> int:
         return partition_for(budget, partitions)
@@ -235,6 +253,14 @@ class EnrichWorker:
             max_poll_records=self.settings.worker.max_batch_records,
         )
         async with contextlib.AsyncExitStack() as stack:
+            # Budget scopes and parents come from the policies, followed like a view follows statuses.
+            resolver = BudgetResolver(lambda: book.policies, self.settings.unknown_budget,
+                                      on_unknown=self._unknown_budget)  # fmt: skip
+            book = PolicyBook(self.settings, self.topics.policies.name, on_change=resolver.invalidate)
+            await book.start()
+            stack.push_async_callback(book.stop)
+            resolver.invalidate()
+            self.enricher.resolver = resolver
             await producer.start()
             stack.push_async_callback(producer.stop)
             await consumer.start()

@@ -72,6 +72,9 @@ class PipelineMetrics:
                                       registry=r)  # fmt: skip
         self.unpriced = Counter(f"{PREFIX}_unpriced_requests", "Calls of models with no price (fallback rates).",
                                 ["model"], registry=r)  # fmt: skip
+        self.unknown_budgets = Counter(f"{PREFIX}_unknown_budgets", "Budget ids named by gateways with no "
+                                       "policy (UNKNOWN_BUDGET says what became of them).", ["budget"],
+                                       registry=r)  # fmt: skip
         self.tokens = Counter(f"{PREFIX}_tokens", "Tokens counted or reported.", ["tier", "model", "kind"], registry=r)
         self.cost = Histogram(f"{PREFIX}_cost_per_request_usd", "Cost of a finished call in USD.",
                               ["model", "backend"], buckets=COST_BUCKETS, registry=r)  # fmt: skip
@@ -90,6 +93,7 @@ class PipelineMetrics:
                                      buckets=PROPAGATION_BUCKETS, registry=r)  # fmt: skip
         self.models = LabelLimiter(200)
         self.unpriced_models = LabelLimiter(50)
+        self.unknown_budget_ids = LabelLimiter(100)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

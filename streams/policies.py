@@ -121,6 +121,11 @@ class PolicyBook:
     def budgets(self) -> list[str]:
         return list(self._policies)
 
+    @property
+    def policies(self) -> dict[str, BudgetPolicy]:
+        """The policies now (the live mapping: read it, do not keep it)."""
+        return self._policies
+
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(**client_options(self._settings.kafka), enable_auto_commit=False)
         await self._consumer.start()

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,6 +68,7 @@ class RequestHandle:
     model: str
     provider: str
     backend: Literal["cloud", "local"]
+    metadata: tuple[tuple[str, str], ...] = ()
     accepted: bool = True
     cloud_allowed: bool = True
 
@@ -215,6 +216,7 @@ class BudgetPublisher:
         max_completion_tokens: int | None = None,
         n: int | None = None,
         session_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         attempt: int = 0,
         occurred_at: datetime | None = None,
     ) -> RequestHandle:
@@ -223,12 +225,13 @@ class BudgetPublisher:
         event = _validated(RequestEvent, {
             "request_id": request_id, "attempt": attempt, "occurred_at": when, "budgets": list(budgets),
             "model": model, "provider": provider, "backend": backend, "session_id": session_id,
-            "messages": list(messages) if messages is not None else None, "prompt": prompt,
+            "metadata": dict(metadata or {}), "prompt": prompt,
+            "messages": list(messages) if messages is not None else None,
             "input_bytes": input_bytes, "tools": list(tools) if tools is not None else None,
             "max_tokens": max_tokens, "max_completion_tokens": max_completion_tokens, "n": n,
         })  # fmt: skip
         handle = RequestHandle(event.request_id, event.attempt, event.occurred_at, tuple(event.budgets), event.model,
-                               event.provider, event.backend)  # fmt: skip
+                               event.provider, event.backend, tuple(sorted(event.metadata.items())))  # fmt: skip
         item = _Item(self.topics.requests.name, event.request_id.encode(), dumps(event), usage=False)
         if self._queue.full():
             if self.on_full == "drop_request":
@@ -255,6 +258,8 @@ class BudgetPublisher:
             "request_id": handle.request_id, "attempt": handle.attempt, "request_occurred_at": handle.occurred_at,
             "occurred_at": occurred_at or self.clock.now(), "budgets": list(handle.budgets),
             "model": model or handle.model, "provider": handle.provider, "backend": handle.backend,
+            "metadata": dict(handle.metadata),
+            "request_model": handle.model if model and model != handle.model else None,
             "outcome": outcome, "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_input_tokens": usage.cached_input_tokens,
             "cache_write_input_tokens": usage.cache_write_input_tokens, "reasoning_tokens": usage.reasoning_tokens,
