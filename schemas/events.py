@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from budgetflow.schemas.money import PicoUsd
+from budgetflow.schemas.money import NonNegativeUsdAmount, PicoUsd
 
 __all__ = [
     "BUDGET_ID_PATTERN",
@@ -169,6 +169,9 @@ class UsageEvent(Event):
     # The request's model when the provider reported another one (an alias resolved, a fallback): budget scopes
     # match on the request's model, so a reserve and its settle are charged to the same budgets.
     request_model: Name | None = None
+    # What the provider billed, where it says (OpenRouter, some gateways): the cost when PRICING__TRUST_REPORTED_COST
+    # names the provider; else ignored.
+    reported_cost_usd: NonNegativeUsdAmount | None = None
     outcome: Outcome
     input_tokens: Tokens
     cached_input_tokens: Tokens = 0

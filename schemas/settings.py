@@ -246,6 +246,12 @@ class PricingSettings(_Section):
         default_factory=lambda: ["ollama", "vllm", "llamacpp", "llama.cpp", "lmstudio", "localai", "tgi", "local"],
         description="Providers whose backend=local calls of unlisted models cost nothing.",
     )
+    trust_reported_cost: list[str] = Field(
+        default_factory=list, description="Providers whose usage events' reported_cost_usd is taken as the cost."
+    )
+    reload_s: float = Field(
+        30.0, ge=0, description="How often enrich checks the override file and reloads it if it changed (0: never)."
+    )
 
     @field_validator("file")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -23,7 +24,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from budgetflow.schemas.errors import InvalidEvent
+from budgetflow.schemas.errors import ConfigError, InvalidEvent
 from budgetflow.schemas.events import GLOBAL_BUDGET, Backend, RequestEvent, UsageEvent, entry_id
 from budgetflow.schemas.money import pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
@@ -209,6 +210,36 @@ class EnrichWorker:
         log.info("enrich metrics on port %d", self.metrics_port)
         return runner
 
+    async def _reload_prices(self, stop: asyncio.Event) -> None:
+        """Reload the override price file when it changes; a bad file is refused and the old prices kept."""
+        from budgetflow.tokenizers import PriceTable
+
+        path = self.settings.pricing.file
+        assert path is not None
+
+        def signature() -> tuple[int, int] | None:
+            try:
+                stat = path.stat()
+            except OSError:
+                return None
+            return stat.st_mtime_ns, stat.st_size
+
+        seen = signature()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.pricing.reload_s)
+            now = signature()
+            if now is None or now == seen:
+                continue
+            seen = now
+            try:
+                table = await asyncio.to_thread(PriceTable.from_settings, self.settings.pricing)
+            except ConfigError as exc:
+                log.error("price file not reloaded, the old prices stay: %s", exc)
+                continue
+            self.enricher.estimator = dataclasses.replace(self.enricher.estimator, table=table)
+            log.info("prices reloaded from %s (version %s)", path, table.version)
+
     def _unknown_budget(self, budget: str) -> None:
         m = self.metrics
         m.child(m.unknown_budgets, m.unknown_budget_ids(budget)).inc()
@@ -261,6 +292,9 @@ class EnrichWorker:
             stack.push_async_callback(book.stop)
             resolver.invalidate()
             self.enricher.resolver = resolver
+            if self.settings.pricing.file is not None and self.settings.pricing.reload_s > 0:
+                reloader = asyncio.create_task(self._reload_prices(stop), name="price-reload")
+                stack.callback(reloader.cancel)
             await producer.start()
             stack.push_async_callback(producer.stop)
             await consumer.start()

@@ -72,13 +72,8 @@ async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None
         registry = TokenizerRegistry.default(
             [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
         )
-        table = PriceTable.load(
-            settings.pricing.file,
-            fallback_input_usd_per_mtok=settings.pricing.fallback_input_usd_per_mtok,
-            fallback_output_usd_per_mtok=settings.pricing.fallback_output_usd_per_mtok,
-            local_providers=settings.pricing.local_providers,
-        )
-        estimator = Estimator(registry, table, settings.reservation, settings.tokenizers)
+        table = PriceTable.from_settings(settings.pricing)
+        estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
         enricher = Enricher(estimator, topics, keep_raw=settings.dlq.keep_raw, clock=Clock(settings.clock),
                             max_clock_skew_s=settings.max_clock_skew_s)  # fmt: skip
         await EnrichWorker(settings, enricher, topics).run(stop)

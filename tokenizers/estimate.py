@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from budgetflow.schemas.events import Backend, RequestEvent, Tier, UsageEvent
 from budgetflow.schemas.serde import dumps
-from budgetflow.schemas.settings import ReservationSettings, TokenizerSettings
+from budgetflow.schemas.settings import PricingSettings, ReservationSettings, TokenizerSettings
 from budgetflow.tokenizers.pricing import Cost, PriceTable
 from budgetflow.tokenizers.registry import (
     HEURISTIC,
@@ -60,6 +60,7 @@ class Estimator:
     table: PriceTable
     reservation: ReservationSettings = field(default_factory=ReservationSettings)
     tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
+    pricing: PricingSettings = field(default_factory=PricingSettings)
 
     def margin(self, tier: Tier) -> Fraction:
         if tier == "approximate":
@@ -102,7 +103,7 @@ class Estimator:
 
     def estimate(self, event: RequestEvent) -> Estimate:
         """The reservation of a request, by design.md's rule."""
-        price = self.table.price(event.model, backend=event.backend, provider=event.provider)
+        price = self.table.price(event.model, backend=event.backend, provider=event.provider, at=event.occurred_at)
         count = self.input_tokens(event)
         requested = next(
             (v for v in (event.max_completion_tokens, event.max_tokens) if v is not None),
@@ -127,7 +128,10 @@ class Estimator:
         )
 
     def price_usage(self, event: UsageEvent) -> Cost:
-        """The actual cost of a finished (or failed, or cancelled) call, from its reported usage."""
+        """The actual cost of a finished (or failed, or cancelled) call, from its reported usage, at the price in
+        force when its request happened; or the cost the provider reported, if its provider is trusted to."""
+        if event.reported_cost_usd is not None and event.provider.lower() in self.trusted_cost_providers:
+            return Cost(event.reported_cost_usd, True, event.backend, f"reported:{event.provider.lower()}")
         return self.table.cost(
             event.model,
             input_tokens=event.input_tokens,
@@ -137,7 +141,12 @@ class Estimator:
             reasoning_tokens=event.reasoning_tokens,
             backend=event.backend,
             provider=event.provider,
+            at=event.request_occurred_at,
         )
+
+    @property
+    def trusted_cost_providers(self) -> frozenset[str]:
+        return frozenset(p.lower() for p in self.pricing.trust_reported_cost)
 
 
 def estimate_request(

@@ -11,10 +11,13 @@ pico-dollars and every cost is an exact integer.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -23,9 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from budgetflow.schemas.errors import ConfigError
-from budgetflow.schemas.events import Backend
+from budgetflow.schemas.events import Backend, Timestamp
 from budgetflow.schemas.money import UsdRate, parse_rate
 from budgetflow.schemas.serde import validation_message
+from budgetflow.schemas.settings import PricingSettings
 
 __all__ = ["DEFAULT_LOCAL_PROVIDERS", "Cost", "Price", "PriceEntry", "PriceFile", "PriceTable"]
 
@@ -50,6 +54,9 @@ class PriceEntry(BaseModel):
     max_output_tokens: Annotated[int, Field(gt=0, le=10_000_000)] | None = None
     reservation_ttl_s: Annotated[int, Field(gt=0, le=7 * 86400)] | None = None
     source: Annotated[str, StringConstraints(max_length=1024)] = ""
+    # From this instant on (RFC 3339, UTC) the entry prices calls whose request happened then or later; an entry
+    # for the same model with a later valid_from replaces it from that instant. Absent: since always.
+    valid_from: Timestamp | None = None
 
 
 class PriceFile(BaseModel):
@@ -80,6 +87,8 @@ class Price:
 
     @classmethod
     def from_entry(cls, entry: PriceEntry, version: str) -> Price:
+        if entry.valid_from is not None:
+            version = f"{version}@{entry.valid_from.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         if entry.backend == "local":
             zero = 0
             return cls(entry.match, entry.provider, "local", zero, zero, zero, zero, zero,
@@ -183,7 +192,9 @@ class PriceTable:
             raise ConfigError("the price table has no cloud model, so there is no fallback price; set one")
         self.fallback = Price("*", "*", "cloud", fb_in, fb_in, fb_in, fb_out, fb_out, None, None, False,
                               f"fallback:{self.version}")  # fmt: skip
-        self._cache: dict[tuple[str, str, str], Price] = {}
+        self._cache: dict[tuple[str, str, str, int], Price] = {}
+        # The instants at which some entry starts to apply: between two of them, lookups are alike.
+        self._changes = sorted({e.valid_from.timestamp() for f in self._files for e in f.entries if e.valid_from})
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -195,6 +206,13 @@ class PriceTable:
     def default(cls, **kwargs: Any) -> PriceTable:
         """The shipped table alone."""
         return cls([cls.shipped_file()], **kwargs)
+
+    @classmethod
+    def from_settings(cls, pricing: PricingSettings) -> PriceTable:
+        """The override file of the settings (if any) before the shipped table, with their fallback rates."""
+        return cls.load(pricing.file, fallback_input_usd_per_mtok=pricing.fallback_input_usd_per_mtok,
+                        fallback_output_usd_per_mtok=pricing.fallback_output_usd_per_mtok,
+                        local_providers=pricing.local_providers)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path | None = None, **kwargs: Any) -> PriceTable:
@@ -209,25 +227,31 @@ class PriceTable:
         return cls(files, **kwargs)
 
     # -- lookup ----------------------------------------------------------------
-    def price(self, model: str, *, backend: Backend = "cloud", provider: str | None = None) -> Price:
-        """The price that applies to a call: never free unless it is really local."""
-        key = (model, backend, provider or "")
+    def price(self, model: str, *, backend: Backend = "cloud", provider: str | None = None,
+              at: datetime | None = None) -> Price:  # fmt: skip
+        """The price that applies to a call whose request happened ``at`` (default: now): never free unless it
+        is really local."""
+        moment = time.time() if at is None else at.timestamp()
+        era = bisect.bisect_right(self._changes, moment)
+        key = (model, backend, provider or "", era)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        result = self._resolve(model.lower(), backend, (provider or "").lower())
+        until = self._changes[era - 1] if era else float("-inf")
+        result = self._resolve(model.lower(), backend, (provider or "").lower(), until)
         if len(self._cache) > 8192:
             self._cache.clear()
         self._cache[key] = result
         return result
 
-    def _resolve(self, model: str, backend: Backend, provider: str) -> Price:
+    def _resolve(self, model: str, backend: Backend, provider: str, until: float) -> Price:
         names = [model]
         if "/" in model:
             names.append(model.rsplit("/", 1)[1])
         for loaded in self._files:
+            valid = [e for e in loaded.entries if e.valid_from is None or e.valid_from.timestamp() <= until]
             for name in names:
-                entry = _best(loaded.entries, name, provider)
+                entry = _best(valid, name, provider)
                 if entry is not None:
                     return Price.from_entry(entry, loaded.version)
         if backend == "local" and provider in self.local_providers:
@@ -245,9 +269,10 @@ class PriceTable:
         reasoning_tokens: int = 0,
         backend: Backend = "cloud",
         provider: str | None = None,
+        at: datetime | None = None,
     ) -> Cost:
         """design.md's cost formula in integer pico-dollars; unpriced cloud models use the fallback."""
-        price = self.price(model, backend=backend, provider=provider)
+        price = self.price(model, backend=backend, provider=provider, at=at)
         pico = price.cost(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
@@ -275,14 +300,16 @@ def _specificity(entry: PriceEntry, name: str) -> int | None:
 
 
 def _best(entries: Sequence[PriceEntry], name: str, provider: str) -> PriceEntry | None:
-    ranked: list[tuple[bool, bool, int, int, PriceEntry]] = []
+    ranked: list[tuple[bool, bool, int, float, int, PriceEntry]] = []
     for index, entry in enumerate(entries):
         score = _specificity(entry, name)
         if score is not None:
             # A cloud price decides that a call is cloud (a name that is priced as
             # cloud is never made free by a label); then the event's own provider,
-            # then the most specific pattern, then the earliest entry.
-            ranked.append((entry.backend == "cloud", entry.provider.lower() == provider, score, -index, entry))
+            # then the most specific pattern, then the latest valid_from (entries
+            # already filtered to those in force), then the earliest entry.
+            since = entry.valid_from.timestamp() if entry.valid_from else float("-inf")
+            ranked.append((entry.backend == "cloud", entry.provider.lower() == provider, score, since, -index, entry))
     if not ranked:
         return None
-    return max(ranked, key=lambda item: item[:4])[4]
+    return max(ranked, key=lambda item: item[:5])[5]

@@ -506,7 +506,7 @@ def kit() -> Any:
     import types
 
     return types.SimpleNamespace(
-        START=START, SPEED=SPEED, POLICIES=POLICIES, LIMITS=LIMITS, SOFT=SOFT, Scenario=Scenario,
+        START=START, SPEED=SPEED, POLICIES=POLICIES, LIMITS=LIMITS, SOFT=SOFT, Scenario=Scenario, TEST_PRICES=TEST_PRICES,
         build=build_scenario, expected_of=expected_of, settle=settle, check_counts=check_counts,
         start=start_pipeline,
     )  # fmt: skip
