@@ -342,6 +342,9 @@ class ViewSettings(_Section):
     stale_mode: Literal["open", "closed"] = Field(
         "open", description="open: an expired budget reads as normal; closed: as hard-limited, blocking cloud."
     )
+    follow_policies: bool = Field(
+        True, description="Follow the policies too, so decisions apply scoped and parent budgets as enrich charges."
+    )
     admit_grace_s: float = Field(
         0.5, ge=0, description="A status this much newer than an admission is taken to include it."
     )

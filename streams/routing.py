@@ -62,6 +62,7 @@ class Candidate:
     name: str
     backend: Backend
     score: float = 0.0
+    provider: str | None = None  # for budget scopes that name one (default: the request's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,3 +236,18 @@ def headers_for(state: BudgetState | None, estimated_cost_pico: int | None) -> d
     if state.next_reset is not None:
         headers["X-Budget-Reset"] = state.next_reset.astimezone(UTC).isoformat().replace("+00:00", "Z")
     return headers
+
+
+def merge_decisions(parts: Sequence[Decision], candidates: Sequence[Candidate]) -> Decision:
+    """One decision from the decisions over groups of candidates charged to different budgets (a model-scoped
+    budget binds only its model's candidates): every candidate some group allows, in score order; a rejection
+    only when every group rejects."""
+    allowed = {id(c) for part in parts for c in part.candidates}
+    ordered = tuple(c for c in sorted(candidates, key=lambda c: -c.score) if id(c) in allowed)
+    flags = tuple(dict.fromkeys(f for part in parts for f in part.flags))
+    strictest = min(parts, key=lambda part: part.cloud_share)
+    if not ordered:
+        rejected = next((part for part in parts if part.error is not None), strictest)
+        return Decision((), rejected.error, False, strictest.cloud_share, rejected.affinity, rejected.deciding, flags)
+    cloud = any(c.backend == "cloud" for c in ordered)
+    return Decision(ordered, None, cloud, strictest.cloud_share, strictest.affinity, strictest.deciding, flags)

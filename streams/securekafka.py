@@ -12,7 +12,7 @@ Principals and what the ACLs let them do (everything else is refused:
 
 - ``admin``: a super user, for operators and for setting the ACLs;
 - ``worker``: everything on topics, groups and transactional ids under the topic prefix (the workers, the CLI);
-- ``router``: read the status and heartbeat topics (BudgetView);
+- ``router``: read the status, heartbeat and policy topics (BudgetView);
 - ``gateway``: write the requests and usage topics (BudgetPublisher).
 
 Clients reach the broker on one SASL_SSL listener. The KRaft controller listener takes TLS with a client
@@ -179,7 +179,7 @@ class SecureDir:
             ["--add", "--allow-principal", "User:worker", "--operation", "All", "--resource-pattern-type",
              "prefixed", "--topic", prefix, "--group", prefix, "--transactional-id", prefix],
             ["--add", "--allow-principal", "User:router", "--operation", "Read", "--operation", "Describe",
-             "--topic", topics.status.name, "--topic", topics.heartbeats.name],
+             "--topic", topics.status.name, "--topic", topics.heartbeats.name, "--topic", topics.policies.name],
             ["--add", "--allow-principal", "User:gateway", "--operation", "Write", "--operation", "Describe",
              "--topic", topics.requests.name, "--topic", topics.usage.name],
         ]  # fmt: skip

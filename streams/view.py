@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
@@ -34,7 +34,9 @@ from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock, month_start, next_month_start
-from budgetflow.streams.routing import Action, BudgetState, Candidate, Decision, decide, headers_for
+from budgetflow.streams.policies import PolicyBook
+from budgetflow.streams.routing import Action, BudgetState, Candidate, Decision, decide, headers_for, merge_decisions
+from budgetflow.streams.scopes import BudgetResolver
 from budgetflow.streams.topics import Topics
 
 __all__ = ["BudgetView"]
@@ -83,6 +85,9 @@ class BudgetView:
         self.records_seen = 0
         self.stale_records = 0
         self.decisions: dict[str, int] = {}
+        # With the policies followed: the budgets enrich charges (scoped ones, parents) decide routing too.
+        self.resolver: BudgetResolver | None = None
+        self._policies: PolicyBook | None = None
 
     # -- life cycle -------------------------------------------------------------------
     async def __aenter__(self) -> BudgetView:
@@ -107,6 +112,12 @@ class BudgetView:
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
+        if self.settings.view.follow_policies:
+            resolver = BudgetResolver(lambda: book.policies)
+            book = PolicyBook(self.settings, self.topics.policies.name, on_change=resolver.invalidate)
+            await book.start()
+            resolver.invalidate()
+            self._policies, self.resolver = book, resolver
         self._task = asyncio.create_task(self._follow(consumer, ends), name="budget-view")
 
     async def stop(self) -> None:
@@ -116,6 +127,8 @@ class BudgetView:
                 await self._task
         if self._consumer is not None:
             await self._consumer.stop()
+        if self._policies is not None:
+            await self._policies.stop()
 
     async def ready(self, timeout_s: float | None = None) -> None:
         """Wait until the view has read both topics up to where they were when it started."""
@@ -297,12 +310,21 @@ class BudgetView:
         *,
         session_id: str | None = None,
         now: datetime | None = None,
+        provider: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Decision:
-        """Where the request may go (design.md's rule over its budgets, ``global`` included). Never raises."""
+        """Where the request may go (design.md's rule over its budgets, ``global`` included). Never raises.
+
+        With the policies followed, each candidate is held to the budgets enrich would charge for it: those
+        named, the scoped budgets its model, provider, backend and the request's ``metadata`` match, and every
+        parent of those.
+        """
         try:
             moment = now or self.clock.now()
-            states = [self.status(b, now=moment) for b in _with_global(budgets)]
-            decision = decide(request_id, states, candidates, session_id=session_id)
+            groups = self._budget_groups(budgets, candidates, provider, metadata or {})
+            parts = [decide(request_id, [self.status(b, now=moment) for b in group], members, session_id=session_id)
+                     for group, members in groups.items()]  # fmt: skip
+            decision = parts[0] if len(parts) == 1 else merge_decisions(parts, candidates)
         except Exception:  # a router must answer: fail open, and say so
             log.exception("budget decision failed; letting the request through")
             from budgetflow.streams.routing import affinity
@@ -312,6 +334,18 @@ class BudgetView:
         outcome = "rejected" if decision.error else ("cloud" if decision.cloud_allowed else "local")
         self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
         return decision
+
+    def _budget_groups(self, budgets: Sequence[str], candidates: Sequence[Candidate], provider: str | None,
+                       metadata: Mapping[str, str]) -> dict[tuple[str, ...], list[Candidate]]:  # fmt: skip
+        """Candidates grouped by the budgets they are charged to (one group when no scope tells them apart)."""
+        if self.resolver is None:
+            return {tuple(_with_global(budgets)): list(candidates)}
+        groups: dict[tuple[str, ...], list[Candidate]] = {}
+        for c in candidates:
+            key = tuple(self.resolver.resolve(budgets, model=c.name, provider=c.provider or provider or "",
+                                              backend=c.backend, metadata=metadata))  # fmt: skip
+            groups.setdefault(key, []).append(c)
+        return groups or {tuple(_with_global(budgets)): []}
 
     def headers(
         self, budgets: Sequence[str], estimated_cost_pico: int | None, *, now: datetime | None = None

@@ -111,3 +111,34 @@ def test_headers_name_the_deciding_budget() -> None:
     headers = v.headers(["team:a"], 5 * 10**9, now=NOW)
     assert headers["X-Budget-Id"] == "team:a"
     assert headers["X-Budget-Cost-Estimated"] == "0.005000"
+
+
+def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
+    from budgetflow.schemas.policy import parse_policy_file
+    from budgetflow.streams.scopes import BudgetResolver
+
+    policies = {p.id: p for p in parse_policy_file({"budgets": [
+        {"id": "models:big", "applies_to": {"model": "big-*"}, "hard_limit_action": "block_cloud"},
+        {"id": "team:a", "parent": "org:eng"},
+        {"id": "org:eng", "hard_limit_action": "block_all"},
+        {"id": "team:b"},
+    ]}).budgets}  # fmt: skip
+    v = view()
+    v.resolver = BudgetResolver(lambda: policies)
+    v.apply_heartbeat(beat())
+    v.apply_status(status("models:big", spend=LIMIT, state="hard_limit", action="block_cloud"))
+    big, small, local = Candidate("big-1", "cloud", 3), Candidate("small-1", "cloud", 2), Candidate("llama", "local")
+    decision = v.decide("r1", ["team:b"], [big, small, local], now=NOW)
+    # The model cap is full: its model's cloud calls stop; the other cloud model and the local one go on.
+    assert [c.name for c in decision.candidates] == ["small-1", "llama"]
+    assert decision.ok
+    assert decision.cloud_allowed
+    # Only the capped model offered: shifted to local, or refused when there is none.
+    assert [c.name for c in v.decide("r2", ["team:b"], [big, local], now=NOW).candidates] == ["llama"]
+    assert v.decide("r3", ["team:b"], [big], now=NOW).error is not None
+    # A parent at its hard limit binds every child: team:a's requests are refused, team:b's are not.
+    v.apply_status(status("org:eng", spend=LIMIT, state="hard_limit", action="block_all", seq=11))
+    refused = v.decide("r4", ["team:a"], [small, local], now=NOW)
+    assert refused.error is not None
+    assert refused.error.budget_id == "org:eng"
+    assert v.decide("r5", ["team:b"], [small, local], now=NOW).ok
