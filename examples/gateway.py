@@ -101,7 +101,10 @@ class Gateway:
         session = request.headers.get("X-Session-Id")
         estimate = quick_estimate(self.table, model, input_bytes=len(dumps(messages)), max_output_tokens=max_tokens,
                                   provider=provider_of(model, "cloud"))  # fmt: skip
-        candidates = [Candidate(model, "cloud", 1.0), Candidate(self.local_model, "local", 0.5)]
+        provider = provider_of(model, "cloud")
+        priced = self.table.price(model, provider=provider).priced
+        local = Candidate(self.local_model, "local", 0.5, provider=provider_of(self.local_model, "local"))
+        candidates = [Candidate(model, "cloud", 1.0, provider=provider, priced=priced), local]
         if request.headers.get("X-Local-Fallback", "yes") == "no":
             candidates = candidates[:1]
         decision = self.view.decide(request_id, budgets, candidates, session_id=session)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,9 @@ class BudgetPolicy(BaseModel):
     description: Annotated[str, StringConstraints(max_length=1024)] | None = None
     owner: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9@#._:/+-]{1,128}$")] | None = Field(
         None, description="Who answers for it (a team, a person, a channel): the `owner` label of its alerts."
+    )
+    unpriced: Literal["estimate", "block"] = Field(
+        "estimate", description="A cloud model with no price: charged at the fallback rates, or refused by routers."
     )
     applies_to: Scope | None = Field(None, description="Requests it is charged for without a gateway naming it.")
     parent: Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN)] | None = Field(

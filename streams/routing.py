@@ -63,6 +63,7 @@ class Candidate:
     backend: Backend
     score: float = 0.0
     provider: str | None = None  # for budget scopes that name one (default: the request's)
+    priced: bool = True  # False: the price table has no price for it (budgets with `unpriced: block` refuse it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
@@ -30,12 +30,23 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import GLOBAL_BUDGET, BudgetStatus, Heartbeat, period_of
+from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock, month_start, next_month_start
 from budgetflow.streams.policies import PolicyBook
-from budgetflow.streams.routing import Action, BudgetState, Candidate, Decision, decide, headers_for, merge_decisions
+from budgetflow.streams.routing import (
+    Action,
+    BudgetExceeded,
+    BudgetState,
+    Candidate,
+    Decision,
+    affinity,
+    decide,
+    headers_for,
+    merge_decisions,
+)
 from budgetflow.streams.scopes import BudgetResolver
 from budgetflow.streams.topics import Topics
 
@@ -87,6 +98,7 @@ class BudgetView:
         self.decisions: dict[str, int] = {}
         # With the policies followed: the budgets enrich charges (scoped ones, parents) decide routing too.
         self.resolver: BudgetResolver | None = None
+        self._policy_source: Callable[[], Mapping[str, BudgetPolicy]] = dict
         self._policies: PolicyBook | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -113,11 +125,10 @@ class BudgetView:
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         if self.settings.view.follow_policies:
-            resolver = BudgetResolver(lambda: book.policies)
-            book = PolicyBook(self.settings, self.topics.policies.name, on_change=resolver.invalidate)
+            book = PolicyBook(self.settings, self.topics.policies.name, on_change=lambda _: self._policies_changed())
             await book.start()
-            resolver.invalidate()
-            self._policies, self.resolver = book, resolver
+            self._policies = book
+            self.use_policies(lambda: book.policies)
         self._task = asyncio.create_task(self._follow(consumer, ends), name="budget-view")
 
     async def stop(self) -> None:
@@ -322,7 +333,7 @@ class BudgetView:
         try:
             moment = now or self.clock.now()
             groups = self._budget_groups(budgets, candidates, provider, metadata or {})
-            parts = [decide(request_id, [self.status(b, now=moment) for b in group], members, session_id=session_id)
+            parts = [self._decide_group(request_id, group, members, session_id, moment)
                      for group, members in groups.items()]  # fmt: skip
             decision = parts[0] if len(parts) == 1 else merge_decisions(parts, candidates)
         except Exception:  # a router must answer: fail open, and say so
@@ -334,6 +345,35 @@ class BudgetView:
         outcome = "rejected" if decision.error else ("cloud" if decision.cloud_allowed else "local")
         self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
         return decision
+
+    def use_policies(self, source: Callable[[], Mapping[str, BudgetPolicy]]) -> None:
+        """Decide with these policies (``start`` does it with the policies topic when VIEW__FOLLOW_POLICIES)."""
+        self._policy_source = source
+        self.resolver = BudgetResolver(source)
+
+    def _policies_changed(self) -> None:
+        if self.resolver is not None:
+            self.resolver.invalidate()
+
+    def _decide_group(self, request_id: str, budgets: tuple[str, ...], candidates: list[Candidate],
+                      session_id: str | None, moment: datetime) -> Decision:  # fmt: skip
+        states = [self.status(b, now=moment) for b in budgets]
+        policies = self._policy_source()
+        strict = [b for b in budgets if b in policies and policies[b].unpriced == "block"]
+        unpriced = [c for c in candidates if c.backend == "cloud" and not c.priced]
+        if strict and unpriced:
+            # A budget that refuses unpriced models: their cost could not be counted exactly.
+            kept = [c for c in candidates if c not in unpriced]
+            if not kept:
+                state = next(s for s in states if s.budget_id == strict[0])
+                error = BudgetExceeded(state.budget_id, state.period, state.spend_pico, state.limit_pico, None,
+                                       f"Budget {state.budget_id} refuses models with no price "
+                                       f"({', '.join(c.name for c in unpriced)}), and no priced model is offered.",
+                                       http_status=403)  # fmt: skip
+                return Decision((), error, False, 0.0, affinity(session_id or request_id), state, ("unpriced",))
+            decision = decide(request_id, states, kept, session_id=session_id)
+            return replace(decision, flags=(*decision.flags, "unpriced_refused"))
+        return decide(request_id, states, candidates, session_id=session_id)
 
     def _budget_groups(self, budgets: Sequence[str], candidates: Sequence[Candidate], provider: str | None,
                        metadata: Mapping[str, str]) -> dict[tuple[str, ...], list[Candidate]]:  # fmt: skip

@@ -115,7 +115,6 @@ def test_headers_name_the_deciding_budget() -> None:
 
 def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
     from budgetflow.schemas.policy import parse_policy_file
-    from budgetflow.streams.scopes import BudgetResolver
 
     policies = {p.id: p for p in parse_policy_file({"budgets": [
         {"id": "models:big", "applies_to": {"model": "big-*"}, "hard_limit_action": "block_cloud"},
@@ -124,7 +123,7 @@ def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
         {"id": "team:b"},
     ]}).budgets}  # fmt: skip
     v = view()
-    v.resolver = BudgetResolver(lambda: policies)
+    v.use_policies(lambda: policies)
     v.apply_heartbeat(beat())
     v.apply_status(status("models:big", spend=LIMIT, state="hard_limit", action="block_cloud"))
     big, small, local = Candidate("big-1", "cloud", 3), Candidate("small-1", "cloud", 2), Candidate("llama", "local")
@@ -142,3 +141,22 @@ def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
     assert refused.error is not None
     assert refused.error.budget_id == "org:eng"
     assert v.decide("r5", ["team:b"], [small, local], now=NOW).ok
+
+
+def test_a_budget_that_blocks_unpriced_models_refuses_them_for_cloud() -> None:
+    from budgetflow.schemas.policy import parse_policy_file
+
+    policies = {p.id: p for p in parse_policy_file({"budgets": [{"id": "team:strict", "unpriced": "block"},
+                                                                {"id": "team:easy"}]}).budgets}  # fmt: skip
+    v = view()
+    v.use_policies(lambda: policies)
+    mystery, known = Candidate("mystery-1", "cloud", 2, priced=False), Candidate("gpt-4o", "cloud", 1)
+    assert [c.name for c in v.decide("r1", ["team:easy"], [mystery, known], now=NOW).candidates] == ["mystery-1",
+                                                                                                  "gpt-4o"]  # fmt: skip
+    strict = v.decide("r2", ["team:strict"], [mystery, known], now=NOW)
+    assert [c.name for c in strict.candidates] == ["gpt-4o"]
+    assert "unpriced_refused" in strict.flags
+    refused = v.decide("r3", ["team:strict"], [mystery], now=NOW)
+    assert refused.error is not None
+    assert refused.error.http_status == 403
+    assert "mystery-1" in refused.error.message
