@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import time
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -105,6 +106,34 @@ async def test_audit_adjust_and_report(pipeline_factory: Any, kit: Any) -> None:
     adjustment = [r for r in table if r["budget"] == "team:a" and r["model"] == "(adjustment)"]
     assert [r["settled_usd"] for r in adjustment] == ["1.000000000000"]
     assert {r["model"] for r in table} >= {"test-small", "test-large", "test-local"}
+
+    # The ledger keeps 400 days by record timestamp, and the timestamps are when entries were produced, not
+    # their event time: the simulated month here lies ahead of the wall clock, and a back-dated entry would
+    # otherwise be deleted early.
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from budgetflow.streams.clients import client_options
+
+    settings = pipeline.settings()
+    consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(pipeline.topics.ledger.name, p) for p in range(pipeline.topics.ledger.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        batch = await consumer.getmany(*tps, timeout_ms=5000, max_records=500)
+    finally:
+        await consumer.stop()
+    records = [r for rs in batch.values() for r in rs if b'"kind":"tick"' not in r.value]
+    assert records
+    wall = time.time() * 1000
+    away = 0
+    for record in records:
+        assert wall - 600_000 < record.timestamp <= wall + 1000, "produce time"
+        event_ms = datetime.fromisoformat(orjson.loads(record.value)["occurred_at"]).timestamp() * 1000
+        away += not wall - 600_000 < event_ms <= wall + 1000
+    assert away, "some entries' event time lies outside the produce window, so the check above means something"
+    assert pipeline.topics.ledger.config["retention.ms"] == str(400 * 86_400_000)
 
 
 def _usd(value: int) -> str:
