@@ -125,6 +125,8 @@ def schema() -> dict[str, Any]:
                 "podDisruptionBudget": PDB,
                 "terminationGracePeriodSeconds": integer(0),
             }, ["replicas", "webPort"]),
+            "notify": obj({"enabled": boolean(), "webhookSecret": SECRET_KEY, "resources": RESOURCES},
+                          ["enabled"]),
             "serviceAccount": obj({"create": boolean(), "name": string(), "annotations": free_map()}, ["create"]),
             "podAnnotations": free_map(),
             "podLabels": free_map(),

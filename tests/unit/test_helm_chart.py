@@ -83,6 +83,9 @@ def test_the_full_values_render_every_optional_part() -> None:
     assert env["BUDGETFLOW_KAFKA__SECURITY__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "kafka-user"
     assert "value" not in env["BUDGETFLOW_KAFKA__SECURITY__SASL_PASSWORD"], "secrets come from Secrets only"
     assert "valueFrom" in env["BUDGETFLOW_WEB__BEARER_TOKEN"]
+    assert env["BUDGETFLOW_NOTIFY__WEBHOOK_URL"]["valueFrom"]["secretKeyRef"]["name"] == "budgetflow-webhook"
+    notify = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-notify"))
+    assert notify["spec"]["template"]["spec"]["containers"][0]["args"] == ["notify"]
 
 
 def test_the_prometheus_rule_holds_the_checked_alert_rules(tmp_path: Path) -> None:
@@ -124,7 +127,11 @@ def test_every_container_gets_settings_budgetflow_accepts(
         for key in [k for k in os.environ if k.startswith("BUDGETFLOW_")]:
             monkeypatch.delenv(key)
         for key, value in ours.items():
-            text = "from-a-secret" if value is None else value
+            text = (
+                ("https://hooks.example/from-a-secret" if key.endswith("_URL") else "from-a-secret")
+                if value is None
+                else value
+            )
             if key.startswith("BUDGETFLOW_KAFKA__SECURITY__SSL_") and key.endswith("FILE"):
                 text = sys.executable  # any readable file
             text = str(mounted.get(text, text))  # the ConfigMap's file, where the pod would mount it
@@ -168,6 +175,7 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem() -> None:
         (["--set", "kafka.securityProtocol=SASL_SSL", "--set", "kafka.saslMechanism=SCRAM-SHA-512"], "saslSecret"),
         (["--set", "kafka.bootstrapServers=nohost"], "bootstrapServers"),
         (["--set", "aggregate.persistence.size=lots"], "size"),
+        (["--set", "notify.enabled=true"], "webhookSecret"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(args: list[str], complaint: str) -> None:
