@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from budgetflow.schemas.events import BudgetStatus, Heartbeat, LedgerEntry, RequestEvent, UsageEvent
+from budgetflow.schemas.events import AuditRecord, BudgetStatus, Heartbeat, LedgerEntry, RequestEvent, UsageEvent
 from budgetflow.schemas.policy import PolicyFile
 
 __all__ = ["SCHEMAS", "export_json_schemas"]
@@ -19,6 +19,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "BudgetStatus": BudgetStatus,
     "Heartbeat": Heartbeat,
     "PolicyFile": PolicyFile,
+    "AuditRecord": AuditRecord,
 }
 
 

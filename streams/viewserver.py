@@ -1,8 +1,9 @@
 """`budgetflow view serve`: a BudgetView over HTTP, for gateways not written in Python.
 
-``POST /v1/decide`` takes ``{"request_id", "budgets", "candidates": [{"name", "backend", "score"}],
-"session_id"?, "estimated_cost_usd"?}`` and answers the ordered candidates, the X-Budget-* headers
-and, when the request is rejected, the 429 body a gateway should return. ``POST /v1/admit``
+``POST /v1/decide`` takes ``{"request_id", "budgets", "candidates": [{"name", "backend", "score",
+"provider"?, "priced"?}], "session_id"?, "estimated_cost_usd"?, "provider"?, "metadata"?}`` and answers the
+ordered candidates, the X-Budget-* headers and, when the request is rejected, the 429 (or 403) body a gateway
+should return. ``POST /v1/admit``
 counts an admitted request; ``GET /v1/status/{id}`` is one budget as a router sees it.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from budgetflow.schemas.events import BudgetId
+from budgetflow.schemas.events import BudgetId, Metadata
 from budgetflow.schemas.money import NonNegativeUsdAmount
 from budgetflow.schemas.serde import dumps, loads, validation_message
 from budgetflow.streams.routing import Candidate
@@ -28,6 +29,8 @@ class _CandidateIn(BaseModel):
     name: str = Field(min_length=1, max_length=256)
     backend: str = Field(pattern="^(cloud|local)$")
     score: float = 0.0
+    provider: str | None = Field(None, min_length=1, max_length=64)
+    priced: bool = True
 
 
 class _DecideIn(BaseModel):
@@ -37,6 +40,8 @@ class _DecideIn(BaseModel):
     candidates: list[_CandidateIn] = Field(min_length=1, max_length=64)
     session_id: str | None = Field(None, max_length=256)
     estimated_cost_usd: NonNegativeUsdAmount | None = None
+    provider: str | None = Field(None, min_length=1, max_length=64)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class _AdmitIn(BaseModel):
@@ -63,8 +68,10 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
 
     async def decide(request: web.Request) -> web.Response:
         body: _DecideIn = await _parse(request, _DecideIn)
-        candidates = [Candidate(c.name, c.backend, c.score) for c in body.candidates]  # type: ignore[arg-type]
-        decision = view.decide(body.request_id, body.budgets, candidates, session_id=body.session_id)
+        candidates = [Candidate(c.name, c.backend, c.score, c.provider, c.priced)  # type: ignore[arg-type]
+                      for c in body.candidates]  # fmt: skip
+        decision = view.decide(body.request_id, body.budgets, candidates, session_id=body.session_id,
+                               provider=body.provider, metadata=body.metadata)  # fmt: skip
         answer: dict[str, Any] = {
             "candidates": [{"name": c.name, "backend": c.backend, "score": c.score} for c in decision.candidates],
             "cloud_allowed": decision.cloud_allowed,

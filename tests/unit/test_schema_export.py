@@ -17,7 +17,8 @@ def test_exported_schemas_validate_events(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(f"{n}.schema.json" for n in
-                           ("RequestEvent", "UsageEvent", "LedgerEntry", "BudgetStatus", "Heartbeat", "PolicyFile"))  # fmt: skip
+                           ("RequestEvent", "UsageEvent", "LedgerEntry", "BudgetStatus", "Heartbeat", "PolicyFile",
+                            "AuditRecord"))  # fmt: skip
     usage = json.loads((tmp_path / "UsageEvent.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(usage)
     good = {"v": 1, "request_id": "r", "request_occurred_at": "2026-11-01T00:00:00Z",
