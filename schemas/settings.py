@@ -53,6 +53,7 @@ __all__ = [
     "env_name",
     "load_settings",
     "setting_rows",
+    "settings_from_env",
 ]
 
 ENV_PREFIX = "BUDGETFLOW_"
@@ -521,3 +522,21 @@ def load_settings(**overrides: Any) -> Settings:
         message = first["msg"].removeprefix("Value error, ")
         where = f"invalid setting {env_name(loc)}" if loc else "invalid settings"
         raise ConfigError(f"{where}: {message}{more}") from exc
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """The settings a child process started with ``env`` will read (its ``BUDGETFLOW_`` variables), read here.
+
+    The variables are put in this process's environment for the read and restored afterwards.
+    """
+    values = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        return load_settings()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

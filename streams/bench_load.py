@@ -21,7 +21,7 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from budgetflow.schemas.serde import dumps, loads
-from budgetflow.schemas.settings import Settings, load_settings
+from budgetflow.schemas.settings import Settings, settings_from_env
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.launch import WorkerProcess, worker_env
 from budgetflow.streams.localkafka import free_port
@@ -41,22 +41,6 @@ def _env(bootstrap: str, prefix: str, root: Path, **extra: str) -> dict[str, str
         "BUDGETFLOW_TOPICS__PARTITIONS": "8", "BUDGETFLOW_DATA_DIR": str(root), "BUDGETFLOW_HEARTBEAT_S": "0.5",
         "BUDGETFLOW_LOG_LEVEL": "WARNING", "BUDGETFLOW_WEB__PORT": "0", "BUDGETFLOW_METRICS__PORT": "0", **extra,
     })  # fmt: skip
-
-
-def _settings_from(env: dict[str, str]) -> Settings:
-    import os
-
-    values = {k: v for k, v in env.items() if k.startswith("BUDGETFLOW_")}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        return load_settings()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 async def _policies(settings: Settings, topics: Topics, root: Path, lines: list[str]) -> None:
@@ -129,7 +113,7 @@ def bench_load(quick: bool, bootstrap: str) -> dict[str, Any]:
         root = Path(tmp)
         prefix = f"load{uuid.uuid4().hex[:6]}."
         env = _env(bootstrap, prefix, root)
-        settings = _settings_from(env)
+        settings = settings_from_env(env)
         topics = Topics.from_settings(settings)
         return asyncio.run(_load(settings, topics, root, env, rate, trials, quick))
 
@@ -236,7 +220,7 @@ def bench_recovery(quick: bool, bootstrap: str) -> dict[str, Any]:
         prefix = f"rec{uuid.uuid4().hex[:6]}."
         port = free_port()
         env = _env(bootstrap, prefix, root, BUDGETFLOW_WEB__PORT=str(port))
-        settings = _settings_from(env)
+        settings = settings_from_env(env)
         topics = Topics.from_settings(settings)
         return asyncio.run(_recovery(settings, topics, root, env, port, budgets))
 

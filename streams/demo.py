@@ -29,7 +29,7 @@ import aiohttp
 
 from budgetflow.schemas.money import format_usd, parse_usd, usd_string
 from budgetflow.schemas.serde import dumps
-from budgetflow.schemas.settings import Settings, load_settings
+from budgetflow.schemas.settings import Settings, load_settings, settings_from_env
 from budgetflow.streams.clock import month_start, next_month_start
 from budgetflow.streams.launch import WorkerProcess
 from budgetflow.streams.localkafka import free_port
@@ -199,17 +199,7 @@ class Demo:
         return env
 
     def child_settings(self) -> Settings:
-        env = {k: v for k, v in self.env().items() if k.startswith("BUDGETFLOW_")}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return load_settings()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return settings_from_env(self.env())
 
     # -- starting and stopping --------------------------------------------------------------
     async def ensure_broker(self) -> None:

@@ -264,19 +264,9 @@ class Pipeline:
         self._count = 0
 
     def settings(self) -> Any:
-        from budgetflow.schemas.settings import Settings
+        from budgetflow.schemas.settings import settings_from_env
 
-        values = {k: v for k, v in self.env_base.items() if k.startswith("BUDGETFLOW_")}
-        old = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            return Settings()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return settings_from_env(self.env_base)
 
     @property
     def topics(self) -> Any:
