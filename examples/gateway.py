@@ -80,7 +80,7 @@ class Gateway:
         self.publisher = publisher
         self.view = view
         self.local_model = local_model
-        self.table = PriceTable.load(settings.pricing.file)
+        self.table = PriceTable.from_settings(settings.pricing)
         self.model = FakeModel()
         self.requests_seen = 0
 

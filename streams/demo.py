@@ -238,7 +238,7 @@ class Demo:
 
         self.planned = _plan(self.config, self.start)
         policy = self.root / f"{self.prefix}policies.yaml"
-        policy.write_text(policies(expected_spend(self.planned, PriceTable.load(self.settings.pricing.file))))
+        policy.write_text(policies(expected_spend(self.planned, PriceTable.from_settings(self.settings.pricing))))
         await apply_policy_file(settings, topics.policies.name, policy, prune=False)
         logs = self.root / "logs"
         env = self.env()
@@ -292,7 +292,7 @@ class Demo:
     async def drive(self, http: aiohttp.ClientSession, planned: list[_Planned]) -> None:
         from budgetflow.tokenizers import PriceTable
 
-        table = PriceTable.load(self.settings.pricing.file)
+        table = PriceTable.from_settings(self.settings.pricing)
         queue: asyncio.Queue[_Planned | None] = asyncio.Queue(maxsize=self.config.concurrency * 4)
 
         async def worker() -> None:
