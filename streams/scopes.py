@@ -70,6 +70,12 @@ class BudgetResolver:
     def invalidate(self, _budget: str | None = None) -> None:
         self._dirty = True
 
+    @property
+    def has_scopes(self) -> bool:
+        """Whether any policy has ``applies_to`` (if none, a request's budgets do not depend on its model)."""
+        self._index()
+        return bool(self._scoped)
+
     def _index(self) -> Mapping[str, BudgetPolicy]:
         policies = self._policies()
         if self._dirty:

@@ -380,6 +380,10 @@ class BudgetView:
         """Candidates grouped by the budgets they are charged to (one group when no scope tells them apart)."""
         if self.resolver is None:
             return {tuple(_with_global(budgets)): list(candidates)}
+        if not self.resolver.has_scopes:  # only parents: every candidate is charged alike
+            charged = self.resolver.resolve(budgets, model="", provider=provider or "", backend="cloud",
+                                            metadata=metadata)  # fmt: skip
+            return {tuple(charged): list(candidates)}
         groups: dict[tuple[str, ...], list[Candidate]] = {}
         for c in candidates:
             key = tuple(self.resolver.resolve(budgets, model=c.name, provider=c.provider or provider or "",
