@@ -8,9 +8,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Helm, built from the Go module proxy at a pinned version into the user cache (tests/unit/test_helm_chart.py
-# finds it there too).
+# finds it there too), with the ldflags of Helm's own release build: its version, and as the default Kubernetes
+# version the one of the client-go it is built with. A plain `go install` leaves Kubernetes v1.20, which the
+# chart's kubeVersion (>= 1.25) refuses. The directory names the build, so a plain build left in a cache is not used.
 HELM_VERSION := $(shell cat helm/HELM_VERSION)
-HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/budgetflow/tools/helm-$(HELM_VERSION)/helm
+HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/budgetflow/tools/helm-$(HELM_VERSION)-release/helm
+# The oldest Kubernetes the chart supports (kubeVersion in helm/budgetflow/Chart.yaml).
+KUBE_MIN := 1.25
 
 .PHONY: help setup lint format typecheck unit integration test run demo bench soak chart clean
 
@@ -25,7 +29,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(HELM):
 	@command -v go >/dev/null || { echo "go is missing: Helm is built from the Go module proxy" >&2; exit 1; }
-	GOBIN=$(dir $(HELM)) CGO_ENABLED=0 go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	mod=$$(go mod download -json helm.sh/helm/v3@$(HELM_VERSION) | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$$/\1/p'); \
+	minor=$$(sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9][0-9]*\)\..*/\1/p' "$$mod"); \
+	[ -n "$$minor" ] || { echo "no k8s.io/client-go version in $$mod" >&2; exit 1; }; \
+	echo "helm $(HELM_VERSION): default Kubernetes v1.$$minor (its client-go)"; \
+	GOBIN=$(dir $(HELM)) CGO_ENABLED=0 go install -trimpath -ldflags "-s -w \
+	  -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) -X helm.sh/helm/v3/internal/version.metadata= \
+	  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$$minor \
+	  -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$$minor" \
+	  helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	touch $(HELM)
 
 setup: $(STAMP) $(HELM)  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, build helm, install promtool
@@ -57,15 +69,18 @@ unit: $(STAMP)  ## unit tests only (no broker, seconds)
 integration: setup  ## integration tests (starts a real Kafka)
 	$(BIN)/pytest tests/integration
 
-test: setup lint typecheck  ## lint, types and the whole suite (what CI runs)
+test: setup lint typecheck chart  ## lint, types, the chart and the whole suite (what CI runs)
 	$(BIN)/pytest
 
 soak: setup  ## the soak test for ten minutes (CI runs it for 20 s)
 	BUDGETFLOW_TEST_SOAK_S=600 BUDGETFLOW_TEST_SOAK_RATE=15000 $(BIN)/pytest tests/integration/test_soak.py -s
 
-chart: setup  ## helm lint --strict and render the chart with its default values
+chart: setup  ## helm lint --strict and render the chart, for Helm's default Kubernetes and the oldest supported
 	$(HELM) lint --strict helm/budgetflow
-	$(HELM) template budgetflow helm/budgetflow >/dev/null && echo "chart renders"
+	$(HELM) lint --strict --kube-version $(KUBE_MIN) helm/budgetflow
+	$(HELM) template budgetflow helm/budgetflow >/dev/null
+	$(HELM) template budgetflow helm/budgetflow --kube-version $(KUBE_MIN) >/dev/null
+	@echo "chart lints and renders (Helm's default Kubernetes and $(KUBE_MIN))"
 
 bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
 	$(BIN)/budgetflow bench --out bench-results/bench.json
