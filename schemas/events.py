@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from budgetflow.schemas.money import NonNegativeUsdAmount, PicoUsd
+from budgetflow.schemas.money import MAX_ENTRY_PICO, NonNegativeUsdAmount, PicoUsd
 
 __all__ = [
     "BUDGET_ID_PATTERN",
@@ -136,7 +136,9 @@ class RequestEvent(Event):
     max_tokens: Tokens | None = None
     max_completion_tokens: Tokens | None = None
     n: Annotated[int, Field(ge=1, le=128, strict=True)] | None = None
-    input_bytes: Annotated[int, Field(ge=0, le=1 << 40, strict=True)] | None = None
+    # Bounded like token counts: the byte heuristic turns at most MAX_TOKENS bytes into fewer than MAX_TOKENS
+    # tokens, so a request accepted here always makes a valid reserve entry.
+    input_bytes: Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> RequestEvent:
@@ -208,7 +210,7 @@ class LedgerEntry(Event):
     attempt: Annotated[int, Field(ge=0, strict=True)] = 0
     kind: EntryKind
     period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)]
-    amount_pico_usd: Annotated[int, Field(strict=True, ge=-(10**27), le=10**27)]
+    amount_pico_usd: Annotated[int, Field(strict=True, ge=-MAX_ENTRY_PICO, le=MAX_ENTRY_PICO)]
     model: Annotated[str, StringConstraints(max_length=256)] = ""
     provider: Annotated[str, StringConstraints(max_length=64)] = ""
     backend: Backend = "cloud"

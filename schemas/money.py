@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = [
+    "MAX_ENTRY_PICO",
+    "MAX_PERIOD_PICO",
     "PICO_PER_USD",
     "NonNegativeUsdAmount",
     "PicoUsd",
@@ -28,7 +30,25 @@ PICO_PER_USD = 10**12
 # Rates are USD per million tokens with at most 6 decimals, so that a
 # per-token rate is a whole number of pico-dollars.
 _PICO_PER_TOKEN_PER_USD_PER_MTOK = 10**6
-_MAX_USD = Decimal(10) ** 15  # a quadrillion dollars: beyond any budget, far inside int64 pico
+# What a person may write (a limit, an adjustment): a quadrillion dollars is 10^27 pico-dollars, which is
+# past int64 (9.2 * 10^18) and past what orjson encodes (64 bits). Written amounts are parsed exactly here and
+# bounded where they enter the data path, by the two limits below.
+_MAX_USD = Decimal(10) ** 15
+
+MAX_ENTRY_PICO = 10**18
+"""The one bound of a single ledger entry's amount, either sign: $1,000,000 (10^18 pico-dollars, inside int64).
+
+Enrich refuses a request or usage whose estimate or cost passes it (dead letter ``out_of_range``; a reservation is
+capped at it instead, since it is an estimate), ``budgetflow ledger adjust`` refuses a larger adjustment, and the
+aggregate dead-letters an entry past it.
+"""
+
+MAX_PERIOD_PICO = 10**24
+"""The bound of one budget's month: ``|settled| + reserved`` never passes $10^12 (10^24 pico-dollars).
+
+An entry that would take a period past it goes to the dead-letter topic as ``out_of_range`` and changes nothing.
+Sums this large pass 64 bits, so the ledger's state encodes them as decimal strings when they do.
+"""
 
 
 def _decimal(value: Any, what: str) -> Decimal:

@@ -18,7 +18,9 @@ __all__ = ["REASONS", "decode", "decode_fast", "describe_validation_error", "dum
 M = TypeVar("M", bound=BaseModel)
 
 # Reason codes are a bounded set: they become metric labels and DLQ headers.
-REASONS = ("empty", "json", "not_object", "version", "usage_rule", "invalid", "future", "unknown_budget")
+REASONS = ("empty", "json", "not_object", "version", "usage_rule", "invalid", "out_of_range", "future",
+           "unknown_budget", "too_large", "internal")  # fmt: skip
+_BOUNDS = frozenset({"less_than_equal", "greater_than_equal", "less_than", "greater_than"})
 
 
 def dumps(value: BaseModel | dict[str, Any] | list[Any]) -> bytes:
@@ -55,6 +57,8 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
         reason = "version"
     elif first["msg"].removeprefix("Value error, ").startswith("usage rule"):
         reason = "usage_rule"
+    elif first["type"] in _BOUNDS:
+        reason = "out_of_range"
     else:
         reason = "invalid"
     return reason, validation_message(exc, top="event")

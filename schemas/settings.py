@@ -68,6 +68,8 @@ COMMAND_ENV = frozenset({
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._\-]*$")
+# An origin a stats request may be forwarded to: scheme, host (or *.rest), optional port, nothing else.
+_PEER = re.compile(r"^https?://(\*\.)?([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?/?$")
 
 
 class _Section(BaseModel):
@@ -221,16 +223,33 @@ def _margin(value: str) -> str:
 Margin = Annotated[str, AfterValidator(_margin)]
 
 
+def _reservation_cap(value: str) -> str:
+    from budgetflow.schemas.money import MAX_ENTRY_PICO, parse_usd
+
+    pico = parse_usd(value, what="the cap")
+    if not 0 < pico <= MAX_ENTRY_PICO:
+        raise ValueError("must be a USD amount above 0 and at most 1000000")
+    return value
+
+
+ReservationCap = Annotated[str, AfterValidator(_reservation_cap)]
+
+
 class ReservationSettings(_Section):
     """How a request's cost is reserved before its usage is known."""
 
-    ttl_s: int = Field(3600, gt=0, description="A reservation not settled within this expires at its estimate.")
+    ttl_s: int = Field(
+        3600, gt=0, le=7 * 86400, description="A reservation not settled within this expires at its estimate."
+    )
     default_output_tokens: int = Field(
         1024, ge=0, description="Output tokens reserved when a request sets no max_tokens (capped by the model)."
     )
     margin_exact: Margin = Field("1.0", description="Reservation multiplier for exactly counted input.")
     margin_approximate: Margin = Field("1.2", description="Reservation multiplier for approximately counted input.")
     margin_heuristic: Margin = Field("1.0", description="Reservation multiplier for heuristically counted input.")
+    max_unpriced_usd: ReservationCap = Field(
+        "10.00", description="Most reserved for one call of an unpriced model (the fallback price is a guess)."
+    )
 
 
 class PricingSettings(_Section):
@@ -331,6 +350,9 @@ class WorkerSettings(_Section):
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Aggregate state store: rocksdb (restart replays the tail) or memory (replays all)."
     )
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, le=600, description="Longest a worker takes to stop after SIGTERM, whatever the broker does."
+    )
 
 
 class ViewSettings(_Section):
@@ -374,12 +396,38 @@ class PublisherSettings(_Section):
 class WebSettings(_Section):
     """The HTTP endpoints of the workers (stats API, health, metrics) and of `budgetflow view serve`."""
 
-    host: str = Field("0.0.0.0", description="Interface to listen on.")  # noqa: S104  # a service, in a pod
+    host: str = Field(
+        "127.0.0.1", description="Interface of the stats API and of enrich's /metrics (the Helm chart sets 0.0.0.0)."
+    )
     port: int = Field(8085, ge=0, le=65535, description="Port of the aggregate's stats API (0 picks a free one).")
     advertised_url: str | None = Field(
         None, description="URL other workers use to reach this one (default http://<hostname>:<port>)."
     )
     bearer_token: SecretStr | None = Field(None, description="If set, the stats API requires this bearer token.")
+    peers: list[str] = Field(
+        default_factory=list,
+        description='Origins a stats request may be forwarded to, as JSON: ["http://*.agg.ns.svc:8085"] '
+        "(* is one DNS label); a budget held by a worker not listed answers 503.",
+    )
+    peer_token: SecretStr | None = Field(
+        None,
+        description="Token workers present to each other when forwarding (required with PEERS and a "
+        "BEARER_TOKEN; not the same token).",
+    )
+
+    @field_validator("peers")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for peer in value:
+            if not _PEER.match(peer):
+                raise ValueError(f"{peer!r} is not an origin like http://host:port (a leading *. stands for one label)")
+        return value
+
+    @model_validator(mode="after")
+    def _peer_credential(self) -> WebSettings:
+        if self.bearer_token is not None and self.peers and self.peer_token is None:
+            raise ValueError("BUDGETFLOW_WEB__PEER_TOKEN is required when WEB__PEERS and WEB__BEARER_TOKEN are set")
+        return self
 
 
 class NotifySettings(_Section):

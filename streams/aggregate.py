@@ -30,12 +30,13 @@ from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock, month_start, next_month_start
 from budgetflow.streams.crash import crash_due, crash_now, crash_point
-from budgetflow.streams.dlq import DeadLetter
+from budgetflow.streams.dlq import DeadLetter, redact, send_dead_letter
 from budgetflow.streams.forecast import Forecast, Forecaster
 from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
 from budgetflow.streams.metrics import AggregateCollector, PipelineMetrics
 from budgetflow.streams.policies import PolicyBook
 from budgetflow.streams.publish import Outgoing, StatusPublisher
+from budgetflow.streams.serving import listen
 from budgetflow.streams.store import MemoryStore, RocksStore, Store
 from budgetflow.streams.topics import Topics, ensure_topics, partition_for
 from budgetflow.streams.view import BudgetView
@@ -46,8 +47,9 @@ log = logging.getLogger(__name__)
 
 _LATE_MESSAGES = {
     "late_period": "the entry's period is closed (past its grace)",
-    "late_horizon": "the entry's request is older than the dedupe horizon and has no state",
+    "late_horizon": "the entry's request is past its TTL and the dedupe horizon",
 }
+_OUT_OF_RANGE = "the entry would take its budget's month past the bound of a period (MAX_PERIOD_PICO)"
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -81,8 +83,10 @@ class AggregateWorker:
         self._changelog_end: dict[int, int] = {}
         self.lock = asyncio.Lock()
         self._policy_changes: set[str] = set()
-        self.policies = PolicyBook(settings, topics.policies.name, self._policy_changed)
         self.metrics = PipelineMetrics()
+        self.policies = PolicyBook(
+            settings, topics.policies.name, self._policy_changed, self.metrics.policy_skipped.inc
+        )
         self.metrics.start_counters("aggregate")
         self.metrics.registry.register(AggregateCollector(self, settings.metrics.max_budgets))
         self.forecaster = Forecaster(settings.forecast.window_s)
@@ -163,7 +167,7 @@ class AggregateWorker:
         runner = web.AppRunner(stats_app(self, view), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.web.host, self.settings.web.port)
-        await site.start()
+        await listen(site, runner, "BUDGETFLOW_WEB__PORT")
         port = runner.addresses[0][1]
         template = self.settings.web.advertised_url or "http://127.0.0.1:{port}"
         self.url = template.replace("{port}", str(port))
@@ -253,6 +257,7 @@ class AggregateWorker:
             self._restorer.unsubscribe()
         self._changelog_end[partition] = end - 1
         ledger = PartitionLedger(partition, store, self.config, self.policies.policy_for)
+        ledger.refresh_all()
         log.info("partition %d ready: %d changelog records restored in %.2f s", partition, restored,
                  time.monotonic() - began)  # fmt: skip
         return ledger, True
@@ -334,8 +339,7 @@ class AggregateWorker:
         others = [await self._send(o) for o in outgoing]
         self.metrics.records.labels("aggregate", "out").inc(len(outgoing) + len(dead))
         for letter in dead:
-            others.append(await self._producer.send(self.topics.dlq.name, key=letter.key, value=letter.value,
-                                                    headers=letter.headers()))  # fmt: skip
+            others.append(await send_dead_letter(self._producer, self.topics.dlq.name, letter))
         results = {p: list(zip(await asyncio.gather(*(f for f, _ in batches)), (n for _, n in batches), strict=True))
                    for p, batches in changelog.items()}  # fmt: skip
         await asyncio.gather(*others)
@@ -355,19 +359,32 @@ class AggregateWorker:
     def _apply(
         self, ledger: PartitionLedger, tp: TopicPartition, record: ConsumerRecord, dead: list[DeadLetter]
     ) -> None:
+        def letter(reason: str, message: str) -> None:
+            value = record.value if self.settings.dlq.keep_raw else redact(record.value)
+            dead.append(DeadLetter("aggregate", reason, message, tp.topic, tp.partition, record.offset, record.key,
+                                   value or b"null"))  # fmt: skip
+
         try:
             entry = decode_fast(LedgerEntry, record.value)
         except InvalidEvent as exc:
-            dead.append(DeadLetter("aggregate", exc.reason, str(exc), tp.topic, tp.partition, record.offset,
-                                   record.key, record.value or b"null"))  # fmt: skip
+            letter(exc.reason, str(exc))
             return
-        outcome = ledger.apply(entry, record.offset)
+        # A tick's time is bounded by when the broker took it (on this worker's clock) plus the allowed skew.
+        max_time = self.clock.at(record.timestamp / 1000) + self.settings.max_clock_skew_s
+        try:
+            outcome = ledger.apply(entry, record.offset, max_time=max_time)
+        except Exception as exc:  # a defect must not stop the partition on one record
+            log.exception("ledger failed on %s[%d]@%d; dead-lettered as internal", tp.topic, tp.partition,
+                          record.offset)  # fmt: skip
+            letter("internal", f"the ledger failed: {exc.__class__.__name__}")
+            return
         key = (entry.kind, outcome)
         self._outcomes[key] = self._outcomes.get(key, 0) + 1
         if outcome in _LATE_MESSAGES:
             self.metrics.late.labels(outcome.removeprefix("late_")).inc()
-            dead.append(DeadLetter("aggregate", "late", _LATE_MESSAGES[outcome], tp.topic, tp.partition,
-                                   record.offset, record.key, record.value or b"null"))  # fmt: skip
+            letter("late", _LATE_MESSAGES[outcome])
+        elif outcome == "out_of_range":
+            letter("out_of_range", _OUT_OF_RANGE)
         elif outcome == "tick":
             self._heartbeat_due.add(tp.partition)
             self._sample(ledger)

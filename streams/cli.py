@@ -123,7 +123,7 @@ def worker(ctx: _Context, role: str) -> None:
 
     if role == "all":
         sys.exit(supervise(["enrich", "aggregate"]))
-    run_role(role, settings)  # type: ignore[arg-type]  # click.Choice guarantees the value
+    sys.exit(run_role(role, settings))  # type: ignore[arg-type]  # click.Choice guarantees the value
 
 
 @cli.command("notify")
@@ -135,7 +135,7 @@ def notify(ctx: _Context) -> None:
         raise click.UsageError("set BUDGETFLOW_NOTIFY__WEBHOOK_URL to the webhook to post to")
     from budgetflow.streams.worker import run_role
 
-    run_role("notify", settings)
+    sys.exit(run_role("notify", settings))
 
 
 @cli.group()

@@ -31,6 +31,12 @@ class Clock:
             return time.time()
         return self._start + (time.time() - self._anchor_wall) * self.speed
 
+    def at(self, wall: float) -> float:
+        """The time this clock read (or will read) when the wall clock read ``wall`` (epoch seconds)."""
+        if not self.simulated:
+            return wall
+        return self._start + (wall - self._anchor_wall) * self.speed
+
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.timestamp(), UTC)
 

@@ -25,17 +25,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from budgetflow.schemas.errors import ConfigError, InvalidEvent
-from budgetflow.schemas.events import GLOBAL_BUDGET, Backend, RequestEvent, UsageEvent, entry_id
-from budgetflow.schemas.money import pico_to_float_usd
+from budgetflow.schemas.events import GLOBAL_BUDGET, MAX_TOKENS, Backend, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock
 from budgetflow.streams.crash import crash_point
-from budgetflow.streams.dlq import DeadLetter, redact_request
+from budgetflow.streams.dlq import DeadLetter, redact, send_dead_letter
 from budgetflow.streams.metrics import PipelineMetrics
 from budgetflow.streams.policies import PolicyBook
 from budgetflow.streams.scopes import BudgetResolver
+from budgetflow.streams.serving import listen
 from budgetflow.streams.topics import Topics, ensure_topics, partition_for
 from budgetflow.tokenizers.estimate import Estimator
 
@@ -100,13 +101,21 @@ class Enricher:
                 self._not_future(usage.occurred_at, "occurred_at")
                 result = EnrichResult(self.settle(usage), unknown_fields=unknown)
         except InvalidEvent as exc:
-            stored = value if self.keep_raw or not is_request else redact_request(value)
-            dead = DeadLetter("enrich", exc.reason, str(exc), topic, partition, offset, key, stored or b"null")
-            self.metrics.dead_letters.labels("enrich", exc.reason).inc()
-            return EnrichResult(dead=dead)
+            return self._dead(exc.reason, str(exc), topic, partition, offset, key, value)
+        except Exception as exc:  # a defect must not stop the stream on one record: DLQ it, loudly
+            log.exception("enrich failed on %s[%d]@%d; dead-lettered as internal", topic, partition, offset)
+            return self._dead("internal", f"enrich failed: {exc.__class__.__name__}", topic, partition, offset, key,
+                              value)  # fmt: skip
         if unknown:
             self.metrics.unknown_fields.labels("requests" if is_request else "usage").inc(len(unknown))
         return result
+
+    def _dead(self, reason: str, message: str, topic: str, partition: int, offset: int, key: bytes | None,
+              value: bytes | None) -> EnrichResult:  # fmt: skip
+        stored = value if self.keep_raw else redact(value)
+        self.metrics.dead_letters.labels("enrich", reason).inc()
+        letter = DeadLetter("enrich", reason, message, topic, partition, offset, key, stored or b"null")
+        return EnrichResult(dead=letter)
 
     def _not_future(self, moment: datetime, field: str) -> None:
         """An event from beyond the allowed clock skew would count in a month that has not begun."""
@@ -122,6 +131,9 @@ class Enricher:
     def reserve(self, event: RequestEvent) -> list[tuple[str, bytes]]:
         began = time.perf_counter()
         estimate = self.estimator.estimate(event)
+        if estimate.input_tokens > MAX_TOKENS:
+            raise InvalidEvent("out_of_range", f"input: {estimate.input_tokens} tokens, more than a ledger entry "
+                                               f"holds ({MAX_TOKENS})")  # fmt: skip
         m = self.metrics
         m.child(m.count_duration, estimate.tier).observe(time.perf_counter() - began)
         label = self._model_label(event.model, event.backend, event.provider)
@@ -140,7 +152,12 @@ class Enricher:
 
     def settle(self, event: UsageEvent) -> list[tuple[str, bytes]]:
         cost = self.estimator.price_usage(event)
-        price = self.estimator.table.price(event.model, backend=event.backend, provider=event.provider)
+        if cost.pico_usd > MAX_ENTRY_PICO:
+            raise InvalidEvent("out_of_range", f"cost ${format_usd(cost.pico_usd, 2)} is past the bound of one "
+                                               f"entry (${format_usd(MAX_ENTRY_PICO, 0)})")  # fmt: skip
+        # The TTL its reserve had (the request's model at the request's time); the ledger keeps the first one anyway.
+        price = self.estimator.table.price(event.request_model or event.model, backend=event.backend,
+                                           provider=event.provider, at=event.request_occurred_at)  # fmt: skip
         ttl = price.reservation_ttl_s or self.estimator.reservation.ttl_s
         m = self.metrics
         label = self._model_label(event.model, event.backend, event.provider)
@@ -205,7 +222,7 @@ class EnrichWorker:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.web.host, self.settings.metrics.port)
-        await site.start()
+        await listen(site, runner, "BUDGETFLOW_METRICS__PORT")
         self.metrics_port = runner.addresses[0][1]
         log.info("enrich metrics on port %d", self.metrics_port)
         return runner
@@ -287,7 +304,8 @@ class EnrichWorker:
             # Budget scopes and parents come from the policies, followed like a view follows statuses.
             resolver = BudgetResolver(lambda: book.policies, self.settings.unknown_budget,
                                       on_unknown=self._unknown_budget)  # fmt: skip
-            book = PolicyBook(self.settings, self.topics.policies.name, on_change=resolver.invalidate)
+            book = PolicyBook(self.settings, self.topics.policies.name, on_change=resolver.invalidate,
+                              on_skip=self.metrics.policy_skipped.inc)  # fmt: skip
             await book.start()
             stack.push_async_callback(book.stop)
             resolver.invalidate()
@@ -334,9 +352,7 @@ class EnrichWorker:
                 produced += len(result.entries)
                 if result.dead is not None:
                     self.dead_letters += 1
-                    dead = result.dead
-                    sends.append(await producer.send(self.topics.dlq.name, key=dead.key, value=dead.value,
-                                                     headers=dead.headers()))  # fmt: skip
+                    sends.append(await send_dead_letter(producer, self.topics.dlq.name, result.dead))
                     produced += 1
             self.processed += len(records)
             self._positions[tp] = records[-1].offset + 1

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["WorkerProcess", "worker_env"]
+__all__ = ["WorkerProcess", "die_with_parent", "worker_env"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when this process dies, even by SIGKILL.
+
+    So no worker outlives the process that started it (an orphan would hold its ports and its partitions).
+    Linux only; elsewhere None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def worker_env(settings_env: Mapping[str, str]) -> dict[str, str]:
@@ -32,6 +55,7 @@ class WorkerProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),  # noqa: PLW1509  # no threads yet in the processes that launch workers
             )
 
     @property

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 from budgetflow.schemas.events import LedgerEntry, StatusName, period_of
+from budgetflow.schemas.money import MAX_PERIOD_PICO
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.streams.clock import next_month_start
@@ -61,7 +62,15 @@ R_PREFIX = b"r|"
 META_KEY = b"m|"
 SEP = b"\x1f"  # neither budget ids nor request ids may contain control characters
 
-Outcome = Literal["applied", "duplicate", "replayed", "late_period", "late_horizon", "tick"]
+Outcome = Literal["applied", "duplicate", "replayed", "late_period", "late_horizon", "out_of_range", "tick"]
+_INT64 = 1 << 63
+
+
+def _wide(value: int) -> int | str:
+    """An amount for the state's JSON: orjson encodes 64 bits, a period's sums may be larger (MAX_PERIOD_PICO)."""
+    return value if -_INT64 < value < _INT64 else str(value)
+
+
 RequestKey = tuple[str, str, int]
 
 
@@ -87,13 +96,13 @@ class PeriodState:
         return self.settled + self.reserved
 
     def encode(self) -> bytes:
-        return dumps([self.settled, self.reserved, self.requests, self.settles, self.expired, self.adjusted,
-                      self.unpriced, self.status, self.events, self.o])  # fmt: skip
+        return dumps([_wide(self.settled), _wide(self.reserved), self.requests, self.settles, self.expired,
+                      self.adjusted, self.unpriced, self.status, self.events, self.o])  # fmt: skip
 
     @classmethod
     def decode(cls, budget: str, period: str, raw: bytes) -> PeriodState:
         s, r, n, st, ex, ad, un, status, events, o = loads(raw)
-        return cls(budget, period, s, r, n, st, ex, ad, un, status, list(events), o)
+        return cls(budget, period, int(s), int(r), n, st, ex, ad, un, status, list(events), o)
 
 
 @dataclass(slots=True)
@@ -180,6 +189,7 @@ class LedgerConfig:
     sweep_keys_per_tick: int = 20_000
     sweep_interval_s: float = 600.0
     keep_periods: int = 13
+    max_period_pico: int = MAX_PERIOD_PICO
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LedgerConfig:
@@ -302,23 +312,27 @@ class PartitionLedger:
         return len(self._open)
 
     # -- applying ---------------------------------------------------------------
-    def apply(self, entry: LedgerEntry, offset: int) -> Outcome:
-        """Apply one entry at its ledger offset; idempotent for an offset it already reflects."""
+    def apply(self, entry: LedgerEntry, offset: int, *, max_time: float | None = None) -> Outcome:
+        """Apply one entry at its ledger offset; idempotent for an offset it already reflects.
+
+        ``max_time`` bounds a tick's time (its record's broker time plus the allowed clock skew), so that one
+        tick from a clock that runs ahead cannot make every genuine entry late.
+        """
         if offset <= self.meta.applied:
             return "replayed"
         self._last_offset = max(self._last_offset, offset)
         if entry.kind == "tick":
-            self._tick(entry, offset)
+            self._tick(entry, offset, max_time)
             return "tick"
         assert entry.budget_id is not None  # the schema requires it for every other kind
         if _period_end(entry.period) + self.config.grace_s < self.meta.stream_time:
             return "late_period"
-        req_at = entry.occurred_at.timestamp()
-        ttl = entry.ttl_s or self.config.default_ttl_s
-        if req_at + ttl + self.config.horizon_s < self.meta.stream_time:
-            return "late_horizon"
         key = (entry.budget_id, entry.request_id, entry.attempt)
         before = self._request(key)
+        req_at = entry.occurred_at.timestamp()
+        ttl = entry.ttl_s or self.config.default_ttl_s
+        if self._late(before, req_at):
+            return "late_horizon"
         if before is not None and before.o >= offset:
             period = self.periods.get((entry.budget_id, before.period))
             if period is None or period.o < offset:
@@ -329,10 +343,15 @@ class PartitionLedger:
         after = self._next_state(before, entry, offset, req_at, ttl)
         if after is None:
             return "duplicate"
-        period = self._period(after.budget, after.period)
+        pkey = (after.budget, after.period)
+        period = self.periods.get(pkey) or PeriodState(*pkey)
         if period.o < offset:
-            period.settled += after.settled_part - (before.settled_part if before else 0)
-            period.reserved += after.reserved_part - (before.reserved_part if before else 0)
+            settled = period.settled + after.settled_part - (before.settled_part if before else 0)
+            reserved = period.reserved + after.reserved_part - (before.reserved_part if before else 0)
+            if abs(settled) + reserved > self.config.max_period_pico:
+                return "out_of_range"  # before any change: the entry is refused whole
+            self.periods[pkey] = period
+            period.settled, period.reserved = settled, reserved
             if before is None:
                 period.requests += 1
                 if not entry.priced:
@@ -346,6 +365,17 @@ class PartitionLedger:
             self._dirty_periods[(period.budget, period.period)] = period
         self._put_request(before, after)
         return "applied"
+
+    def _late(self, state: RequestState | None, req_at: float) -> bool:
+        """Past the dedupe horizon: the request's state may be swept, so an entry could no longer be deduplicated.
+
+        A request's TTL is the one stored with its first entry (a settle may carry another: the price of the
+        reported model, or a changed setting). The sweep forgets a state at its req_at + TTL + horizon, so an
+        entry that finds no state is judged without a TTL: it cannot outlive a state that was swept.
+        """
+        if state is not None:
+            return state.req_at + state.ttl_s + self.config.horizon_s < self.meta.stream_time
+        return req_at + self.config.horizon_s < self.meta.stream_time
 
     def _next_state(
         self, state: RequestState | None, entry: LedgerEntry, offset: int, req_at: float, ttl: int
@@ -403,6 +433,18 @@ class PartitionLedger:
                 Transition(period.budget, period.period, status, previous, period.settled, period.reserved, offset)
             )
 
+    def refresh_all(self) -> None:
+        """Re-evaluate every period's status against the policies now, writing only those that change.
+
+        After a recovery: a policy may have changed while this partition was away, or its re-evaluation may not
+        have become durable before a crash.
+        """
+        for period in list(self.periods.values()):
+            policy = self.policy_for(period.budget)
+            if self.config.rules.next_status(period.status, period.spend, policy) != period.status:
+                self._update_status(period, self._last_offset)
+                self._dirty_periods[(period.budget, period.period)] = period
+
     def refresh_policy(self, budget: str) -> None:
         """A policy changed: re-evaluate the budget's status in every period this partition holds."""
         for (owner, _), period in list(self.periods.items()):
@@ -411,8 +453,10 @@ class PartitionLedger:
                 self._dirty_periods[(period.budget, period.period)] = period
 
     # -- time -------------------------------------------------------------------
-    def _tick(self, entry: LedgerEntry, offset: int) -> None:
+    def _tick(self, entry: LedgerEntry, offset: int, max_time: float | None) -> None:
         now = entry.occurred_at.timestamp()
+        if max_time is not None and now > max_time:
+            now = max_time  # a clock ahead of the broker's: stream time moves only as far as the broker vouches
         self.meta.stream_time = max(self.meta.stream_time, now)
         current = period_of(datetime.fromtimestamp(self.meta.stream_time, UTC))
         if self.meta.period != current:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.events import AuditRecord, LedgerEntry, entry_id, period_of
-from budgetflow.schemas.money import parse_usd, usd_string
+from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, parse_usd, usd_string
 from budgetflow.schemas.serde import dumps
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
 from budgetflow.streams.audit import send_audit
@@ -46,6 +46,8 @@ def adjustment_entry(budget: str, usd: str, *, period: str, adjust_id: str, now:
         raise ConfigError(str(exc)) from exc
     if amount == 0:
         raise ConfigError("USD: an adjustment of 0 changes nothing")
+    if abs(amount) > MAX_ENTRY_PICO:
+        raise ConfigError(f"USD: at most {format_usd(MAX_ENTRY_PICO, 2)} either way in one adjustment (make several)")
     request_id = f"adjust:{adjust_id}"
     try:
         entry = LedgerEntry(entry_id=entry_id(request_id, 0, "adjust", budget), budget_id=budget,

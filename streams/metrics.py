@@ -87,6 +87,8 @@ class PipelineMetrics:
                             ["reason"], registry=r)  # fmt: skip
         self.expired = Counter(f"{PREFIX}_reservations_expired", "Reservations that expired at their estimate.",
                                registry=r)  # fmt: skip
+        self.policy_skipped = Counter(f"{PREFIX}_policy_records_skipped", "Malformed records on the policies topic "
+                                      "that were skipped.", registry=r)  # fmt: skip
         self.statuses = Counter(f"{PREFIX}_statuses_published", "Budget statuses published.", ["reason"], registry=r)
         self.propagation = Histogram(f"{PREFIX}_status_propagation_seconds",
                                      "From a ledger entry reaching the broker to the status it moved being published.",

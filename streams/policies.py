@@ -21,7 +21,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
-from budgetflow.schemas.errors import ConfigError
+from budgetflow.schemas.errors import ConfigError, InvalidEvent
 from budgetflow.schemas.events import AuditRecord
 from budgetflow.schemas.policy import BudgetPolicy, parse_policy_file
 from budgetflow.schemas.serde import dumps, loads
@@ -56,7 +56,9 @@ async def read_policies(settings: Settings, topic: str) -> dict[str, BudgetPolic
         await consumer.stop()
 
 
-async def _read_to_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[str, BudgetPolicy]:
+async def _read_to_end(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], on_skip: Callable[[], None] | None = None
+) -> dict[str, BudgetPolicy]:
     consumer.assign(partitions)
     await consumer.seek_to_beginning(*partitions)
     ends = await consumer.end_offsets(partitions)
@@ -66,14 +68,16 @@ async def _read_to_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartiti
         batch = await consumer.getmany(*remaining, timeout_ms=500)
         for records in batch.values():
             for record in records:
-                _absorb(policies, record.key, record.value)
+                _absorb(policies, record.key, record.value, on_skip)
         for tp in list(remaining):
             if await consumer.position(tp) >= ends[tp]:
                 remaining.discard(tp)
     return policies
 
 
-def _absorb(policies: dict[str, BudgetPolicy], key: bytes | None, value: bytes | None) -> str | None:
+def _absorb(
+    policies: dict[str, BudgetPolicy], key: bytes | None, value: bytes | None, on_skip: Callable[[], None] | None = None
+) -> str | None:
     """Apply one policy record; return the budget it changed (None for a malformed one, which is skipped)."""
     if key is None:
         return None
@@ -83,8 +87,11 @@ def _absorb(policies: dict[str, BudgetPolicy], key: bytes | None, value: bytes |
         return budget
     try:
         policy = BudgetPolicy.model_validate(loads(value))
-    except (ValidationError, ValueError) as exc:
-        log.error("skipping a malformed policy record for %r: %s", budget, exc.__class__.__name__)
+    except (ValidationError, ValueError, InvalidEvent) as exc:
+        # One bad record must not keep anything from starting: the budget keeps its last good policy.
+        log.error("skipping a malformed policy record for %r: %s", budget[:128], exc.__class__.__name__)
+        if on_skip is not None:
+            on_skip()
         return None
     policies[policy.id] = policy
     return policy.id
@@ -98,8 +105,15 @@ class PolicyChange:
 class PolicyBook:
     """Follows the policies topic in the background; ``policy_for`` never blocks."""
 
-    def __init__(self, settings: Settings, topic: str, on_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        on_change: Callable[[str], None] | None = None,
+        on_skip: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
+        self._on_skip = on_skip
         self._topic = topic
         self._policies: dict[str, BudgetPolicy] = {}
         self._defaults: dict[str, BudgetPolicy] = {}
@@ -130,7 +144,7 @@ class PolicyBook:
         self._consumer = AIOKafkaConsumer(**client_options(self._settings.kafka), enable_auto_commit=False)
         await self._consumer.start()
         partitions = [TopicPartition(self._topic, p) for p in await topic_partitions(self._settings, self._topic)]
-        self._policies = await _read_to_end(self._consumer, partitions)
+        self._policies = await _read_to_end(self._consumer, partitions, self._on_skip)
         self.ready.set()
         self._task = asyncio.create_task(self._follow(), name="policy-follower")
 
@@ -140,7 +154,7 @@ class PolicyBook:
             batch = await self._consumer.getmany(timeout_ms=1000)
             for records in batch.values():
                 for record in records:
-                    changed = _absorb(self._policies, record.key, record.value)
+                    changed = _absorb(self._policies, record.key, record.value, self._on_skip)
                     if changed is not None and self._on_change is not None:
                         self._on_change(changed)
 

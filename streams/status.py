@@ -99,7 +99,8 @@ def build_status(
         reserved_usd=reserved,
         limit_usd=limit,
         remaining_usd=None if limit is None else max(limit - spend, 0),
-        utilization_percent=None if u is None else round(float(u), 6),
+        # Credits may take a month below zero: spend says so exactly, utilization stops at 0 %.
+        utilization_percent=None if u is None else round(float(u) if u > 0 else 0.0, 6),
         soft_limit_percent=policy.soft_limit_percent,
         hard_limit_action=policy.hard_limit_action,
         as_of=as_of,

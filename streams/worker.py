@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Literal
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 from budgetflow.schemas.settings import Settings
 
@@ -30,11 +31,32 @@ def configure_logging(settings: Settings, role: str) -> None:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
 
 
-async def _run(role: Role, settings: Settings) -> None:
+# Errors no restart can cure: the settings (or the credentials they name) are wrong. The worker exits with one line.
+_FATAL_KAFKA = (
+    "AuthenticationFailedError", "SaslAuthenticationFailed", "UnsupportedSaslMechanismError", "IllegalSaslStateError",
+    "TopicAuthorizationFailedError", "GroupAuthorizationFailedError", "ClusterAuthorizationFailedError",
+    "KafkaConfigurationError", "InvalidConfigurationError", "UnsupportedVersionError",
+)  # fmt: skip
+EXIT_CONFIG = 2
+
+
+def _fatal(exc: BaseException) -> str | None:
+    """One line saying what is wrong, for an error that is the configuration's, not the broker's; else None."""
+    from budgetflow.schemas.errors import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if exc.__class__.__name__ in _FATAL_KAFKA:
+        return f"Kafka refused this worker's configuration or credentials: {exc.__class__.__name__}: {exc}"
+    return None
+
+
+async def _run(role: Role, settings: Settings) -> int:
     """Run the role until a signal; if the broker goes away, tear down and start again with a backoff.
 
     A restart is a recovery like any other: state comes back from the store and the changelog,
-    and the idempotent ledger absorbs whatever is replayed.
+    and the idempotent ledger absorbs whatever is replayed. A configuration error exits at once
+    (status 2); a stop takes at most ``worker.shutdown_timeout_s``, whatever the broker does.
     """
     from aiokafka.errors import KafkaError
 
@@ -46,8 +68,20 @@ async def _run(role: Role, settings: Settings) -> None:
     while not stop.is_set():
         began = loop.time()
         try:
-            await _run_once(role, settings, stop)
-        except (KafkaError, OSError, TimeoutError) as exc:
+            if not await _bounded(_run_once(role, settings, stop), stop, settings.worker.shutdown_timeout_s):
+                log.error("%s worker did not stop within %.0f s (WORKER__SHUTDOWN_TIMEOUT_S); exiting without a "
+                          "clean close (nothing is committed before it is durable)", role,
+                          settings.worker.shutdown_timeout_s)  # fmt: skip
+                # Its tasks may hang on a broker that does not answer: leave them, do not wait for them.
+                logging.shutdown()
+                os._exit(1)
+        except Exception as exc:
+            fatal = _fatal(exc)
+            if fatal is not None:
+                log.error("%s worker cannot run: %s", role, fatal)
+                return EXIT_CONFIG
+            if not isinstance(exc, (KafkaError, OSError, TimeoutError)):
+                raise
             if stop.is_set():
                 break
             if loop.time() - began > 60:
@@ -57,6 +91,29 @@ async def _run(role: Role, settings: Settings) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, 30.0)
+    return 0
+
+
+async def _bounded(work: Coroutine[Any, Any, None], stop: asyncio.Event, timeout_s: float) -> bool:
+    """Run ``work``; once ``stop`` is set give it ``timeout_s`` to finish, then cancel it. False: it would not stop."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            if not done:
+                return False
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
+            return True
+    task.result()  # the worker's own error, if it failed
+    return True
 
 
 async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None:
@@ -87,16 +144,22 @@ async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None
         await AggregateWorker(settings, topics, Clock(settings.clock)).run(stop)
 
 
-def run_role(role: Role, settings: Settings) -> None:
-    """Run one role in this process until SIGTERM or SIGINT."""
+def run_role(role: Role, settings: Settings) -> int:
+    """Run one role in this process until SIGTERM or SIGINT; the exit status (2: a configuration error)."""
     configure_logging(settings, role)
-    asyncio.run(_run(role, settings))
+    return asyncio.run(_run(role, settings))
 
 
 def supervise(roles: list[Role]) -> int:
     """Run each role as a child process; stop all when one exits or on SIGTERM/SIGINT."""
+    from budgetflow.streams.launch import die_with_parent
+
     children = {
-        role: subprocess.Popen([sys.executable, "-m", "budgetflow.streams", "worker", "--role", role]) for role in roles
+        role: subprocess.Popen(
+            [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
+            preexec_fn=die_with_parent(),  # noqa: PLW1509  # the supervisor runs no threads
+        )
+        for role in roles
     }
     stopping = False
 

@@ -11,7 +11,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import NamedTuple
 
-from budgetflow.schemas.events import Backend, RequestEvent, Tier, UsageEvent
+from budgetflow.schemas.events import MAX_TOKENS, Backend, RequestEvent, Tier, UsageEvent
+from budgetflow.schemas.money import MAX_ENTRY_PICO, parse_usd
 from budgetflow.schemas.serde import dumps
 from budgetflow.schemas.settings import PricingSettings, ReservationSettings, TokenizerSettings
 from budgetflow.tokenizers.pricing import Cost, PriceTable
@@ -111,10 +112,15 @@ class Estimator:
         )
         if price.max_output_tokens is not None:
             requested = min(requested, price.max_output_tokens)
-        output = requested * max(event.n or 1, 1)
+        # A count a ledger entry can hold: n × max_tokens may pass it, and a reservation is only an estimate.
+        output = min(requested * max(event.n or 1, 1), MAX_TOKENS)
         raw = count.tokens * price.input + output * max(price.output, price.reasoning)
         margin = self.margin(count.tier)
         reserved = -(-raw * margin.numerator // margin.denominator)  # ceiling: never reserve too little
+        if not price.priced:
+            # The fallback price is a guess: a request asking for a billion tokens must not reserve $75,000.
+            reserved = min(reserved, parse_usd(self.reservation.max_unpriced_usd))
+        reserved = min(reserved, MAX_ENTRY_PICO)
         return Estimate(
             input_tokens=count.tokens,
             output_tokens=output,
