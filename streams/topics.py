@@ -50,9 +50,11 @@ class Topics:
             "segment.ms": str(settings.requests_segment_ms)},
             "RequestEvent keyed by request_id (holds prompt text: short retention)")  # fmt: skip
         self.usage = TopicSpec(f"{prefix}usage", n, {"cleanup.policy": "delete"}, "UsageEvent keyed by request_id")
+        # The broker stamps ledger records (LogAppendTime): a tick's time is bounded by it, so a worker whose clock
+        # runs ahead cannot move stream time (and expire reservations, and make entries late) on its own say.
         self.ledger = TopicSpec(f"{prefix}ledger", n, {
             "cleanup.policy": "delete", "retention.ms": str(400 * _DAY_MS),
-            "message.timestamp.type": "CreateTime"}, "LedgerEntry keyed by budget id (the audit trail)")  # fmt: skip
+            "message.timestamp.type": "LogAppendTime"}, "LedgerEntry keyed by budget id (the audit trail)")  # fmt: skip
         self.policies = TopicSpec(f"{prefix}policies", n, {"cleanup.policy": "compact"},
                                   "BudgetPolicy keyed by budget id; a null value deletes")  # fmt: skip
         self.status = TopicSpec(f"{prefix}budget-status", 1, {
