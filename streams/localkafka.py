@@ -3,6 +3,12 @@
 The broker's jars come from Maven Central through Maven (cached, so the second
 start is fast); the broker runs as a detached JVM whose data dir survives a
 stop and a start. No Docker, no mock: this is Apache Kafka itself.
+
+The data dir is private: the log holds prompt text (the requests topic) and, on a
+secure broker, ``server.properties`` holds the broker's SCRAM password. Its
+directories are 0700 and its files 0600; the JVMs run with umask 077, so every
+segment Kafka writes is born private, and a start tightens a dir left looser by
+an older version.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,11 +36,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from budgetflow.schemas.errors import LocalKafkaError
 from budgetflow.schemas.settings import LocalKafkaSettings
-from budgetflow.streams.securekafka import SecureDir
+from budgetflow.streams.securekafka import SecureDir, write_private
 
 __all__ = ["DEFAULT_PORT", "KafkaJars", "LocalKafka", "free_port"]
 
 DEFAULT_PORT = 9092
+# Every process that writes into the data dir: files 0600, directories 0700.
+_UMASK = 0o077
 
 
 def free_port() -> int:
@@ -62,6 +71,20 @@ def _pid_alive(pid: int) -> bool:
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
     return True
+
+
+def _make_private(root: Path) -> None:
+    """Directories 0700 and files 0600 under ``root`` (symbolic links are left alone)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            with contextlib.suppress(FileNotFoundError):
+                mode = path.lstat().st_mode
+                if stat.S_ISDIR(mode) and stat.S_IMODE(mode) != 0o700:
+                    os.chmod(path, 0o700)
+                elif stat.S_ISREG(mode) and stat.S_IMODE(mode) & 0o077:
+                    os.chmod(path, stat.S_IMODE(mode) & 0o700)
+    os.chmod(root, 0o700)
 
 
 def _tool(name: str) -> str:
@@ -234,8 +257,11 @@ class LocalKafka:
     # -- internals -----------------------------------------------------------
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with (self.home / ".lock").open("w") as handle:
+        self.home.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        fd = os.open(self.home / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -277,14 +303,16 @@ class LocalKafka:
             secure.ensure()
         state = _State(cluster_id, port, controller, str(secure.path) if secure else None)
 
-        (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        (self.home / "server.properties").write_text(self._server_properties(state))
+        (self.home / "logs").mkdir(mode=0o700, exist_ok=True)
+        self.log_dir.mkdir(mode=0o700, exist_ok=True)
+        _make_private(self.home)  # the broker is down: a dir an older version left readable is tightened
+        # On a secure broker server.properties holds the broker's own SCRAM password.
+        write_private(self.home / "server.properties", self._server_properties(state))
         template = resources.files("budgetflow.streams").joinpath("kafka-local/log4j2.properties").read_text()
-        (self.home / "log4j2.properties").write_text(template.replace("@LOG_DIR@", str(self.home / "logs")))
+        write_private(self.home / "log4j2.properties", template.replace("@LOG_DIR@", str(self.home / "logs")))
         if not formatted:
             self._format(cluster_id, secure)
-        self._state_file.write_text(json.dumps(state.__dict__))
+        write_private(self._state_file, json.dumps(state.__dict__))
         return state
 
     @staticmethod
@@ -364,22 +392,30 @@ class LocalKafka:
             cluster_id,
             "-c",
             str(self.home / "server.properties"),
-            *(secure.scram_arguments() if secure else []),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # The SCRAM passwords go through an argument file the tool reads (argparse4j's @FILE, one argument a
+        # line): on the command line every user would see them in `ps`.
+        argfile = self.home / "format.args"
+        try:
+            if secure is not None:
+                write_private(argfile, "".join(f"{arg}\n" for arg in secure.scram_arguments()))
+                cmd.append(f"@{argfile}")
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, umask=_UMASK)
+        finally:
+            argfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise LocalKafkaError(f"formatting the broker storage failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
 
     def _spawn(self, lib: Path, state: _State) -> int:
         cmd = [self._java(), *self._jvm_flags(), "-cp", f"{lib}/*", "kafka.Kafka", str(self.home / "server.properties")]
-        out = (self.home / "logs" / "stdout.log").open("ab")
+        out = os.fdopen(os.open(self.home / "logs" / "stdout.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         # A session of its own: the broker outlives the command that started it,
         # and Ctrl-C in the starting terminal does not reach it.
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, umask=_UMASK
         )
         out.close()
-        self._pid_file.write_text(f"{proc.pid}\n")
+        write_private(self._pid_file, f"{proc.pid}\n")
         return proc.pid
 
     def _wait_ready(self, state: _State, pid: int | None) -> None:
@@ -423,17 +459,16 @@ class LocalKafka:
         if self.topic_prefix in granted:
             return
         config = self.home / "admin-client.properties"
-        config.touch(mode=0o600)
-        config.write_text(secure.client_properties("admin"))
+        write_private(config, secure.client_properties("admin"))
         for args in secure.acl_commands(self.topic_prefix):
             cmd = [self._java(), "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
                    f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}", "-cp", f"{self.jars.lib}/*",
                    "org.apache.kafka.tools.AclCommand", "--bootstrap-server", f"127.0.0.1:{state.port}",
                    "--command-config", str(config), *args]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, umask=_UMASK)
             if proc.returncode != 0:
                 raise LocalKafkaError(f"setting ACLs failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
-        marker.write_text(json.dumps(sorted(granted | {self.topic_prefix})))
+        write_private(marker, json.dumps(sorted(granted | {self.topic_prefix})))
 
     def _log_tail(self, lines: int = 15) -> str:
         text = ""

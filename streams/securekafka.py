@@ -4,8 +4,12 @@
 
 - ``ca.pem`` (and ``ca.key``): a certificate authority made for this broker;
 - ``broker.pem``: the broker's PKCS#8 key and certificate (SAN ``localhost``, ``127.0.0.1``), signed by the CA;
-- ``credentials.json``: a random SCRAM-SHA-512 password per principal (mode 0600);
+- ``credentials.json``: a random SCRAM-SHA-512 password per principal;
 - ``<role>.env``: the ``BUDGETFLOW_KAFKA__*`` settings a process of that role sources.
+
+DIR is 0700 and every key and secret in it 0600. A password is never on a command line (``ps`` shows every
+process's arguments to every user): the storage tool reads its ``--add-scram`` arguments from an argument file,
+the Kafka tools their credentials from a ``--command-config`` file.
 
 Principals and what the ACLs let them do (everything else is refused:
 ``allow.everyone.if.no.acl.found=false``):
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from budgetflow.schemas.errors import LocalKafkaError
 
-__all__ = ["BROKER_PRINCIPAL", "MECHANISM", "ROLES", "SecureDir"]
+__all__ = ["BROKER_PRINCIPAL", "MECHANISM", "ROLES", "SecureDir", "write_private"]
 
 MECHANISM = "SCRAM-SHA-512"
 ROLES = ("admin", "worker", "router", "gateway")
@@ -39,11 +43,20 @@ BROKER_CN = "budgetflow-broker"
 BROKER_PRINCIPAL = f"User:CN={BROKER_CN}"
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only (0600), also when the file was there before."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(fd, 0o600)
+        handle.write(text)
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     tool = shutil.which("openssl")
     if tool is None:
         raise LocalKafkaError("`openssl` is not on PATH; a secure local broker needs it for its certificates")
-    proc = subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    # umask 077: the keys openssl writes are never readable by others, not even for a moment.
+    proc = subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, check=False, umask=0o077)
     if proc.returncode != 0:
         raise LocalKafkaError(f"openssl {args[0]} failed: {proc.stderr.strip()[-300:]}")
 
@@ -68,14 +81,17 @@ class SecureDir:
 
     def ensure(self) -> None:
         """Create what is missing: the CA, the broker's key and certificate, a password per role."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
         if not self.ca.exists() or not self.broker_pem.exists():
             self._certificates()
         if not self._credentials.exists():
             passwords = {role: secrets.token_urlsafe(24) for role in ROLES}
-            self._credentials.touch(mode=0o600)
-            self._credentials.write_text(json.dumps(passwords, indent=2) + "\n")
+            write_private(self._credentials, json.dumps(passwords, indent=2) + "\n")
+        # A directory made by an older version: its secrets become private too.
+        for path in [self._credentials, self.broker_pem, *self.path.glob("*.key"), *self.path.glob("*.env")]:
+            if path.exists():
+                os.chmod(path, 0o600)
 
     def _certificates(self) -> None:
         d = self.path
@@ -93,8 +109,7 @@ class SecureDir:
         _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-days", "825", "-sha256", "-extfile", "broker.ext", "-out", "broker.crt", cwd=d)  # fmt: skip
         # Kafka's PEM key store: the PKCS#8 key, then the certificate chain.
-        self.broker_pem.touch(mode=0o600)
-        self.broker_pem.write_text((d / "broker.key").read_text() + (d / "broker.crt").read_text())
+        write_private(self.broker_pem, (d / "broker.key").read_text() + (d / "broker.crt").read_text())
         for name in ("ca.key", "broker.key"):
             os.chmod(d / name, 0o600)
         for name in ("broker.csr", "broker.ext"):
@@ -113,11 +128,12 @@ class SecureDir:
         )
 
     def scram_arguments(self) -> list[str]:
-        """``--add-scram`` arguments of the storage tool: every principal exists from the first start."""
-        args: list[str] = []
-        for role in ROLES:
-            args += ["--add-scram", f"{MECHANISM}=[name={role},password={self.password(role)}]"]
-        return args
+        """``--add-scram`` arguments of the storage tool (every principal exists from the first start).
+
+        They hold the passwords: write them to an argument file the tool reads (``@FILE``, one argument a line),
+        never onto its command line. One argument each (``--add-scram=VALUE``), so a value is never read as a flag.
+        """
+        return [f"--add-scram={MECHANISM}=[name={role},password={self.password(role)}]" for role in ROLES]
 
     def server_properties(self, port: int, controller_port: int) -> dict[str, str]:
         return {
@@ -164,8 +180,7 @@ class SecureDir:
         written = []
         for role in ROLES:
             path = self.path / f"{role}.env"
-            path.touch(mode=0o600)
-            path.write_text("".join(f"{k}={v}\n" for k, v in self.env(role, bootstrap).items()))
+            write_private(path, "".join(f"{k}={v}\n" for k, v in self.env(role, bootstrap).items()))
             written.append(path)
         return written
 

@@ -8,8 +8,11 @@ what its role needs and nothing more.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -35,20 +38,73 @@ def env_file(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if line)
 
 
+def descendants(root: int) -> set[int]:
+    """A process and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+class CommandLines(threading.Thread):
+    """Records what `ps` shows of every process below one (their command lines) while it runs."""
+
+    def __init__(self, root: int) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.seen: set[str] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid in descendants(self.root):
+                try:
+                    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if raw:
+                    self.seen.add(raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"))
+            self.done.wait(0.005)
+
+
+@pytest.fixture(scope="module")
+def start_command_lines() -> list[str]:
+    """The command line of every process `kafka start --secure` ran (filled in by `secure_broker`)."""
+    return []
+
+
 @pytest.fixture(scope="module")
 def secure_broker(
-    tmp_path_factory: pytest.TempPathFactory, budgetflow_cli: Callable[..., list[str]]
+    tmp_path_factory: pytest.TempPathFactory, budgetflow_cli: Callable[..., list[str]], start_command_lines: list[str]
 ) -> Iterator[tuple[str, Path]]:
     root = tmp_path_factory.mktemp("secure")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
     env["BUDGETFLOW_TOPICS__PREFIX"] = PREFIX
     data, certs = root / "data", root / "certs"
-    proc = subprocess.run(budgetflow_cli("kafka", "start", "--data-dir", str(data), "--port", "0",
-                                         "--secure", str(certs)), capture_output=True, text=True, env=env,
-                          check=False, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.Popen(budgetflow_cli("kafka", "start", "--data-dir", str(data), "--port", "0",
+                                           "--secure", str(certs)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    watcher = CommandLines(proc.pid)
+    watcher.start()
     try:
-        yield proc.stdout.strip(), certs
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        watcher.done.set()
+        watcher.join()
+    start_command_lines.extend(sorted(watcher.seen))
+    assert proc.returncode == 0, stderr
+    try:
+        yield stdout.strip(), certs
     finally:
         subprocess.run(budgetflow_cli("kafka", "stop", "--data-dir", str(data)), env=env, check=False, timeout=120)
 
@@ -218,3 +274,45 @@ async def test_the_pipeline_runs_over_tls_and_scram_and_each_role_does_only_its_
     assert "secret prompt" not in logs
     assert TOKEN not in logs
     assert env_file(certs / "worker.env")["BUDGETFLOW_KAFKA__SECURITY__SASL_PASSWORD"] not in logs
+
+
+def test_secrets_are_private_and_never_on_a_command_line(
+    secure_broker: tuple[str, Path], start_command_lines: list[str]
+) -> None:
+    """The SCRAM passwords reach the storage tool, the broker and the ACL tool through files only (`ps` shows any
+    user every command line); the secure dir is 0700 with its keys and secrets 0600; the data dir (the broker's
+    own password in server.properties, prompt text in the requests topic's segments) is 0700 with 0600 files."""
+    _, certs = secure_broker
+    passwords = list(json.loads((certs / "credentials.json").read_text()).values())
+    assert len(passwords) == 4
+    # The watcher saw each Java process of the start: the storage tool, the broker, the ACL tool.
+    for main in ("kafka.tools.StorageTool format", "kafka.Kafka ", "org.apache.kafka.tools.AclCommand"):
+        assert any(main in line for line in start_command_lines), (main, len(start_command_lines))
+    leaks = [line for line in start_command_lines if "password=" in line or any(p in line for p in passwords)]
+    for password in passwords:
+        leaks = [line.replace(password, "***") for line in leaks]  # the report shows where, not what
+    if leaks:
+        pytest.fail(f"passwords on a command line: {leaks}", pytrace=False)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.lstat().st_mode)
+
+    assert mode(certs) == 0o700
+    for name in ("credentials.json", "ca.key", "broker.key", "broker.pem", *(f"{r}.env" for r in
+                 ("admin", "worker", "router", "gateway"))):  # fmt: skip
+        assert mode(certs / name) == 0o600, name
+    home = certs.parent / "data" / "kafka"
+    config = (home / "server.properties").read_text()
+    assert any(p in config for p in passwords), "the broker logs in with the admin password from its config"
+    assert mode(home) == 0o700
+    assert not (home / "format.args").exists(), "the storage tool's argument file is removed after the format"
+    loose = []
+    for dirpath, dirnames, filenames in os.walk(home):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            try:
+                if not path.is_symlink() and mode(path) & 0o077:
+                    loose.append(f"{oct(mode(path))} {path.relative_to(home)}")
+            except FileNotFoundError:
+                continue  # deleted meanwhile (the broker runs)
+    assert loose == []
