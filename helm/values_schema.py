@@ -24,7 +24,8 @@ OWNED = {
     "BUDGETFLOW_KAFKA__SESSION_TIMEOUT_MS", "BUDGETFLOW_KAFKA__HEARTBEAT_INTERVAL_MS", "BUDGETFLOW_TOPICS__PREFIX",
     "BUDGETFLOW_TOPICS__PARTITIONS", "BUDGETFLOW_TOPICS__REPLICATION_FACTOR",
     "BUDGETFLOW_TOPICS__REQUESTS_RETENTION_MS", "BUDGETFLOW_TOPICS__REQUESTS_SEGMENT_MS", "BUDGETFLOW_PRICING__FILE",
-    "BUDGETFLOW_WEB__PORT", "BUDGETFLOW_WEB__ADVERTISED_URL", "BUDGETFLOW_WEB__BEARER_TOKEN",
+    "BUDGETFLOW_WEB__HOST", "BUDGETFLOW_WEB__PORT", "BUDGETFLOW_WEB__ADVERTISED_URL", "BUDGETFLOW_WEB__BEARER_TOKEN",
+    "BUDGETFLOW_WEB__PEERS", "BUDGETFLOW_WEB__PEER_TOKEN",
     "BUDGETFLOW_METRICS__PORT",
     "BUDGETFLOW_NOTIFY__WEBHOOK_URL",  # a secret: it would come from a Secret, never from plain values
 }  # fmt: skip
@@ -122,6 +123,7 @@ def schema() -> dict[str, Any]:
                                    ["enabled", "size"]),
                 "webPort": PORT,
                 "bearerTokenSecret": SECRET_KEY,
+                "peerTokenSecret": SECRET_KEY,
                 "podDisruptionBudget": PDB,
                 "terminationGracePeriodSeconds": integer(0),
             }, ["replicas", "webPort"]),

@@ -287,6 +287,32 @@ class BudgetView:
             base = replace(base, stale=True)
         return self._with_admitted(base, ts) if budget_id in self._admitted else base
 
+    def last_status(self, budget_id: str, *, now: datetime | None = None) -> BudgetState:
+        """A budget as last published, rolled over on read and flagged stale, for reporting (the stats API).
+
+        Unlike :meth:`status` it neither applies ``VIEW__STALE_MODE`` (a router's choice of what to do without
+        fresh news, not a fact about the budget) nor this router's admissions.
+        """
+        moment = now or self.clock.now()
+        record = self._statuses.get(budget_id)
+        if record is None:
+            current = period_of(moment)
+            return BudgetState(budget_id, current, next_reset=next_month_start(current), seen=False)
+        state = BudgetState(budget_id=budget_id, period=record.period, status=record.status, spend_pico=record.spend,
+                            limit_pico=record.limit, utilization=_utilization(record.spend, record.limit),
+                            soft_limit_percent=record.soft, hard_limit_action=record.action,
+                            next_reset=next_month_start(record.period))  # fmt: skip
+        ts = moment.timestamp()
+        if ts >= record.reset_ts:
+            current = period_of(moment)
+            return replace(state, period=current, status="normal", spend_pico=0,
+                           utilization=_utilization(0, record.limit), next_reset=next_month_start(current))  # fmt: skip
+        beat = self._beats.get(record.partition)
+        age = ts - (beat.as_of if beat is not None else record.as_of)
+        lag = beat.lag_s if beat is not None else 0.0
+        stale = max(age, lag) > self.settings.view.stale_after_s
+        return replace(state, stale=True) if stale else state
+
     def _with_admitted(self, state: BudgetState, ts: float) -> BudgetState:
         admitted = self._admitted.get(state.budget_id)
         if not admitted:
