@@ -2,37 +2,54 @@
 
 Run it next to the workers (same BUDGETFLOW_* settings)::
 
-    python examples/gateway.py --port 8080
+    python examples/gateway.py --port 8080 --keys examples/keys.yaml
     curl -s localhost:8080/v1/chat/completions -H 'Authorization: Bearer sk-demo' \\
-         -H 'X-Budget-Ids: team:search' -d '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+         -d '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+
+Who is charged is decided by the caller's credentials, never by what it says
+about itself. The caller's API key must be in the key file (which holds only
+SHA-256 hashes of the keys); its requests are charged to the budgets the file
+lists for it, to the key's own budget (``key:`` and the first 8 hex digits of
+the hash, so the key is never published) and to ``global``. ``X-Budget-Ids``
+may only narrow the listed budgets (an empty header: none of them); a budget
+not listed is a 403. Request ids are made here, one per HTTP request, so a
+retry or a replay is charged again like the call it is; a caller's
+``X-Client-Request-Id`` (or ``X-Request-Id``) is only a label echoed back.
 
 Per request it: decides with the BudgetView (cloud, local, or a 429 that the
 OpenAI and Anthropic SDKs do not retry), publishes the RequestEvent, admits
 the estimate on the view when it goes to cloud, calls the model (here a fake
 that answers deterministically and reports OpenAI-style usage), publishes the
-UsageEvent, and answers with the X-Budget-* headers. The API key is never
-published: its budget id is ``key:`` and the first 8 hex digits of its SHA-256.
+UsageEvent, and answers with the X-Budget-* headers.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import logging
 import re
+import secrets
+import sys
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
 
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import BUDGET_ID_PATTERN
-from budgetflow.schemas.serde import dumps, loads
+from budgetflow.schemas.errors import ConfigError, InvalidEvent
+from budgetflow.schemas.events import MAX_TOKENS, BudgetId
+from budgetflow.schemas.serde import dumps, loads, validation_message
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, from_openai
 from budgetflow.streams.metrics import RouterCollector, exposition
+from budgetflow.streams.web import credential_bytes
 from budgetflow.tokenizers import PriceTable, quick_estimate
 from budgetflow.tokenizers.registry import utf8_len
 
@@ -67,38 +84,127 @@ class FakeModel:
         }  # fmt: skip
 
 
-def key_budget(authorization: str | None) -> str | None:
-    """``key:<8 hex>`` for the caller's API key: a budget id that is not the secret."""
-    if not authorization or not authorization.startswith("Bearer "):
-        return None
-    return "key:" + hashlib.sha256(authorization[7:].encode()).hexdigest()[:8]
+def _distinct(values: list[str]) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError("lists a budget twice")
+    return values
+
+
+class _KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, max_length=64)
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    budgets: Annotated[list[BudgetId], Field(max_length=64), AfterValidator(_distinct)] = []
+
+
+class _KeyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    keys: list[_KeyEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated API key: its name in the key file, its own budget, the budgets it may be charged to."""
+
+    name: str
+    key_budget: str
+    budgets: tuple[str, ...]
+
+
+class KeyMap:
+    """The key file: which API keys may call the gateway and which budgets each one's requests are charged to."""
+
+    def __init__(self, entries: list[_KeyEntry]) -> None:
+        self._entries = [(bytes.fromhex(e.sha256), Caller(e.name, "key:" + e.sha256[:8], tuple(e.budgets)))
+                         for e in entries]  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> KeyMap:
+        """Read and check a key file; a bad one raises :class:`ConfigError` with one line naming the entry."""
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read the key file ({exc.__class__.__name__})") from exc
+        try:
+            parsed = _KeyFile.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {validation_message(exc)}") from exc
+        hashes = [e.sha256 for e in parsed.keys]
+        if len(set(hashes)) != len(hashes):
+            raise ConfigError(f"{path}: a key is listed twice")
+        return cls(list(parsed.keys))
+
+    def caller(self, authorization: str | None) -> Caller | None:
+        """The key file's entry for ``Authorization: Bearer <key>``, or None."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        # The header's bytes as sent (aiohttp decodes with surrogateescape), hashed, compared with every entry.
+        digest = hashlib.sha256(credential_bytes(key.strip())).digest()
+        found = None
+        for stored, caller in self._entries:
+            if hmac.compare_digest(stored, digest):
+                found = caller
+        return found
+
+
+def charged_budgets(caller: Caller, header: str | None) -> list[str] | None:
+    """The budgets a request is charged to: the key's listed budgets, narrowed by ``X-Budget-Ids`` if sent, and the
+    key's own budget. None when the header names a budget the key may not be charged to."""
+    if header is None:
+        chosen = list(caller.budgets)
+    else:
+        asked = {b.strip() for b in header.split(",") if b.strip()}
+        if not asked <= set(caller.budgets):
+            return None
+        chosen = [b for b in caller.budgets if b in asked]
+    return [*chosen, caller.key_budget]
+
+
+_LABEL = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, publisher: BudgetPublisher, view: BudgetView, *, local_model: str) -> None:
+    def __init__(self, settings: Settings, publisher: BudgetPublisher, view: BudgetView, *, local_model: str,
+                 keys: KeyMap) -> None:  # fmt: skip
         self.settings = settings
         self.publisher = publisher
         self.view = view
         self.local_model = local_model
+        self.keys = keys
         self.table = PriceTable.from_settings(settings.pricing)
         self.model = FakeModel()
         self.requests_seen = 0
+        # Session ids are keyed with a secret of this process: a caller cannot pick one whose affinity hash keeps
+        # it on cloud while its budget's share shrinks.
+        self._session_key = secrets.token_bytes(32)
 
     async def chat(self, request: web.Request) -> web.Response:
         self.requests_seen += 1
+        caller = self.keys.caller(request.headers.get("Authorization"))
+        if caller is None:
+            return _error(401, "invalid API key", code="invalid_api_key")
+        budgets = charged_budgets(caller, request.headers.get("X-Budget-Ids"))
+        if budgets is None:
+            return _error(403, "X-Budget-Ids names a budget this API key may not be charged to",
+                          code="budget_not_allowed")  # fmt: skip
         try:
             body = loads(await request.read())
             model, messages = body["model"], body["messages"]
         except (InvalidEvent, KeyError, TypeError):
             return _error(400, "the body must be a chat completion request with model and messages")
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        budgets = [b.strip() for b in request.headers.get("X-Budget-Ids", "").split(",") if b.strip()]
-        if (key := key_budget(request.headers.get("Authorization"))) is not None:
-            budgets.append(key)
-        if any(not re.match(BUDGET_ID_PATTERN, b) for b in budgets):
-            return _error(400, "X-Budget-Ids holds an invalid budget id")
-        request_id = request.headers.get("X-Request-Id") or f"gw-{uuid.uuid4().hex}"
-        session = request.headers.get("X-Session-Id")
+        if not isinstance(model, str) or not model or not isinstance(messages, list):
+            return _error(400, "the body must be a chat completion request with model and messages")
+        if max_tokens is not None and (type(max_tokens) is not int or not 0 < max_tokens <= MAX_TOKENS):
+            return _error(400, f"max_tokens must be a whole number from 1 to {MAX_TOKENS}")
+        request_id = f"gw-{uuid.uuid4().hex}"  # one per HTTP request: whatever the caller sends is only a label
+        label = request.headers.get("X-Client-Request-Id") or request.headers.get("X-Request-Id") or ""
+        echo = {"X-Request-Id": request_id, **({"X-Client-Request-Id": label} if _LABEL.match(label) else {})}
+        session = None
+        if (asked := request.headers.get("X-Session-Id")) is not None:
+            named = f"{caller.key_budget}\0{asked}".encode("utf-8", "surrogateescape")
+            session = "s-" + hmac.new(self._session_key, named, hashlib.sha256).hexdigest()[:32]
         estimate = quick_estimate(self.table, model, input_bytes=len(dumps(messages)), max_output_tokens=max_tokens,
                                   provider=provider_of(model, "cloud"))  # fmt: skip
         provider = provider_of(model, "cloud")
@@ -108,7 +214,7 @@ class Gateway:
         if request.headers.get("X-Local-Fallback", "yes") == "no":
             candidates = candidates[:1]
         decision = self.view.decide(request_id, budgets, candidates, session_id=session)
-        headers = self.view.headers(budgets, estimate)
+        headers = {**self.view.headers(budgets, estimate), **echo}
         if decision.error is not None:
             status, error_headers, payload = decision.error.to_response()
             return web.Response(status=status, body=payload, headers={**headers, **error_headers})
@@ -119,15 +225,13 @@ class Gateway:
                 backend=chosen.backend, budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
             )  # fmt: skip
         except InvalidEvent as exc:
-            return _error(400, f"invalid request: {exc}")
+            return _error(400, f"invalid request: {exc}", headers=echo)
         if chosen.backend == "cloud" and not handle.cloud_allowed:
             # The publisher could not record it (broker away, buffer full): cloud spend would go unseen.
-            local = [c for c in decision.candidates if c.backend == "local"] + [
-                c for c in candidates if c.backend == "local"
-            ]
-            if not local:
-                return _error(503, "budget accounting is unavailable; retry shortly", retry=True)
-            chosen = local[0]
+            fallbacks = [c for c in (*decision.candidates, *candidates) if c.backend == "local"]
+            if not fallbacks:
+                return _error(503, "budget accounting is unavailable; retry shortly", retry=True, headers=echo)
+            chosen = fallbacks[0]
             handle = await self.publisher.publish_request(
                 request_id=request_id, model=chosen.name, provider=LOCAL_PROVIDER, backend="local",
                 budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
@@ -150,19 +254,20 @@ class Gateway:
         return web.json_response({"ready": self.view.is_ready, "requests_seen": self.requests_seen})
 
 
-def _error(status: int, message: str, *, retry: bool = False) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+def _error(status: int, message: str, *, retry: bool = False, code: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
     return web.Response(status=status, body=dumps(body), content_type="application/json",
-                        headers={"x-should-retry": "true" if retry else "false"})  # fmt: skip
+                        headers={**(headers or {}), "x-should-retry": "true" if retry else "false"})  # fmt: skip
 
 
-async def make_app(settings: Settings, local_model: str) -> web.Application:
+async def make_app(settings: Settings, local_model: str, keys: KeyMap) -> web.Application:
     publisher = BudgetPublisher(settings)
     await publisher.start()
     view = BudgetView(settings)
     await view.start()
     await view.ready(timeout_s=60)
-    gateway = Gateway(settings, publisher, view, local_model=local_model)
+    gateway = Gateway(settings, publisher, view, local_model=local_model, keys=keys)
     registry = CollectorRegistry()
     registry.register(RouterCollector(view, publisher, now=view.clock.now))
 
@@ -187,10 +292,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--local-model", default="llama3.1:8b")
+    parser.add_argument("--keys", type=Path, required=True,
+                        help="key file: the API keys (as SHA-256) and the budgets each is charged to")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s gateway: %(message)s")
-    settings = load_settings()
-    web.run_app(make_app(settings, args.local_model), host=args.host, port=args.port, access_log=None,
+    try:
+        keys = KeyMap.load(args.keys)
+        settings = load_settings()
+    except ConfigError as exc:
+        sys.exit(f"gateway: {exc}")
+    web.run_app(make_app(settings, args.local_model, keys), host=args.host, port=args.port, access_log=None,
                 print=log.info)  # fmt: skip
 
 

@@ -38,6 +38,8 @@ __all__ = ["DemoConfig", "run_demo"]
 
 DEMO_KEY = "sk-demo-mobile-app"
 KEY_BUDGET = "key:" + hashlib.sha256(DEMO_KEY.encode()).hexdigest()[:8]
+# Each team calls the gateway with a key of its own; the gateway charges a key's requests to its budgets.
+TEAM_KEYS = {"team:search": "sk-demo-search", "team:support": "sk-demo-support", None: "sk-demo-batch"}
 MODELS = [("gpt-4o", 5), ("gpt-4o-mini", 6), ("claude-sonnet-4-5", 3), ("gpt-4.1", 2)]
 TEAMS = {"team:search": 0.5, "team:support": 0.35, None: 0.15}
 
@@ -67,6 +69,18 @@ def policies(expected: dict[str, int]) -> str:
     hard_limit_action: block_all
     description: "the mobile app's API key"
 """
+
+
+def gateway_keys() -> str:
+    """The example gateway's key file: a key per team, and the mobile app's key, which may be charged to either
+    team (each of its requests narrows that to one team, or none, with X-Budget-Ids)."""
+    entries = [(key.removeprefix("sk-demo-"), key, [team] if team else []) for team, key in TEAM_KEYS.items()]
+    entries.append(("mobile-app", DEMO_KEY, ["team:search", "team:support"]))
+    lines = ["keys:"]
+    for name, key, budgets in entries:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        lines.append(f'  - {{name: {name}, sha256: "{digest}", budgets: [{", ".join(budgets)}]}}')
+    return "\n".join(lines) + "\n"
 
 
 def expected_spend(planned: list[_Planned], table: Any) -> dict[str, int]:
@@ -246,8 +260,10 @@ class Demo:
             WorkerProcess(role, env, logs / f"{self.prefix}{role}.log") for role in ("enrich", "aggregate")
         ]
         gateway = _gateway_script()
-        self.processes.append(_Script("gateway", [str(gateway), "--port", str(self.gateway_port)], env,
-                                      logs / f"{self.prefix}gateway.log"))  # fmt: skip
+        keys = self.root / f"{self.prefix}keys.yaml"
+        keys.write_text(gateway_keys())
+        self.processes.append(_Script("gateway", [str(gateway), "--port", str(self.gateway_port), "--keys", str(keys)],
+                                      env, logs / f"{self.prefix}gateway.log"))  # fmt: skip
 
     async def wait_ready(self, http: aiohttp.ClientSession) -> None:
         deadline = time.monotonic() + 90
@@ -317,9 +333,10 @@ class Demo:
         body = {"model": item.model, "max_tokens": item.max_tokens,
                 "messages": [{"role": "system", "content": "You are concise."},
                              {"role": "user", "content": words[: item.size]}]}  # fmt: skip
-        headers = {"X-Budget-Ids": item.team or ""}
-        if item.key:
-            headers["Authorization"] = f"Bearer {DEMO_KEY}"
+        if item.key:  # the mobile app's key, narrowed to this request's team (or to none)
+            headers = {"Authorization": f"Bearer {DEMO_KEY}", "X-Budget-Ids": item.team or ""}
+        else:
+            headers = {"Authorization": f"Bearer {TEAM_KEYS[item.team]}"}
         if item.insist_on_cloud:
             headers["X-Local-Fallback"] = "no"
         budgets = [b for b in ("global", item.team, KEY_BUDGET if item.key else None) if b]

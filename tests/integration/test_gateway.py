@@ -1,4 +1,5 @@
-"""The example gateway answers real HTTP requests with budget headers, and 429s an OpenAI client does not retry."""
+"""The example gateway answers real HTTP requests with budget headers, and 429s an OpenAI client does not retry;
+it makes the request ids and charges the budgets the caller's key allows, whatever the caller says."""
 
 from __future__ import annotations
 
@@ -20,11 +21,45 @@ pytestmark = pytest.mark.timeout(300)
 GATEWAY = Path(__file__).resolve().parents[2] / "examples" / "gateway.py"
 API_KEY = "sk-test-secret-key"
 KEY_BUDGET = "key:" + hashlib.sha256(API_KEY.encode()).hexdigest()[:8]
+OTHER_KEY = "sk-test-other-key"
+
+
+def key_file(path: Path, keys: dict[str, list[str]]) -> Path:
+    """The gateway's key file: each key's SHA-256 and the budgets it may be charged to."""
+    lines = ["keys:"]
+    for i, (key, budgets) in enumerate(keys.items()):
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        lines.append(f'  - {{name: key-{i}, sha256: "{digest}", budgets: [{", ".join(budgets)}]}}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_gateway(pipeline: Any, tmp_path: Path, keys: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
+    from budgetflow.streams.localkafka import free_port
+
+    port = free_port()
+    env = dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gateway"))
+    log = (tmp_path / "gateway.log").open("wb")
+    gateway = subprocess.Popen([sys.executable, str(GATEWAY), "--port", str(port), "--keys", str(keys)], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return gateway, f"http://127.0.0.1:{port}", log
+
+
+async def wait_ready(http: aiohttp.ClientSession, base: str, gateway: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with http.get(f"{base}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert gateway.poll() is None, "the gateway exited"
+        assert time.monotonic() < deadline, "the gateway never answered"
+        await asyncio.sleep(0.3)
 
 
 async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path: Path) -> None:
-    from budgetflow.streams.localkafka import free_port
-
     pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
     policies = pipeline.root / "policies.yaml"
     # One gpt-4o answer of the fake model costs about $0.0007: soft after a couple, hard after about fifteen.
@@ -33,12 +68,7 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
     assert pipeline.cli("policy", "apply", str(policies)).returncode == 0
     pipeline.start("enrich")
     pipeline.start("aggregate")
-    port = free_port()
-    env = dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gateway"))
-    log = (tmp_path / "gateway.log").open("wb")
-    gateway = subprocess.Popen([sys.executable, str(GATEWAY), "--port", str(port)], env=env, stdout=log,
-                               stderr=subprocess.STDOUT)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    gateway, base, log = start_gateway(pipeline, tmp_path, key_file(tmp_path / "keys.yaml", {API_KEY: ["team:gw"]}))
     try:
         async with aiohttp.ClientSession() as http:
 
@@ -46,15 +76,7 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
                 async with http.get(f"{base}/healthz") as response:
                     return int((await response.json())["requests_seen"])
 
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if await seen() >= 0:
-                        break
-                except aiohttp.ClientError:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.3)
+            await wait_ready(http, base, gateway)
 
             client = openai.OpenAI(api_key=API_KEY, base_url=f"{base}/v1", max_retries=3,
                                    default_headers={"X-Budget-Ids": "team:gw"})  # fmt: skip
@@ -99,6 +121,68 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
                 await asyncio.sleep(0.5)
             else:
                 raise AssertionError("the key never reached its hard limit")
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+        log.close()
+    assert API_KEY not in (tmp_path / "gateway.log").read_text()
+
+
+async def test_the_gateway_makes_request_ids_and_charges_what_the_key_allows(
+    pipeline_factory: Any, tmp_path: Path
+) -> None:
+    """Five calls with one X-Request-Id are five charges; X-Budget-Ids narrows a key's budgets and adds none."""
+    pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
+    assert pipeline.cli("topics", "create").returncode == 0
+    pipeline.start("enrich")
+    pipeline.start("aggregate")
+    keys = key_file(tmp_path / "keys.yaml", {API_KEY: ["team:a", "team:b"], OTHER_KEY: ["team:c"]})
+    gateway, base, log = start_gateway(pipeline, tmp_path, keys)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    mine = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_ready(http, base, gateway)
+
+            async def call(headers: dict[str, str]) -> aiohttp.ClientResponse:
+                async with http.post(f"{base}/v1/chat/completions", json=body, headers=headers) as response:
+                    await response.read()
+                    return response
+
+            ids, period = set(), ""
+            for _ in range(5):  # a caller replaying one id: each call is a call, and is charged
+                response = await call({**mine, "X-Request-Id": "caller-chosen-1"})
+                assert response.status == 200
+                assert response.headers["X-Client-Request-Id"] == "caller-chosen-1", "the caller's id is a label"
+                ids.add(response.headers["X-Request-Id"])
+                period = response.headers["X-Budgetflow-Period"]
+            assert len(ids) == 5
+            assert all(i.startswith("gw-") for i in ids)
+            # A header may narrow the key's budgets (to none, with an empty one) and may not add any.
+            assert (await call({**mine, "X-Budget-Ids": "team:a"})).status == 200
+            assert (await call({**mine, "X-Budget-Ids": ""})).status == 200
+            for asked in ("team:c", "team:a, team:c", "global", KEY_BUDGET, "team:z"):
+                response = await call({**mine, "X-Budget-Ids": asked})
+                assert response.status == 403, asked
+            # No key, an unknown key, a key's hash, a malformed header: not a caller.
+            digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+            for headers in ({}, {"Authorization": "Bearer sk-unknown"}, {"Authorization": f"Bearer {digest}"},
+                            {"Authorization": API_KEY}, {"Authorization": "Basic " + API_KEY}):  # fmt: skip
+                response = await call({**headers, "X-Budget-Ids": "team:a"})
+                assert response.status == 401, headers
+            assert (await call({"Authorization": f"Bearer {OTHER_KEY}"})).status == 200
+
+        other = "key:" + hashlib.sha256(OTHER_KEY.encode()).hexdigest()[:8]
+        want = {"team:a": 6, "team:b": 5, KEY_BUDGET: 7, "team:c": 1, other: 1, "global": 8}
+        deadline = time.monotonic() + 90
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            states = await pipeline.period_states()
+            counts = {budget: s.requests for (budget, p), s in states.items() if p == period}
+            if counts == want:
+                break
+            await asyncio.sleep(0.5)
+        assert counts == want, pipeline.logs()
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)

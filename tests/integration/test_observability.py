@@ -73,7 +73,11 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
     second = pipeline.start("aggregate", data="agg-b")
     gateway_port = free_port()
     gateway_log = tmp_path / "gateway.log"
-    gateway = subprocess.Popen([sys.executable, str(ROOT / "examples" / "gateway.py"), "--port", str(gateway_port)],
+    keys = tmp_path / "keys.yaml"  # the gateway charges API_KEY's requests to team:a
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    keys.write_text(f'keys: [{{name: obs, sha256: "{digest}", budgets: [team:a]}}]\n')
+    gateway = subprocess.Popen([sys.executable, str(ROOT / "examples" / "gateway.py"), "--port", str(gateway_port),
+                                "--keys", str(keys)],
                                env=dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gw")),
                                stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
     prometheus_dir = tmp_path / "prometheus"
