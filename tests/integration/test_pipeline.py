@@ -50,9 +50,37 @@ def check_status_order(records: list[tuple[int, bytes | None, bytes | None, int]
     assert checked > 0, "the scenario should cross thresholds"
 
 
+async def start_in_the_clocks_month(pipeline: Any, kit: Any) -> None:
+    """A tick stamped at the clock's start on every ledger partition: the ledger of an aggregate that was running
+    before midnight.
+
+    A partition's month is set by its first tick, and the simulated midnight comes four wall seconds after the
+    clock's anchor (the pipeline's creation). Two CLI runs, the scenario and the workers' start have taken longer
+    than that on a loaded machine (first ticks seen at 00:39 and 03:56 simulated); a partition whose first tick is
+    already in December has no month to roll over from, and no rollover is published (rightly: routers roll over on
+    read). The month boundary this test is about needs the partitions to have been in November, so they are.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    from budgetflow.schemas.events import LedgerEntry, period_of
+    from budgetflow.schemas.serde import dumps
+    from budgetflow.streams.clients import client_options
+
+    producer = AIOKafkaProducer(**client_options(pipeline.settings().kafka), enable_idempotence=True)
+    await producer.start()
+    try:
+        for p in range(pipeline.topics.ledger.partitions):
+            tick = LedgerEntry(entry_id=f"tick:{p}:{kit.START.timestamp():.6f}", kind="tick", request_id="tick",
+                               period=period_of(kit.START), amount_pico_usd=0, occurred_at=kit.START)  # fmt: skip
+            await producer.send_and_wait(pipeline.topics.ledger.name, dumps(tick), key=b"tick", partition=p)
+    finally:
+        await producer.stop()
+
+
 async def test_scenario_is_exact_ordered_and_rolls_over(pipeline_factory: Any, kit: Any) -> None:
     pipeline, scenario = await kit.start(pipeline_factory, n=2500)
     assert len(scenario.records) > 5000
+    await start_in_the_clocks_month(pipeline, kit)
     pipeline.start("enrich")
     pipeline.start("aggregate")
     await pipeline.produce(scenario.records)
