@@ -4,25 +4,63 @@ Workers create what is missing with the admin client and refuse to run on a
 topic whose partitions or cleanup policy are wrong: an auto-created compacted
 topic is silently a delete topic, and a ledger resized in place would move
 keys away from their state.
+
+The state changelog keeps its tombstones (deleted request states, closed
+reservations, dropped months) for ``delete.retention.ms``; a local store that
+resumes from a checkpoint older than that may have missed a deletion the
+cleaner has since removed, and would keep the deleted state (a settled
+reservation that expires again counts twice). budgetflow sets it to the span
+its time rules look back (TTL + dedupe horizon + the month's grace), raises it
+on an existing changelog that keeps less, and :func:`checkpoint_resumable`
+tells a store whether it may resume or must restore from the start.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import TopicPartition
 
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.settings import Settings, TopicSettings
 
-__all__ = ["TopicSpec", "Topics", "ensure_topics", "ensure_topics_now", "partition_for", "topic_partitions"]
+__all__ = [
+    "TopicSpec",
+    "Topics",
+    "checkpoint_resumable",
+    "ensure_topics",
+    "ensure_topics_now",
+    "partition_for",
+    "state_delete_retention_ms",
+    "topic_partitions",
+]
 
 log = logging.getLogger(__name__)
 
 _HOUR_MS = 3_600_000
 _DAY_MS = 24 * _HOUR_MS
+# Configs an existing topic must have at least (more is fine): raised in place when lower.
+_AT_LEAST = ("delete.retention.ms",)
+_DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a value set on the topic itself
+
+
+def state_delete_retention_ms(settings: Settings) -> int:
+    """How long the state changelog keeps tombstones: as long as the time rules look back, at least Kafka's day.
+
+    A request's state lives for its TTL plus the dedupe horizon, and a month takes entries for the grace after
+    it ends; a store that missed less than their sum resumes from its checkpoint (8 days 1 hour by default).
+    """
+    look_back_s = settings.reservation.ttl_s + settings.dedupe_horizon_s + settings.period_grace_s
+    return max(look_back_s * 1000, _DAY_MS)
+
+
+# state_delete_retention_ms(Settings()), for a Topics made from TopicSettings alone (a unit test keeps them equal).
+_DEFAULT_STATE_DELETE_RETENTION_MS = (3_600 + 86_400 + 7 * 86_400) * 1000
 
 
 @dataclass(frozen=True)
@@ -42,7 +80,9 @@ class TopicSpec:
 class Topics:
     """Every topic budgetflow uses, named from the settings."""
 
-    def __init__(self, settings: TopicSettings) -> None:
+    def __init__(
+        self, settings: TopicSettings, *, state_delete_retention_ms: int = _DEFAULT_STATE_DELETE_RETENTION_MS
+    ) -> None:
         prefix, n = settings.prefix, settings.partitions
         self.replication_factor = settings.replication_factor
         self.requests = TopicSpec(f"{prefix}requests", n, {
@@ -71,8 +111,9 @@ class Topics:
                                "AuditRecord keyed by budget id: policy changes and adjustments, kept")  # fmt: skip
         self.notifications = TopicSpec(f"{prefix}notifications", 1, {"cleanup.policy": "compact"},
                                        "the budget events `budgetflow notify` has posted, keyed like them")  # fmt: skip
-        self.state = TopicSpec(f"{prefix}aggregate-state", n, {"cleanup.policy": "compact"},
-                               "the aggregate's state changelog, co-partitioned with the ledger")  # fmt: skip
+        self.state = TopicSpec(f"{prefix}aggregate-state", n, {
+            "cleanup.policy": "compact", "delete.retention.ms": str(state_delete_retention_ms)},
+            "the aggregate's state changelog, co-partitioned with the ledger")  # fmt: skip
 
     def all(self) -> list[TopicSpec]:
         return [self.requests, self.usage, self.ledger, self.policies, self.status, self.heartbeats, self.events,
@@ -80,7 +121,7 @@ class Topics:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
-        return cls(settings.topics)
+        return cls(settings.topics, state_delete_retention_ms=state_delete_retention_ms(settings))
 
 
 async def ensure_topics(admin: AIOKafkaAdminClient, topics: Topics, specs: list[TopicSpec] | None = None) -> None:
@@ -125,16 +166,73 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
     if not compacted:
         return
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in compacted])
-    policies: dict[str, str] = {}
+    # topic -> config -> (value, source)
+    configs: dict[str, dict[str, tuple[str | None, int]]] = {}
     for response in responses:
         for resource in response.resources:
-            name = resource[3]
-            for entry in resource[4]:
-                if entry[0] == "cleanup.policy":
-                    policies[name] = entry[1]
+            configs[resource[3]] = {entry[0]: (entry[1], entry[3]) for entry in resource[4]}
     for spec in compacted:
-        if "compact" not in policies.get(spec.name, ""):
-            raise ConfigError(f"topic {spec.name} must be compacted but has cleanup.policy={policies.get(spec.name)!r}")
+        policy = configs.get(spec.name, {}).get("cleanup.policy", (None, 0))[0]
+        if "compact" not in (policy or ""):
+            raise ConfigError(f"topic {spec.name} must be compacted but has cleanup.policy={policy!r}")
+    for spec in compacted:
+        await _raise_minimums(admin, spec, configs.get(spec.name, {}))
+
+
+async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dict[str, tuple[str | None, int]]) -> None:
+    """Raise configs of an existing topic that are below what budgetflow sets (a changelog made by an older one)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    low = {key: spec.config[key] for key in _AT_LEAST
+           if key in spec.config and int(have.get(key, ("0", 0))[0] or 0) < int(spec.config[key])}  # fmt: skip
+    if not low:
+        return
+    # AlterConfigs sets the topic's whole dynamic config: send the values it has, with the raised ones.
+    dynamic = {key: value for key, (value, source) in have.items() if source == _DYNAMIC_TOPIC_CONFIG}
+    command = " ".join(f"--add-config {key}={value}" for key, value in low.items())
+    fix = f"kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} {command}"
+    if any(value is None for value in dynamic.values()):
+        raise ConfigError(f"topic {spec.name} has {_shown(have, low)}, budgetflow needs at least {low}: {fix}")
+    try:
+        responses = await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, spec.name, configs={**dynamic, **low})]
+        )
+    except KafkaError as exc:
+        raise ConfigError(f"topic {spec.name} has {_shown(have, low)} and cannot be altered ({exc}): {fix}") from exc
+    for response in responses:
+        for error_code, message, *_ in response.resources:
+            if error_code:
+                raise ConfigError(f"topic {spec.name} has {_shown(have, low)} and cannot be altered "
+                                  f"(error {error_code}: {message}): {fix}")  # fmt: skip
+    log.warning("topic %s had %s; raised to %s (%s)", spec.name, _shown(have, low), low, spec.holds)
+
+
+def _shown(have: dict[str, tuple[str | None, int]], keys: dict[str, str]) -> dict[str, str | None]:
+    return {key: have.get(key, (None, 0))[0] for key in keys}
+
+
+async def checkpoint_resumable(
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    checkpoint: int,
+    delete_retention_ms: int,
+    *,
+    now_ms: float | None = None,
+) -> bool:
+    """Whether a store at changelog offset ``checkpoint`` may resume at ``checkpoint + 1``, or must restore all.
+
+    The cleaner removes a tombstone ``delete.retention.ms`` after it first cleaned past it, so no earlier than
+    that after it was written. Records written more recently (less a margin for the clocks of the workers that
+    wrote them) still have every tombstone; a store may resume if every record after its checkpoint is one of
+    them. ``consumer`` is a started AIOKafkaConsumer (it need not be assigned ``tp``).
+    """
+    now = time.time() * 1000 if now_ms is None else now_ms
+    margin = min(delete_retention_ms // 10, 10 * 60_000)
+    young_since = int(now - delete_retention_ms + margin)
+    found = (await consumer.offsets_for_times({tp: max(young_since, 0)}))[tp]
+    # None: no record is that young, so every one is older (the first young one would come at the end).
+    first_young = (await consumer.end_offsets([tp]))[tp] if found is None else found.offset
+    return bool(checkpoint + 1 >= first_young)
 
 
 def partition_for(key: str, partitions: int) -> int:
