@@ -459,11 +459,13 @@ class PartitionLedger:
             now = max_time  # a clock ahead of the broker's: stream time moves only as far as the broker vouches
         self.meta.stream_time = max(self.meta.stream_time, now)
         current = period_of(datetime.fromtimestamp(self.meta.stream_time, UTC))
-        if self.meta.period != current:
-            if self.meta.period is not None and current > self.meta.period:
-                self.rollover_to = current
-                self._drop_old_periods(current)
-            self.meta.period = current
+        # Before its first tick a partition's period is the latest it holds entries of: a first tick that is
+        # already in the next month (a worker that started late, a slow machine) is a rollover all the same.
+        previous = self.meta.period or max((period for _, period in self.periods), default=None)
+        if previous != current and previous is not None and current > previous:
+            self.rollover_to = current
+            self._drop_old_periods(current)
+        self.meta.period = current
         if entry.expire:
             self._expire(now, offset)
         if self.meta.stream_time - self._swept_at >= self.config.sweep_interval_s:
