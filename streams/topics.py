@@ -169,8 +169,10 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
     # topic -> config -> (value, source)
     configs: dict[str, dict[str, tuple[str | None, int]]] = {}
     for response in responses:
-        for resource in response.resources:
-            configs[resource[3]] = {entry[0]: (entry[1], entry[3]) for entry in resource[4]}
+        for error_code, message, _, name, entries in response.resources:
+            if error_code:
+                raise ConfigError(f"cannot read the configs of topic {name} (error {error_code}: {message})")
+            configs[name] = {entry[0]: (entry[1], entry[3]) for entry in entries}
     for spec in compacted:
         policy = configs.get(spec.name, {}).get("cleanup.policy", (None, 0))[0]
         if "compact" not in (policy or ""):
@@ -187,8 +189,10 @@ async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dic
            if key in spec.config and int(have.get(key, ("0", 0))[0] or 0) < int(spec.config[key])}  # fmt: skip
     if not low:
         return
-    # AlterConfigs sets the topic's whole dynamic config: send the values it has, with the raised ones.
+    # AlterConfigs sets the topic's whole dynamic config: send the values it has, with the raised ones (and
+    # its cleanup policy in any case: a changelog that fell back to the broker's `delete` would lose state).
     dynamic = {key: value for key, (value, source) in have.items() if source == _DYNAMIC_TOPIC_CONFIG}
+    dynamic.setdefault("cleanup.policy", have["cleanup.policy"][0])
     command = " ".join(f"--add-config {key}={value}" for key, value in low.items())
     fix = f"kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} {command}"
     if any(value is None for value in dynamic.values()):

@@ -67,13 +67,20 @@ async def test_requests_topic_retention_deletes_old_records(pipeline_factory: An
 
 
 async def topic_configs(options: dict[str, Any], topic: str) -> dict[str, str]:
+    """A topic's configs (waiting for a topic created a moment ago to be known)."""
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
+    deadline = time.monotonic() + 30
     try:
-        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        while True:
+            described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            error_code, message, _, _, entries = described[0].resources[0]
+            if not error_code:
+                return {name: value for name, value, *_ in entries}
+            assert time.monotonic() < deadline, f"cannot describe {topic}: {error_code} {message}"
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
-    return {name: value for name, value, *_ in described[0].resources[0][4]}
 
 
 async def test_the_state_changelog_keeps_tombstones_as_long_as_the_rules_look_back(pipeline_factory: Any) -> None:
