@@ -166,8 +166,7 @@ class AggregateWorker:
 
         runner = web.AppRunner(stats_app(self, view), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.web.host, self.settings.web.port)
-        await listen(site, runner, "BUDGETFLOW_WEB__PORT")
+        await listen(runner, self.settings.web.host, self.settings.web.port, "BUDGETFLOW_WEB__PORT")
         port = runner.addresses[0][1]
         template = self.settings.web.advertised_url or "http://127.0.0.1:{port}"
         self.url = template.replace("{port}", str(port))

@@ -221,8 +221,7 @@ class EnrichWorker:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.web.host, self.settings.metrics.port)
-        await listen(site, runner, "BUDGETFLOW_METRICS__PORT")
+        await listen(runner, self.settings.web.host, self.settings.metrics.port, "BUDGETFLOW_METRICS__PORT")
         self.metrics_port = runner.addresses[0][1]
         log.info("enrich metrics on port %d", self.metrics_port)
         return runner

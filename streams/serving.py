@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from budgetflow.schemas.errors import ConfigError
@@ -9,11 +10,16 @@ from budgetflow.schemas.errors import ConfigError
 __all__ = ["listen"]
 
 
-async def listen(site: Any, runner: Any, setting: str) -> None:
-    """Start an aiohttp site; a port in use (or not ours to take) raises :class:`ConfigError` naming the setting."""
+async def listen(runner: Any, host: str, port: int, setting: str) -> Any:
+    """Start an aiohttp site on ``host:port``; a port in use (or not ours to take) raises :class:`ConfigError`
+    naming the address and the setting that chose it."""
+    from aiohttp import web
+
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot listen on {site.name}: {exc.strerror or exc} (set {setting}, 0 picks a free port)"
-                          ) from exc  # fmt: skip
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {why} (set {setting}; 0 picks a free port)") from exc
+    return site
