@@ -54,10 +54,10 @@ async def start_in_the_clocks_month(pipeline: Any, kit: Any) -> None:
     """A tick stamped at the clock's start on every ledger partition: the ledger of an aggregate that was running
     before midnight.
 
-    A partition's month is set by its first tick, and the simulated midnight comes four wall seconds after the
-    clock's anchor (the pipeline's creation). Two CLI runs, the scenario and the workers' start have taken longer
-    than that on a loaded machine (first ticks seen at 00:39 and 03:56 simulated); a partition whose first tick is
-    already in December has no month to roll over from, and no rollover is published (rightly: routers roll over on
+    The simulated midnight comes four wall seconds after the clock's anchor (the pipeline's creation). Two CLI runs,
+    the scenario and the workers' start have taken longer than that on a loaded machine (first ticks seen at 00:39,
+    03:09 and 06:22 simulated), and the aggregate's first tick comes before any entry: a partition whose first record
+    is a December tick holds no month to roll over from, and no rollover is published (rightly: routers roll over on
     read). The month boundary this test is about needs the partitions to have been in November, so they are.
     """
     from aiokafka import AIOKafkaProducer
