@@ -38,7 +38,7 @@ from budgetflow.streams.policies import PolicyBook
 from budgetflow.streams.publish import Outgoing, StatusPublisher
 from budgetflow.streams.serving import listen
 from budgetflow.streams.store import MemoryStore, RocksStore, Store
-from budgetflow.streams.topics import Topics, ensure_topics, partition_for
+from budgetflow.streams.topics import Topics, checkpoint_resumable, ensure_topics, partition_for
 from budgetflow.streams.view import BudgetView
 
 __all__ = ["AggregateWorker"]
@@ -242,6 +242,14 @@ class AggregateWorker:
         store = self._store(partition)
         if store.identity != self.identity or store.checkpoint >= end:
             # A new broker, a recreated changelog, or a store from elsewhere: start afresh.
+            store.reset(self.identity)
+        elif store.checkpoint >= 0 and not await checkpoint_resumable(
+            self._restorer, tp, store.checkpoint, int(self.topics.state.config["delete.retention.ms"])
+        ):
+            # Older than the changelog keeps tombstones: a deletion it missed may be gone, so resuming could
+            # resurrect a swept request or a dropped month. Restore it all.
+            log.warning("partition %d: the local store is older than the changelog's tombstones; restoring it all",
+                        partition)  # fmt: skip
             store.reset(self.identity)
         restored = 0
         if end > store.checkpoint + 1:
