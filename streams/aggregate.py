@@ -126,7 +126,9 @@ class AggregateWorker:
                                               max_batch_size=512 * 1024)  # fmt: skip
             await self._producer.start()
             stack.push_async_callback(self._producer.stop)
-            self._restorer = AIOKafkaConsumer(**options, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
+            # earliest: a restore that starts below the log start (records deleted by an operator) reads what is left
+            self._restorer = AIOKafkaConsumer(**options, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
+                                              auto_offset_reset="earliest")  # fmt: skip
             await self._restorer.start()
             stack.push_async_callback(self._restorer.stop)
             stack.push_async_callback(self.policies.stop)
