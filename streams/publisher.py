@@ -10,13 +10,17 @@
 
 Both validate the event and return without waiting for the broker: events go
 to a bounded buffer that a background task sends with an idempotent producer.
-When the buffer is full (the broker is slow or away), a usage event is never
-dropped: it is appended to a bounded spool file and delivered when the broker
-is back (the aggregate's dedupe makes a redelivery harmless). A request
-follows ``on_full``: ``block`` waits for room, ``drop_request`` publishes
-nothing (the usage still settles it), ``reject_cloud`` (default) publishes
-nothing and tells the gateway not to send it to a cloud model, whose spend
-could then not be reserved. It imports no Faust and no RocksDB.
+A usage event is never dropped: before it is buffered it is written to the
+spool (:mod:`budgetflow.streams.spool`, a write-ahead log fsynced every few
+milliseconds), which deletes it once the broker acknowledged it; when the
+buffer is full (the broker is slow or away) it waits there, and a publisher
+killed at any moment sends it when it starts again (the aggregate's dedupe
+makes a redelivery harmless). The publisher starts, and serves, while the
+broker is away. A request follows ``on_full``: ``block`` waits for room,
+``drop_request`` publishes nothing (the usage still settles it),
+``reject_cloud`` (default) publishes nothing and tells the gateway not to send
+it to a cloud model, whose spend could then not be reserved. It imports no
+Faust and no RocksDB.
 """
 
 from __future__ import annotations
@@ -28,20 +32,23 @@ import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from budgetflow.schemas.errors import BudgetflowError, InvalidEvent
+from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import RequestEvent, UsageEvent
-from budgetflow.schemas.serde import describe_validation_error, dumps, loads
+from budgetflow.schemas.serde import describe_validation_error, dumps
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock
+from budgetflow.streams.spool import FSYNC_INTERVAL_S, Segment, Spool, SpoolFull
 from budgetflow.streams.topics import Topics
 from budgetflow.streams.usage import Usage
 
@@ -51,10 +58,6 @@ log = logging.getLogger(__name__)
 
 OnFull = Literal["block", "drop_request", "reject_cloud"]
 T = TypeVar("T")
-
-
-class SpoolFull(BudgetflowError):
-    """The usage spool reached its size limit: the broker has been away too long."""
 
 
 @dataclass(frozen=True)
@@ -73,58 +76,17 @@ class RequestHandle:
     cloud_allowed: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Item:
     topic: str
     key: bytes
     value: bytes
-    usage: bool
+    segment: Segment | None = None  # a usage event: the spool segment that holds it until acknowledged
+    replayed: bool = False
 
-
-class _Spool:
-    """Usage events waiting for the broker: JSON lines in segment files, bounded in bytes."""
-
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-
-    def size(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.glob("spool-*.jsonl"))
-
-    def append(self, item: _Item) -> None:
-        line = dumps({"topic": item.topic, "key": item.key.decode(), "value": item.value.decode()}) + b"\n"
-        with self._lock:
-            if self.size() + len(line) > self.max_bytes:
-                raise SpoolFull(f"usage spool {self.directory} is full ({self.max_bytes} bytes)")
-            segments = sorted(self.directory.glob("spool-*.jsonl"))
-            current = segments[-1] if segments and segments[-1].stat().st_size < 4 << 20 else None
-            if current is None:
-                current = self.directory / f"spool-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}.jsonl"
-            with current.open("ab") as handle:
-                handle.write(line)
-                handle.flush()
-
-    def oldest(self) -> tuple[Path, list[_Item]] | None:
-        with self._lock:
-            segments = sorted(self.directory.glob("spool-*.jsonl"))
-            if not segments:
-                return None
-            # Seal it: later appends go to a new segment, so this one can be deleted once delivered.
-            sealed = segments[0].with_suffix(".sending")
-            segments[0].rename(sealed)
-        items = []
-        for line in sealed.read_bytes().splitlines():
-            if line.strip():
-                raw = loads(line)
-                items.append(_Item(raw["topic"], raw["key"].encode(), raw["value"].encode(), True))
-        return sealed, items
-
-    def recover_unsent(self) -> None:
-        """Segments that were being sent when the process died go back in the queue."""
-        for sealed in self.directory.glob("spool-*.sending"):
-            sealed.rename(sealed.with_suffix(".jsonl"))
+    @property
+    def usage(self) -> bool:
+        return self.segment is not None
 
 
 class BudgetPublisher:
@@ -143,15 +105,20 @@ class BudgetPublisher:
         self.topics = Topics.from_settings(self.settings)
         self.on_full: OnFull = on_full or config.on_full
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=buffer_max or config.buffer_max)
-        self._spool = _Spool(spool_dir or Path(self.settings.data_dir) / "spool", config.spool_max_bytes)
+        self._spool = Spool(spool_dir or Path(self.settings.data_dir) / "spool", config.spool_max_bytes)
+        # Replayed usage takes at most half the buffer, so live traffic keeps room.
+        self._replay_slots = asyncio.Semaphore(max(1, self._queue.maxsize // 2))
         self._producer: AIOKafkaProducer | None = None
+        self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._healthy_at = 0.0
+        self._warned_at = -1e9
         self.clock = Clock(self.settings.clock)
         self.counts: dict[str, int] = {
             "requests_published": 0, "usage_published": 0, "requests_failed": 0, "usage_spooled": 0,
             "usage_replayed": 0, "requests_dropped": 0, "requests_rejected_cloud": 0, "requests_blocked": 0,
+            "spool_lines_skipped": 0, "send_errors": 0,
         }  # fmt: skip
 
     # -- life cycle -------------------------------------------------------------------
@@ -165,7 +132,36 @@ class BudgetPublisher:
         await self.stop()
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
+        """Connect (or, with the broker away, keep trying in the background) and start sending."""
+        connected = await self._connect()
+        self._tasks = [
+            asyncio.create_task(self._send_loop(), name="publisher-send"),
+            asyncio.create_task(self._replay_loop(), name="publisher-replay"),
+            asyncio.create_task(self._spool_loop(), name="publisher-spool"),
+        ]
+        if not connected:
+            self._tasks.append(asyncio.create_task(self._connect_loop(), name="publisher-connect"))
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Send what is buffered (up to ``timeout_s``); usage not acknowledged stays in the spool for the next start."""
+        if self._connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), timeout_s)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while not self._queue.empty():
+            self._resolve(self._queue.get_nowait(), None, delivered=False)
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=timeout_s)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), timeout_s)
+        await asyncio.to_thread(self._spool.close)
+
+    async def _connect(self) -> bool:
+        producer = AIOKafkaProducer(
             **{
                 **client_options(self.settings.kafka),
                 "request_timeout_ms": self.settings.publisher.delivery_timeout_ms,
@@ -174,30 +170,25 @@ class BudgetPublisher:
             acks="all",
             linger_ms=self.settings.publisher.linger_ms,
         )
-        await self._producer.start()
-        self._spool.recover_unsent()
-        self._tasks = [
-            asyncio.create_task(self._send_loop(), name="publisher-send"),
-            asyncio.create_task(self._replay_loop(), name="publisher-replay"),
-        ]
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        """Send what is buffered (up to ``timeout_s``); spool usage that could not be sent."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout_s)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item.usage:
-                self._spool_item(item)
-        if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=timeout_s)
-        if self._producer is not None:
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            log.warning("publisher cannot reach the broker (%s); usage waits in the spool", exc.__class__.__name__)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), timeout_s)
+                await producer.stop()
+            return False
+        self._producer = producer
+        self._connected.set()
+        return True
+
+    async def _connect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.publisher.replay_interval_s)
+            try:
+                if await self._connect():
+                    return
+            except Exception:
+                log.exception("publisher: connecting failed; trying again")
 
     # -- publishing -----------------------------------------------------------------------
     async def publish_request(
@@ -232,7 +223,7 @@ class BudgetPublisher:
         })  # fmt: skip
         handle = RequestHandle(event.request_id, event.attempt, event.occurred_at, tuple(event.budgets), event.model,
                                event.provider, event.backend, tuple(sorted(event.metadata.items())))  # fmt: skip
-        item = _Item(self.topics.requests.name, event.request_id.encode(), dumps(event), usage=False)
+        item = _Item(self.topics.requests.name, event.request_id.encode(), dumps(event))
         if self._queue.full():
             if self.on_full == "drop_request":
                 self.counts["requests_dropped"] += 1
@@ -253,7 +244,10 @@ class BudgetPublisher:
         occurred_at: datetime | None = None,
         model: str | None = None,
     ) -> None:
-        """Validate and buffer the UsageEvent of a request; if the buffer is full, spool it (never drop it)."""
+        """Validate, write ahead to the spool and buffer the UsageEvent of a request (never dropped).
+
+        Raises :class:`SpoolFull` when the spool cannot take it: the event is not recorded.
+        """
         event = _validated(UsageEvent, {
             "request_id": handle.request_id, "attempt": handle.attempt, "request_occurred_at": handle.occurred_at,
             "occurred_at": occurred_at or self.clock.now(), "budgets": list(handle.budgets),
@@ -264,17 +258,21 @@ class BudgetPublisher:
             "cached_input_tokens": usage.cached_input_tokens,
             "cache_write_input_tokens": usage.cache_write_input_tokens, "reasoning_tokens": usage.reasoning_tokens,
         })  # fmt: skip
-        item = _Item(self.topics.usage.name, event.request_id.encode(), dumps(event), usage=True)
+        topic, key, value = self.topics.usage.name, event.request_id.encode(), dumps(event)
+        # Written ahead: from here on a crash of this process cannot lose it.
+        segment = self._spool.append(topic, key, value)
         try:
-            self._queue.put_nowait(item)
+            self._queue.put_nowait(_Item(topic, key, value, segment))
         except asyncio.QueueFull:
-            self._spool_item(item)
+            self._spool.resolve(segment, delivered=False)  # sent from the spool when there is room
+            self.counts["usage_spooled"] += 1
 
     @property
     def buffered(self) -> int:
         return self._queue.qsize()
 
     def spool_bytes(self) -> int:
+        """Bytes of usage in the spool (written ahead, not yet acknowledged and deleted)."""
         return self._spool.size()
 
     async def flush(self, timeout_s: float = 30.0) -> None:
@@ -284,60 +282,93 @@ class BudgetPublisher:
             await asyncio.wait(self._in_flight, timeout=timeout_s)
 
     # -- background -------------------------------------------------------------------------
-    def _spool_item(self, item: _Item) -> None:
-        self._spool.append(item)
-        self.counts["usage_spooled"] += 1
-
     async def _send_loop(self) -> None:
+        await self._connected.wait()
         assert self._producer is not None
         while True:
             item = await self._queue.get()
             try:
                 future = await self._producer.send(item.topic, key=item.key, value=item.value)
-            except Exception as exc:  # noqa: BLE001  # the broker is away: never lose a usage event
-                self._failed(item, exc)
+            except Exception as exc:  # noqa: BLE001  # the broker is away: the spool keeps the usage
+                self._resolve(item, exc, delivered=False)
             else:
                 self._in_flight.add(future)
-                future.add_done_callback(lambda f, item=item: self._delivered(f, item))
+                future.add_done_callback(partial(self._delivered, item=item))
             finally:
                 self._queue.task_done()
 
     def _delivered(self, future: asyncio.Future[Any], item: _Item) -> None:
         self._in_flight.discard(future)
-        if future.cancelled() or future.exception() is not None:
-            self._failed(item, future.exception() if not future.cancelled() else None)
-            return
-        self._healthy_at = asyncio.get_running_loop().time()
-        self.counts["usage_published" if item.usage else "requests_published"] += 1
+        error = None if future.cancelled() else future.exception()
+        self._resolve(item, error, delivered=not future.cancelled() and error is None)
 
-    def _failed(self, item: _Item, exc: BaseException | None) -> None:
-        if item.usage:
-            log.warning("usage not delivered (%s); spooled", exc.__class__.__name__ if exc else "cancelled")
-            self._spool_item(item)
-        else:
-            self.counts["requests_failed"] += 1
+    def _resolve(self, item: _Item, error: BaseException | None, *, delivered: bool) -> None:
+        """An item left memory, acknowledged or not. Never raises: the send loop must not die here."""
+        try:
+            if item.replayed:
+                self._replay_slots.release()
+            if item.segment is not None:
+                self._spool.resolve(item.segment, delivered=delivered)
+            if delivered:
+                self._healthy_at = asyncio.get_running_loop().time()
+                self.counts["usage_published" if item.usage else "requests_published"] += 1
+            elif item.usage:
+                self.counts["usage_spooled"] += 1
+                now = asyncio.get_running_loop().time()
+                if now - self._warned_at > 10:  # once in a while, not once per event of an outage
+                    self._warned_at = now
+                    log.warning("usage not delivered (%s); it waits in the spool (%d so far)", _name(error),
+                                self.counts["usage_spooled"])  # fmt: skip
+            else:
+                self.counts["requests_failed"] += 1
+        except Exception:
+            self.counts["send_errors"] += 1
+            log.exception("publisher: could not account for a sent event")
+
+    async def _spool_loop(self) -> None:
+        """Group commit: fsync what was written every FSYNC_INTERVAL_S; seal aged segments so acked ones go."""
+        while True:
+            await asyncio.sleep(FSYNC_INTERVAL_S)
+            try:
+                self._spool.tick()
+                if self._spool.needs_sync():
+                    await asyncio.to_thread(self._spool.sync)
+            except Exception:
+                log.exception("usage spool: sync failed; trying again")
 
     async def _replay_loop(self) -> None:
-        """Deliver spooled usage once the broker takes records again."""
-        loop = asyncio.get_running_loop()
+        """Send spooled usage again once the broker takes records; segment after segment while it does."""
+        await self._connected.wait()
         while True:
             await asyncio.sleep(self.settings.publisher.replay_interval_s)
-            healthy = loop.time() - self._healthy_at < 30
-            if not healthy and self._queue.qsize() == 0 and not self._in_flight:
-                # Nothing in flight tells us whether the broker is back: probe with the oldest segment.
-                healthy = True
-            if not healthy or self._queue.qsize() > self._queue.maxsize // 2:
-                continue
-            batch = self._spool.oldest()
-            if batch is None:
-                continue
-            sealed, items = batch
-            for item in items:
-                await self._queue.put(item)
-                self.counts["usage_replayed"] += 1
-            # Undelivered items are spooled again by the send path, so the sealed copy can go.
-            await self._queue.join()
-            sealed.unlink(missing_ok=True)
+            while self._may_replay():
+                segment = self._spool.next_unsent()
+                if segment is None:
+                    break
+                try:
+                    events = await asyncio.to_thread(self._spool.read, segment)
+                except OSError:
+                    break
+                self.counts["spool_lines_skipped"] = self._spool.lines_skipped
+                for event in events:
+                    await self._replay_slots.acquire()  # at most half the buffer: live traffic keeps room
+                    self._spool.hold(segment)
+                    await self._queue.put(_Item(*event, segment=segment, replayed=True))
+                    self.counts["usage_replayed"] += 1
+                # The pass is enqueued: the segment goes once each of its events is acknowledged.
+                self._spool.resolve(segment, delivered=True)
+
+    def _may_replay(self) -> bool:
+        if self._queue.qsize() > self._queue.maxsize // 2:
+            return False
+        if asyncio.get_running_loop().time() - self._healthy_at < 30:
+            return True
+        # Nothing acknowledged lately: probe with the oldest segment when nothing else is in flight.
+        return self._queue.qsize() == 0 and not self._in_flight
+
+
+def _name(error: BaseException | None) -> str:
+    return error.__class__.__name__ if error is not None else "cancelled"
 
 
 def _validated(model: type[T], data: dict[str, Any]) -> T:
