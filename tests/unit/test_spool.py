@@ -334,3 +334,16 @@ async def test_the_publisher_starts_and_serves_while_the_broker_is_away(tmp_path
         await until(lambda: broker.usage_keys() == {f"a-{i}" for i in range(10)}, what="delivery once it is back")
     finally:
         await publisher.stop()
+
+
+def test_the_sync_publisher_writes_ahead_too(tmp_path: Path, broker: FakeBroker) -> None:
+    from budgetflow.streams.publisher import SyncBudgetPublisher
+
+    broker.acks = False
+    with SyncBudgetPublisher(settings(tmp_path), spool_dir=tmp_path / "spool") as publisher:
+        handle = publisher.publish_request(request_id="y-1", model="gpt-4o", provider="openai", backend="cloud",
+                                           input_bytes=10, max_tokens=10)  # fmt: skip
+        publisher.publish_usage(handle, Usage(input_tokens=10, output_tokens=5))
+        assert any((tmp_path / "spool").glob("spool-*")), "not acknowledged yet: in the spool"
+        publisher._loop.call_soon_threadsafe(broker.release)  # the broker acknowledges, on the publisher's loop
+    assert not list((tmp_path / "spool").glob("spool-*")), "acknowledged, then deleted at close"
