@@ -177,6 +177,10 @@ class BudgetPublisher:
             with contextlib.suppress(Exception):
                 await producer.stop()
             return False
+        except asyncio.CancelledError:  # stopped while connecting: close what was opened
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
         self._producer = producer
         self._connected.set()
         return True
