@@ -90,6 +90,9 @@ class PeriodState:
     status: StatusName = "normal"
     events: list[str] = field(default_factory=list)
     o: int = -1
+    # Offsets of entries refused as out_of_range since the partition's last durable batch: a replay after a
+    # crash must refuse them again even when this record (written first) is durable and its sums are past them.
+    refused: list[int] = field(default_factory=list)
 
     @property
     def spend(self) -> int:
@@ -97,12 +100,13 @@ class PeriodState:
 
     def encode(self) -> bytes:
         return dumps([_wide(self.settled), _wide(self.reserved), self.requests, self.settles, self.expired,
-                      self.adjusted, self.unpriced, self.status, self.events, self.o])  # fmt: skip
+                      self.adjusted, self.unpriced, self.status, self.events, self.o, self.refused])  # fmt: skip
 
     @classmethod
     def decode(cls, budget: str, period: str, raw: bytes) -> PeriodState:
-        s, r, n, st, ex, ad, un, status, events, o = loads(raw)
-        return cls(budget, period, int(s), int(r), n, st, ex, ad, un, status, list(events), o)
+        s, r, n, st, ex, ad, un, status, events, o, *refused = loads(raw)  # stores before refusals lack the last
+        return cls(budget, period, int(s), int(r), n, st, ex, ad, un, status, list(events), o,
+                   list(refused[0]) if refused else [])  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -345,11 +349,18 @@ class PartitionLedger:
             return "duplicate"
         pkey = (after.budget, after.period)
         period = self.periods.get(pkey) or PeriodState(*pkey)
+        if period.o >= offset and offset in period.refused:
+            return "out_of_range"  # refused before a crash, and the period record says so
         if period.o < offset:
             settled = period.settled + after.settled_part - (before.settled_part if before else 0)
             reserved = period.reserved + after.reserved_part - (before.reserved_part if before else 0)
             if abs(settled) + reserved > self.config.max_period_pico:
-                return "out_of_range"  # before any change: the entry is refused whole
+                # Refused whole: the sums do not change, and the period remembers the refusal for a replay.
+                self.periods[pkey] = period
+                period.refused.append(offset)
+                period.o = offset
+                self._dirty_periods[pkey] = period
+                return "out_of_range"
             self.periods[pkey] = period
             period.settled, period.reserved = settled, reserved
             if before is None:
@@ -528,6 +539,8 @@ class PartitionLedger:
         """The batch's changes in the order that makes a crash safe (see the module docstring)."""
         changes: list[tuple[bytes, bytes | None]] = []
         for period in self._dirty_periods.values():
+            # Refusals at or before the last durable batch are never replayed again.
+            period.refused = [o for o in period.refused if o > self.meta.applied]
             changes.append((_period_key(period.budget, period.period), period.encode()))
         for key, state in self._closed.items():
             changes.append((_request_key(R_PREFIX, key), state.encode()))

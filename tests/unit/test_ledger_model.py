@@ -7,8 +7,10 @@ batch followed by recovery from the store. After every batch the ledger's state 
 applies the same entries by the rules written plainly (every request kept forever, nothing incremental), and
 building a status from any period never raises.
 
-CI runs a fixed number of examples; a long run: ``BUDGETFLOW_MODEL_EXAMPLES=20000 pytest
-tests/unit/test_ledger_model.py`` (the README says what one found).
+CI runs a fixed set of histories (derandomized); a long run draws new ones:
+``BUDGETFLOW_MODEL_EXAMPLES=20000 .venv/bin/pytest tests/unit/test_ledger_model.py --timeout=0
+--hypothesis-show-statistics`` (the statistics show how often each outcome and a comparison came up; the README
+says what long runs found).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -29,13 +31,16 @@ from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
 from budgetflow.streams.status import StatusRules, build_status
 from budgetflow.streams.store import MemoryStore
 
-EXAMPLES = int(os.environ.get("BUDGETFLOW_MODEL_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("BUDGETFLOW_MODEL_EXAMPLES", "300"))
 START = datetime(2026, 11, 29, 20, tzinfo=UTC).timestamp()  # close to a month boundary
 SKEW_S = 300.0
 CONFIG = LedgerConfig(
     horizon_s=7200, grace_s=2 * 86400, default_ttl_s=600, sweep_keys_per_tick=3, sweep_interval_s=300,
-    rules=StatusRules(), max_period_pico=5 * MAX_ENTRY_PICO,
+    rules=StatusRules(), max_period_pico=2 * MAX_ENTRY_PICO,
 )  # fmt: skip
+# Amounts anywhere in range, and often at its edges: months reach the period bound within a few entries.
+AMOUNTS = st.one_of(st.integers(0, MAX_ENTRY_PICO), st.sampled_from([0, 1, MAX_ENTRY_PICO - 1, MAX_ENTRY_PICO]))
+SIGNED = st.one_of(AMOUNTS, AMOUNTS.map(lambda a: -a))
 BUDGETS = ("global", "team:a", "team:b")
 LIMITS = (None, "0", "0.000001", "0.5", "3", "1000000")
 REQUESTS = tuple(f"r{i}" for i in range(6))
@@ -200,7 +205,7 @@ class LedgerModel(RuleBasedStateMachine):
 
     # -- what gateways and operators do ----------------------------------------------------------------------
     @rule(budget=st.sampled_from(BUDGETS), request=st.sampled_from(REQUESTS), attempt=st.integers(0, 1),
-          kind=st.sampled_from(["reserve", "settle"]), amount=st.integers(0, MAX_ENTRY_PICO),
+          kind=st.sampled_from(["reserve", "settle"]), amount=AMOUNTS,
           ttl=st.sampled_from([None, 60, 600, 3600]), back=st.sampled_from([0, 60, 3000, 9000]),
           priced=st.booleans())  # fmt: skip
     def entry(self, budget: str, request: str, attempt: int, kind: str, amount: int, ttl: int | None, back: int,
@@ -211,7 +216,7 @@ class LedgerModel(RuleBasedStateMachine):
             kind=kind, period=period_of(at), amount_pico_usd=amount, occurred_at=at, ttl_s=ttl,  # type: ignore[arg-type]
             priced=priced))  # fmt: skip
 
-    @rule(budget=st.sampled_from(BUDGETS), amount=st.integers(-MAX_ENTRY_PICO, MAX_ENTRY_PICO))
+    @rule(budget=st.sampled_from(BUDGETS), amount=SIGNED)
     def adjust(self, budget: str, amount: int) -> None:
         self.adjustments += 1
         at = datetime.fromtimestamp(self.clock, UTC)
@@ -242,13 +247,16 @@ class LedgerModel(RuleBasedStateMachine):
     def change_policy(self, budget: str, limit: str | None, soft: int) -> None:
         self.policies[budget] = _policy(budget, limit, soft)
         self.ledger.refresh_policy(budget)
+        # Written at once (the worker's next cycle): a crash that loses a re-evaluation is followed by
+        # refresh_all, which reaches the same status but not the intermediate events the reference records.
+        self.store.write(dict(self.ledger.drain()), checkpoint=self.position - 1)
         self.reference.refresh(budget)
 
     # -- what the worker does ----------------------------------------------------------------------------------
     @precondition(lambda self: self.position < len(self.log))
     @rule(
         size=st.integers(1, 8),
-        crash=st.sampled_from([None, None, None, 0, 1, 2, 3, 5, 8, 13, 40]),
+        crash=st.sampled_from([None] * 9 + [0, 1, 3, 8, 40]),
         lag=st.integers(0, 3),
     )
     def batch(self, size: int, crash: int | None, lag: int) -> None:
@@ -257,7 +265,7 @@ class LedgerModel(RuleBasedStateMachine):
         end = min(self.position + size, len(self.log))
         for offset in range(self.position, end):
             e, broker_time = self.log[offset]
-            self.ledger.apply(e, offset, max_time=broker_time + SKEW_S)
+            event(f"outcome: {self.ledger.apply(e, offset, max_time=broker_time + SKEW_S)}")
         self.high = max(self.high, end - 1)
         changes = self.ledger.drain()
         if crash is not None:
@@ -273,6 +281,7 @@ class LedgerModel(RuleBasedStateMachine):
             self.ref_position += 1
         if end - 1 >= self.high:
             # Caught up with everything any crashed run applied (part of which may be durable): same entries.
+            event("compared")
             self._compare()
 
     def _compare(self) -> None:
@@ -283,8 +292,8 @@ class LedgerModel(RuleBasedStateMachine):
         want = {k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.adjusted, p.unpriced, p.status,
                     p.events) for k, p in self.reference.periods.items()}  # fmt: skip
         assert got == want
-        opened = {k for k, r in self.reference.requests.items() if r.is_open}
-        assert set(self.ledger._open) == opened
+        opened = {k: r.est for k, r in self.reference.requests.items() if r.is_open}
+        assert {k: r.est for k, r in self.ledger._open.items()} == opened
 
     @invariant()
     def statuses_always_build(self) -> None:
@@ -299,6 +308,10 @@ class LedgerModel(RuleBasedStateMachine):
 
 
 LedgerModel.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=EXAMPLES,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize="BUDGETFLOW_MODEL_EXAMPLES" not in os.environ,  # CI: the same histories every run; long runs: new ones
 )
 test_ledger_matches_the_reference_model = LedgerModel.TestCase
