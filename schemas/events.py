@@ -60,7 +60,7 @@ EntryKind = Literal["reserve", "settle", "tick", "adjust"]
 StatusName = Literal["normal", "soft_limit", "hard_limit"]
 StatusReason = Literal["threshold", "step", "refresh", "rollover", "policy"]
 HardLimitAction = Literal["warn", "block_cloud", "block_all"]
-_PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+_PERIOD = re.compile(r"^2\d{3}-(0[1-9]|1[0-2])$")  # the years a Timestamp may have
 
 
 def _utc(value: datetime) -> datetime:
@@ -212,7 +212,7 @@ class LedgerEntry(Event):
     period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)]
     amount_pico_usd: Annotated[int, Field(strict=True, ge=-MAX_ENTRY_PICO, le=MAX_ENTRY_PICO)]
     model: Annotated[str, StringConstraints(max_length=256)] = ""
-    provider: Annotated[str, StringConstraints(max_length=64)] = ""
+    provider: Annotated[str, StringConstraints(max_length=256)] = ""  # as long as an event's provider may be
     backend: Backend = "cloud"
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
@@ -220,7 +220,7 @@ class LedgerEntry(Event):
     reasoning_tokens: Tokens = 0
     tier: Tier = "exact"
     priced: bool = True
-    price_version: Annotated[str, StringConstraints(max_length=256)] = ""
+    price_version: Annotated[str, StringConstraints(max_length=512)] = ""  # e.g. reported:<provider>
     occurred_at: Timestamp
     usage_at: Timestamp | None = None
     outcome: Outcome | None = None

@@ -6,6 +6,7 @@ message naming the field, never echoing the content (it may be a prompt).
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -20,6 +21,7 @@ M = TypeVar("M", bound=BaseModel)
 # Reason codes are a bounded set: they become metric labels and DLQ headers.
 REASONS = ("empty", "json", "not_object", "version", "usage_rule", "invalid", "out_of_range", "future",
            "unknown_budget", "too_large", "internal")  # fmt: skip
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _BOUNDS = frozenset({"less_than_equal", "greater_than_equal", "less_than", "greater_than"})
 
 
@@ -44,6 +46,8 @@ def validation_message(exc: ValidationError, *, top: str = "top level") -> str:
     first = errors[0]
     where = ""
     for part in first["loc"]:
+        if isinstance(part, str) and not _FIELD.match(part):
+            part = "<key>"  # a key of a mapping may be anything a caller wrote: it is not echoed  # noqa: PLW2901
         where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -29,18 +30,25 @@ log = logging.getLogger(__name__)
 # Far below a produce request's 1 MiB, headers included: a dead letter can always be written.
 MAX_VALUE_BYTES = 64 * 1024
 MAX_KEY_BYTES = 1024
-_MAX_SAFE_STRING = 256
 
 # Fields of the wire events (requests, usage, ledger entries) that hold no user text: kept as they are, as long
-# as they are scalars or lists of scalars and their strings are short. Anything else is redacted.
+# as they are scalars or lists of scalars and their strings look like identifiers (no spaces, no more than 256
+# characters): a prompt put in a safe field is digested all the same. Anything else is redacted.
 _SAFE_FIELDS = frozenset({
     "v", "request_id", "attempt", "occurred_at", "request_occurred_at", "usage_at", "budgets", "budget_id",
-    "model", "request_model", "provider", "backend", "session_id", "max_tokens", "max_completion_tokens", "n",
+    "model", "request_model", "provider", "backend", "max_tokens", "max_completion_tokens", "n",
     "input_bytes", "outcome", "input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens",
     "reasoning_tokens", "reported_cost_usd", "entry_id", "kind", "period", "amount_pico_usd", "tier", "priced",
     "price_version", "ttl_s", "expire",
 })  # fmt: skip
-_LABELS = "metadata"  # gateway labels: a short string map, kept when it is one
+_LABELS = "metadata"  # gateway labels: kept when keys and values look like labels
+_TOKEN = re.compile(r"^[A-Za-z0-9:._/@+#=-]{0,256}$")
+_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_SHOWN_KEY = re.compile(r"^[a-z_]{1,32}$")
+# Only these say something about the record itself; any other error (authorization, a timeout, a closed
+# producer) is the deployment's, and must not be taken for a refusal of this one letter.
+_REFUSED = frozenset({"MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooLargeError",
+                      "InvalidMessageError", "CorruptRecordException"})  # fmt: skip
 
 
 def _digest(raw: bytes) -> dict[str, Any]:
@@ -61,23 +69,27 @@ def _redact(value: Any, depth: int = 0) -> Any:
 
 
 def _safe_key(key: str) -> str:
-    # Keys are shown (they say where text was); an overlong key could be text itself.
-    if len(key) <= 64:
+    # Keys are shown (they say where text was) only when they look like field names: a key could be text itself.
+    if _SHOWN_KEY.match(key) or key in _SAFE_FIELDS:
         return key
     return f"redacted-key-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
 
 def _short(value: Any) -> bool:
     if isinstance(value, str):
-        return len(value) <= _MAX_SAFE_STRING
+        return bool(_TOKEN.match(value))
     return value is None or isinstance(value, (bool, int, float))
+
+
+def _label_key(key: Any) -> str:
+    return key if isinstance(key, str) and _LABEL_KEY.match(key) else _safe_key(str(key))
 
 
 def _redact_field(key: str, value: Any) -> Any:
     if key in _SAFE_FIELDS and (_short(value) or (isinstance(value, list) and all(_short(v) for v in value))):
         return value
-    if key == _LABELS and isinstance(value, dict) and all(_short(k) and _short(v) for k, v in value.items()):
-        return value
+    if key == _LABELS and isinstance(value, dict):
+        return {_label_key(k): (v if _short(v) else _redact(v)) for k, v in value.items()}
     return _redact(value)
 
 
@@ -147,14 +159,14 @@ async def send_dead_letter(producer: Any, topic: str, letter: DeadLetter) -> Awa
         try:
             return await future
         except KafkaError as exc:
-            if exc.retriable:
+            if exc.__class__.__name__ not in _REFUSED:
                 raise
             return await _fallback(producer, topic, letter, exc)
 
     try:
         future = await producer.send(topic, key=letter.key, value=letter.value, headers=letter.headers())
     except KafkaError as exc:
-        if exc.retriable:
+        if exc.__class__.__name__ not in _REFUSED:
             raise
         return _done(await _fallback(producer, topic, letter, exc))
     return sent(future)
@@ -170,7 +182,7 @@ async def _fallback(producer: Any, topic: str, letter: DeadLetter, exc: Exceptio
     try:
         return await (await producer.send(topic, key=small.key, value=small.value, headers=small.headers()))
     except KafkaError as again:
-        if again.retriable:
+        if again.__class__.__name__ not in _REFUSED:
             raise
         log.error("dead letter of %s[%d]@%d dropped (%s)", letter.topic, letter.partition, letter.offset,
                   again.__class__.__name__)  # fmt: skip

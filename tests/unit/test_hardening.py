@@ -212,3 +212,93 @@ def test_input_bytes_past_the_token_bound_are_refused_at_the_door_and_the_bound_
     assert result.entries
     for _, raw in result.entries:
         assert decode_fast(LedgerEntry, raw).input_tokens <= MAX_TOKENS
+
+
+# -- what a hostile review found after the first fixes ------------------------------------------------------------
+def test_every_field_at_its_longest_makes_entries_the_aggregate_accepts() -> None:
+    long = "p" * 256
+    budgets = [f"b{i:02d}" + "x" * 125 for i in range(63)]
+    pricing = PricingSettings(trust_reported_cost=[long])
+    enricher = Enricher(Estimator(TokenizerRegistry.default(), PriceTable.default(), pricing=pricing), TOPICS)
+    request = {"v": 1, "request_id": "r" * 256, "attempt": 10_000, "occurred_at": T0.isoformat(), "budgets": budgets,
+               "model": "m" * 256, "provider": long, "backend": "cloud", "prompt": "hi"}  # fmt: skip
+    usage = {"v": 1, "request_id": "r" * 256, "attempt": 10_000, "request_occurred_at": T0.isoformat(),
+             "occurred_at": T0.isoformat(), "budgets": budgets, "model": "m" * 256, "provider": long,
+             "request_model": "q" * 256, "backend": "cloud", "outcome": "completed", "input_tokens": MAX_TOKENS,
+             "output_tokens": MAX_TOKENS, "reported_cost_usd": "1.00"}  # fmt: skip
+    for topic, event in ((TOPICS.requests.name, request), (TOPICS.usage.name, usage)):
+        result = enricher.enrich(topic, 0, 1, b"r", dumps(event))
+        assert result.dead is None
+        assert len(result.entries) == 64
+        for _, raw in result.entries:
+            decode_fast(LedgerEntry, raw)  # the aggregate takes what enrich took
+
+
+def test_a_refusal_is_refused_again_on_replay_after_a_crash_that_kept_its_period() -> None:
+    def e(kind: str, request: str, amount: int) -> LedgerEntry:
+        return entry(kind, request, amount)
+
+    log = [e("reserve", "A", 60), e("reserve", "B", 50), e("settle", "A", 10), e("settle", "B", 20)]
+    store = MemoryStore()
+    ledger = ledger_of(store, max_period_pico=100)
+    apply_all(ledger, log[:1])
+    assert [ledger.apply(log[i], i) for i in (1, 2)] == ["out_of_range", "applied"]
+    changes = ledger.drain()
+    store.write(dict(changes[:1]), checkpoint=2)  # the period record is durable, nothing else: kill -9
+    recovered = ledger_of(store, max_period_pico=100)
+    assert [recovered.apply(log[i], i) for i in (1, 2)] == ["out_of_range", "applied"]
+    recovered.store.write(dict(recovered.drain()), checkpoint=2)
+    apply_all(recovered, log[3:], start=3)
+    period = recovered.periods[("team:x", "2026-11")]
+    assert (period.settled, period.reserved) == (30, 0)  # as without the crash (B's settle counts on its own)
+
+
+async def test_a_dead_letter_is_replaced_by_its_digest_only_when_the_broker_refuses_the_record_itself() -> None:
+    import asyncio
+
+    from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAuthorizationFailedError
+
+    from budgetflow.streams.dlq import send_dead_letter
+
+    class Producer:
+        def __init__(self, error: type[Exception]) -> None:
+            self.error, self.sent = error, []
+
+        async def send(self, topic: str, key: Any = None, value: Any = None, headers: Any = None) -> Any:
+            future = asyncio.get_running_loop().create_future()
+            if not self.sent:
+                future.set_exception(self.error())
+            else:
+                future.set_result("ok")
+            self.sent.append(value)
+            return future
+
+    letter = DeadLetter("aggregate", "late", "m", "ledger", 0, 7, b"team:x", b'{"amount_pico_usd": 70}')
+    refused = Producer(MessageSizeTooLargeError)
+    assert await (await send_dead_letter(refused, "dlq", letter)) == "ok"
+    assert orjson.loads(refused.sent[1])["redacted"] is True
+    for error in (TopicAuthorizationFailedError, KafkaTimeoutError):  # the deployment's fault: the batch must fail
+        with pytest.raises(error):
+            await (await send_dead_letter(Producer(error), "dlq", letter))
+
+
+def test_redaction_digests_text_put_in_safe_fields_label_keys_and_nested_keys() -> None:
+    raw = dumps({"v": 1, "model": "the secret plan", "budgets": ["the secret plan"], "session_id": "secret-session",
+                 "metadata": {"the secret plan": "x", "team": "the secret plan"},
+                 "messages": [{"the secret plan": 1}]})  # fmt: skip
+    out = redact(raw)
+    assert b"secret" not in out
+    with pytest.raises(InvalidEvent) as info:
+        decode(RequestEvent, dumps({"v": 1, "request_id": "r", "occurred_at": T0.isoformat(), "model": "m",
+                                    "provider": "p", "backend": "cloud", "prompt": "x",
+                                    "metadata": {"the secret plan": "x"}}))  # fmt: skip
+    assert "secret" not in str(info.value)
+
+
+def test_a_policy_record_whose_key_is_not_its_id_is_skipped() -> None:
+    policies: dict[str, BudgetPolicy] = {}
+    skipped: list[int] = []
+    raw = dumps(LIMITED["team:x"].model_dump(mode="json"))
+    assert _absorb(policies, b"team:other", raw, lambda: skipped.append(1)) is None
+    assert policies == {}
+    assert skipped == [1]
