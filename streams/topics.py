@@ -46,6 +46,8 @@ _HOUR_MS = 3_600_000
 _DAY_MS = 24 * _HOUR_MS
 # Configs an existing topic must have at least (more is fine): raised in place when lower.
 _AT_LEAST = ("delete.retention.ms",)
+# Configs an existing topic is set to exactly: the ledger's timestamps must be the broker's (a tick's bound).
+_EXACTLY = ("message.timestamp.type",)
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a value set on the topic itself
 
 
@@ -163,9 +165,10 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
     compacted = [s for s in specs if s.compacted]
-    if not compacted:
+    checked = [s for s in specs if s.compacted or any(key in s.config for key in _EXACTLY)]
+    if not checked:
         return
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in compacted])
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in checked])
     # topic -> config -> (value, source)
     configs: dict[str, dict[str, tuple[str | None, int]]] = {}
     for response in responses:
@@ -177,7 +180,7 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
         policy = configs.get(spec.name, {}).get("cleanup.policy", (None, 0))[0]
         if "compact" not in (policy or ""):
             raise ConfigError(f"topic {spec.name} must be compacted but has cleanup.policy={policy!r}")
-    for spec in compacted:
+    for spec in checked:
         await _raise_minimums(admin, spec, configs.get(spec.name, {}))
 
 
@@ -187,6 +190,8 @@ async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dic
 
     low = {key: spec.config[key] for key in _AT_LEAST
            if key in spec.config and int(have.get(key, ("0", 0))[0] or 0) < int(spec.config[key])}  # fmt: skip
+    low.update({key: spec.config[key] for key in _EXACTLY
+                if key in spec.config and have.get(key, (None, 0))[0] != spec.config[key]})  # fmt: skip
     if not low:
         return
     # AlterConfigs sets the topic's whole dynamic config: send the values it has, with the raised ones (and

@@ -155,3 +155,26 @@ async def test_a_checkpoint_older_than_the_tombstone_retention_must_restore_in_f
     assert not await resumable(old, 1)
     # With a week of tombstone retention, two-day-old records still have theirs.
     assert await checkpoint_resumable(consumer, young, -1, 7 * day_ms, now_ms=now_ms)
+
+
+async def test_a_ledger_made_with_producer_timestamps_is_set_to_the_brokers(pipeline_factory: Any) -> None:
+    """A ledger topic created before ticks were bounded by broker time (CreateTime) is set to LogAppendTime when a
+    worker (here `topics create`) checks it, keeping its retention: the bound of a tick needs the broker's clock."""
+    pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
+    options = client_options(pipeline.settings().kafka)
+    ledger = pipeline.topics.ledger
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(ledger.name, ledger.partitions, 1, topic_configs={
+            "cleanup.policy": "delete", "retention.ms": ledger.config["retention.ms"],
+            "message.timestamp.type": "CreateTime"})])  # fmt: skip
+    finally:
+        await admin.close()
+    proc = pipeline.cli("topics", "create")
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 30
+    while (configs := await topic_configs(options, ledger.name))["message.timestamp.type"] != "LogAppendTime":
+        assert time.monotonic() < deadline, "message.timestamp.type was not set"
+        await asyncio.sleep(0.2)
+    assert configs["retention.ms"] == ledger.config["retention.ms"], "the ledger keeps its 400 days"
