@@ -27,10 +27,10 @@ from budgetflow.schemas.serde import dumps
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
 from budgetflow.streams.audit import send_audit
 from budgetflow.streams.clients import client_options
-from budgetflow.streams.clock import next_month_start
+from budgetflow.streams.clock import Clock, next_month_start
 from budgetflow.streams.ledger import LedgerConfig, PartitionLedger, RequestState
 from budgetflow.streams.policies import default_policy
-from budgetflow.streams.readback import read_topic
+from budgetflow.streams.readback import read_records
 from budgetflow.streams.store import MemoryStore
 from budgetflow.streams.topics import Topics, ensure_topics_now, partition_for
 
@@ -115,17 +115,17 @@ class ReportRow:
                 "settled_usd": usd_string(self.settled), "reserved_usd": usd_string(self.reserved)}  # fmt: skip
 
 
-def replay_report(records: Iterable[tuple[int, bytes | None, int]], config: LedgerConfig,
+def replay_report(records: Iterable[tuple[int, bytes | None, int, float | None]], config: LedgerConfig,
                   defaults: DefaultPolicySettings) -> tuple[list[ReportRow], int]:  # fmt: skip
-    """Replay ledger records (partition, value, offset) through the aggregate's own rules.
+    """Replay ledger records (partition, value, offset, bound of a tick's time) through the aggregate's own rules.
 
     Each change of a request's state is attributed to the model, provider, backend and tier its entries named,
     so the rows of a (budget, period) add up to exactly what the aggregate holds for it. Returns the rows and
     the number of records that are not ledger entries (the aggregate sent those to the DLQ).
     """
-    by_partition: dict[int, list[tuple[int, bytes | None]]] = {}
-    for partition, value, offset in records:
-        by_partition.setdefault(partition, []).append((offset, value))
+    by_partition: dict[int, list[tuple[int, bytes | None, float | None]]] = {}
+    for partition, value, offset, max_time in records:
+        by_partition.setdefault(partition, []).append((offset, value, max_time))
     rows: dict[tuple[str, ...], ReportRow] = {}
     attrs: dict[tuple[str, str, int], tuple[str, str, str, str]] = {}
     skipped = 0
@@ -144,7 +144,7 @@ def replay_report(records: Iterable[tuple[int, bytes | None, int]], config: Ledg
         store = MemoryStore()
         ledger = PartitionLedger(partition, store, config, lambda b: default_policy(b, defaults))
         ledger.observer = observe
-        for n, (offset, value) in enumerate(sorted(items, key=lambda item: item[0]), start=1):
+        for n, (offset, value, max_time) in enumerate(sorted(items, key=lambda item: item[0]), start=1):
             try:
                 entry = LedgerEntry.model_validate_json(value or b"")
             except ValidationError:
@@ -156,7 +156,7 @@ def replay_report(records: Iterable[tuple[int, bytes | None, int]], config: Ledg
                 else:
                     named = (entry.model, entry.provider, entry.backend, entry.tier)
                 attrs.setdefault((entry.budget_id, entry.request_id, entry.attempt), named)
-            ledger.apply(entry, offset)
+            ledger.apply(entry, offset, max_time=max_time)
             if n % 5_000 == 0:  # batches, as the aggregate writes them
                 store.write(dict(ledger.drain()), offset)
         store.write(dict(ledger.drain()), -1)
@@ -167,9 +167,11 @@ def replay_report(records: Iterable[tuple[int, bytes | None, int]], config: Ledg
 async def report(settings: Settings, period: str | None = None) -> tuple[list[ReportRow], int]:
     """The report of a period (or every period) from a replay of the whole ledger topic."""
     topics = Topics.from_settings(settings)
-    records = await read_topic(settings, topics.ledger.name)
-    rows, skipped = replay_report(((p, v, o) for p, _, v, o in records), LedgerConfig.from_settings(settings),
-                                  settings.default_policy)  # fmt: skip
+    clock = Clock(settings.clock)
+    # Ticks bounded as the aggregate bounds them: by when the broker took them, plus the allowed skew.
+    records = [(r.partition, r.value, r.offset, clock.at(r.timestamp / 1000) + settings.max_clock_skew_s)
+               for r in await read_records(settings, topics.ledger.name)]  # fmt: skip
+    rows, skipped = replay_report(records, LedgerConfig.from_settings(settings), settings.default_policy)
     return [r for r in rows if period is None or r.period == period], skipped
 
 

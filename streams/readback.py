@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetStatus, Heartbeat
@@ -17,6 +17,11 @@ __all__ = ["read_heartbeats", "read_period_states", "read_statuses", "read_topic
 
 async def read_topic(settings: Settings, topic: str) -> list[tuple[int, bytes | None, bytes | None, int]]:
     """Every record of a topic from its beginning to its end now: (partition, key, value, offset)."""
+    return [(r.partition, r.key, r.value, r.offset) for r in await read_records(settings, topic)]
+
+
+async def read_records(settings: Settings, topic: str) -> list[ConsumerRecord]:
+    """Every record of a topic from its beginning to its end now, as the consumer gave them (timestamps too)."""
     consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
     await consumer.start()
     try:
@@ -24,12 +29,12 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[int, bytes | 
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
-        out: list[tuple[int, bytes | None, bytes | None, int]] = []
+        out: list[ConsumerRecord] = []
         pending = {tp for tp in partitions if ends[tp] > 0}
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=500, max_records=50_000)
-            for tp, records in batch.items():
-                out.extend((tp.partition, r.key, r.value, r.offset) for r in records)
+            for records in batch.values():
+                out.extend(records)
             for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)

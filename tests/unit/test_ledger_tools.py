@@ -50,15 +50,28 @@ def _entry(**fields: object) -> bytes:
 
 def test_the_report_attributes_each_change_to_its_request_and_skips_non_entries() -> None:
     records = [
-        (0, _entry(request_id="r1", kind="reserve", amount_pico_usd=500, model="big"), 0),
-        (0, _entry(request_id="r1", kind="settle", amount_pico_usd=300), 1),  # replaces the reservation
-        (0, _entry(request_id="r1", kind="settle", amount_pico_usd=300), 2),  # a duplicate
-        (0, b"not json", 3),
-        (1, _entry(request_id="r2", kind="reserve", amount_pico_usd=70, model="small", tier="heuristic"), 0),
-        (1, _entry(request_id="adjust:x", kind="adjust", amount_pico_usd=-20, model=""), 1),
+        (0, _entry(request_id="r1", kind="reserve", amount_pico_usd=500, model="big"), 0, None),
+        (0, _entry(request_id="r1", kind="settle", amount_pico_usd=300), 1, None),  # replaces the reservation
+        (0, _entry(request_id="r1", kind="settle", amount_pico_usd=300), 2, None),  # a duplicate
+        (0, b"not json", 3, None),
+        (1, _entry(request_id="r2", kind="reserve", amount_pico_usd=70, model="small", tier="heuristic"), 0, None),
+        (1, _entry(request_id="adjust:x", kind="adjust", amount_pico_usd=-20, model=""), 1, None),
     ]
     rows, skipped = replay_report(records, LedgerConfig(), DefaultPolicySettings())
     assert skipped == 1
     got = {(r.budget, r.model, r.tier): (r.requests, r.settled, r.reserved) for r in rows}
     assert got == {("team:a", "big", "exact"): (1, 300, 0), ("team:a", "small", "heuristic"): (1, 0, 70),
                    ("team:a", "(adjustment)", "-"): (1, -20, 0)}  # fmt: skip
+
+
+def test_the_report_bounds_ticks_as_the_aggregate_does() -> None:
+    """A tick from a clock forty days ahead expires nothing in the report, as in the aggregate."""
+    from datetime import UTC, datetime
+
+    broker = datetime(2026, 12, 1, tzinfo=UTC).timestamp() + 30  # the broker's time of the tick, plus the skew
+    tick = _entry(request_id="tick", kind="tick", budget_id=None, period="2027-01", amount_pico_usd=0,
+                  occurred_at="2027-01-10T00:00:00Z", expire=True)  # fmt: skip
+    records = [(0, _entry(request_id="r1", kind="reserve", amount_pico_usd=500, ttl_s=60), 0, None),
+               (0, tick, 1, broker)]  # fmt: skip
+    rows, _ = replay_report(records, LedgerConfig(), DefaultPolicySettings())
+    assert [(r.settled, r.reserved) for r in rows] == [(0, 500)]  # still reserved, not expired
