@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.structs import TopicPartition
 
 from budgetflow.schemas.errors import ConfigError
@@ -140,6 +140,8 @@ async def ensure_topics(admin: AIOKafkaAdminClient, topics: Topics, specs: list[
         except TopicAlreadyExistsError:
             pass  # another worker created them first
         except KafkaError as exc:
+            if exc.retriable:
+                raise  # the broker is busy or moving: the worker waits and tries again
             raise ConfigError(f"cannot create topics ({exc.__class__.__name__}: {exc})") from exc
     await _check(admin, wanted)
 
@@ -174,6 +176,7 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
     for response in responses:
         for error_code, message, _, name, entries in response.resources:
             if error_code:
+                _retriable(error_code, message)
                 raise ConfigError(f"cannot read the configs of topic {name} (error {error_code}: {message})")
             configs[name] = {entry[0]: (entry[1], entry[3]) for entry in entries}
     for spec in compacted:
@@ -207,13 +210,24 @@ async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dic
             [ConfigResource(ConfigResourceType.TOPIC, spec.name, configs={**dynamic, **low})]
         )
     except KafkaError as exc:
+        if exc.retriable:
+            raise
         raise ConfigError(f"topic {spec.name} has {_shown(have, low)} and cannot be altered ({exc}): {fix}") from exc
     for response in responses:
         for error_code, message, *_ in response.resources:
             if error_code:
+                _retriable(error_code, message)
                 raise ConfigError(f"topic {spec.name} has {_shown(have, low)} and cannot be altered "
                                   f"(error {error_code}: {message}): {fix}")  # fmt: skip
     log.warning("topic %s had %s; raised to %s (%s)", spec.name, _shown(have, low), low, spec.holds)
+
+
+def _retriable(error_code: int, message: str | None) -> None:
+    """Raise the broker's error if it is one that passes (a topic just created, a leader moving): not a
+    configuration error, so the worker backs off and tries again instead of exiting."""
+    error = for_code(error_code)
+    if error.retriable:
+        raise error(message)
 
 
 def _shown(have: dict[str, tuple[str | None, int]], keys: dict[str, str]) -> dict[str, str | None]:

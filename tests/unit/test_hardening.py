@@ -302,3 +302,13 @@ def test_a_policy_record_whose_key_is_not_its_id_is_skipped() -> None:
     assert _absorb(policies, b"team:other", raw, lambda: skipped.append(1)) is None
     assert policies == {}
     assert skipped == [1]
+
+
+def test_a_passing_broker_error_while_checking_topics_is_retried_not_a_configuration_error() -> None:
+    from aiokafka.errors import UnknownTopicOrPartitionError
+
+    from budgetflow.streams.topics import _retriable
+
+    with pytest.raises(UnknownTopicOrPartitionError):  # a topic created a moment ago: the worker backs off
+        _retriable(3, "not yet")
+    _retriable(29, "topic authorization failed")  # not one that passes: the caller reports a ConfigError
