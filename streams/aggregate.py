@@ -30,7 +30,7 @@ from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock, month_start, next_month_start
 from budgetflow.streams.crash import crash_due, crash_now, crash_point
-from budgetflow.streams.dlq import DeadLetter, redact, send_dead_letter
+from budgetflow.streams.dlq import DeadLetter, send_dead_letter
 from budgetflow.streams.forecast import Forecast, Forecaster
 from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
 from budgetflow.streams.metrics import AggregateCollector, PipelineMetrics
@@ -369,17 +369,16 @@ class AggregateWorker:
         self, ledger: PartitionLedger, tp: TopicPartition, record: ConsumerRecord, dead: list[DeadLetter]
     ) -> None:
         def letter(reason: str, message: str) -> None:
-            value = record.value if self.settings.dlq.keep_raw else redact(record.value)
-            dead.append(DeadLetter("aggregate", reason, message, tp.topic, tp.partition, record.offset, record.key,
-                                   value or b"null"))  # fmt: skip
+            dead.append(DeadLetter.of_record("aggregate", reason, message, tp.topic, tp.partition, record.offset,
+                                             record.key, record.value,
+                                             keep_raw=self.settings.dlq.keep_raw))  # fmt: skip
 
         try:
             entry = decode_fast(LedgerEntry, record.value)
         except InvalidEvent as exc:
             letter(exc.reason, str(exc))
             return
-        # A tick's time is bounded by when the broker took it (on this worker's clock) plus the allowed skew.
-        max_time = self.clock.at(record.timestamp / 1000) + self.settings.max_clock_skew_s
+        max_time = self.clock.tick_bound(record.timestamp, self.settings.max_clock_skew_s)
         try:
             outcome = ledger.apply(entry, record.offset, max_time=max_time)
         except Exception as exc:  # a defect must not stop the partition on one record

@@ -37,6 +37,11 @@ class Clock:
             return wall
         return self._start + (wall - self._anchor_wall) * self.speed
 
+    def tick_bound(self, broker_ms: int, skew_s: float) -> float:
+        """The latest time a tick may move stream time to: its record's broker timestamp, on this clock, plus the
+        allowed skew (what the aggregate and a report's replay both apply)."""
+        return self.at(broker_ms / 1000) + skew_s
+
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.timestamp(), UTC)
 

@@ -135,6 +135,13 @@ class DeadLetter:
         object.__setattr__(self, "key", _fit_key(self.key))
         object.__setattr__(self, "value", _fit_value(self.value))
 
+    @classmethod
+    def of_record(cls, stage: str, reason: str, message: str, topic: str, partition: int, offset: int,
+                  key: bytes | None, value: bytes | None, *, keep_raw: bool) -> DeadLetter:  # fmt: skip
+        """The dead letter of a record as read: redacted unless ``keep_raw`` (``dlq.keep_raw``)."""
+        stored = value if keep_raw else redact(value)
+        return cls(stage, reason, message, topic, partition, offset, key, stored or b"null")
+
     def headers(self) -> list[tuple[str, bytes]]:
         return [
             ("budgetflow.stage", self.stage.encode()),
@@ -159,14 +166,14 @@ async def send_dead_letter(producer: Any, topic: str, letter: DeadLetter) -> Awa
         try:
             return await future
         except KafkaError as exc:
-            if exc.__class__.__name__ not in _REFUSED:
+            if not _refused(exc):
                 raise
             return await _fallback(producer, topic, letter, exc)
 
     try:
         future = await producer.send(topic, key=letter.key, value=letter.value, headers=letter.headers())
     except KafkaError as exc:
-        if exc.__class__.__name__ not in _REFUSED:
+        if not _refused(exc):
             raise
         return _done(await _fallback(producer, topic, letter, exc))
     return sent(future)
@@ -182,11 +189,15 @@ async def _fallback(producer: Any, topic: str, letter: DeadLetter, exc: Exceptio
     try:
         return await (await producer.send(topic, key=small.key, value=small.value, headers=small.headers()))
     except KafkaError as again:
-        if again.__class__.__name__ not in _REFUSED:
+        if not _refused(again):
             raise
         log.error("dead letter of %s[%d]@%d dropped (%s)", letter.topic, letter.partition, letter.offset,
                   again.__class__.__name__)  # fmt: skip
         return None
+
+
+def _refused(exc: Exception) -> bool:
+    return exc.__class__.__name__ in _REFUSED
 
 
 async def _done(value: Any) -> Any:

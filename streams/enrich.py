@@ -32,7 +32,7 @@ from budgetflow.schemas.settings import Settings
 from budgetflow.streams.clients import client_options
 from budgetflow.streams.clock import Clock
 from budgetflow.streams.crash import crash_point
-from budgetflow.streams.dlq import DeadLetter, redact, send_dead_letter
+from budgetflow.streams.dlq import DeadLetter, send_dead_letter
 from budgetflow.streams.metrics import PipelineMetrics
 from budgetflow.streams.policies import PolicyBook
 from budgetflow.streams.scopes import BudgetResolver
@@ -112,10 +112,9 @@ class Enricher:
 
     def _dead(self, reason: str, message: str, topic: str, partition: int, offset: int, key: bytes | None,
               value: bytes | None) -> EnrichResult:  # fmt: skip
-        stored = value if self.keep_raw else redact(value)
         self.metrics.dead_letters.labels("enrich", reason).inc()
-        letter = DeadLetter("enrich", reason, message, topic, partition, offset, key, stored or b"null")
-        return EnrichResult(dead=letter)
+        return EnrichResult(dead=DeadLetter.of_record("enrich", reason, message, topic, partition, offset, key, value,
+                                                      keep_raw=self.keep_raw))  # fmt: skip
 
     def _not_future(self, moment: datetime, field: str) -> None:
         """An event from beyond the allowed clock skew would count in a month that has not begun."""

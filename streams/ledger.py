@@ -473,7 +473,7 @@ class PartitionLedger:
         # Before its first tick a partition's period is the latest it holds entries of: a first tick that is
         # already in the next month (a worker that started late, a slow machine) is a rollover all the same.
         previous = self.meta.period or max((period for _, period in self.periods), default=None)
-        if previous != current and previous is not None and current > previous:
+        if previous is not None and current > previous:
             self.rollover_to = current
             self._drop_old_periods(current)
         self.meta.period = current

@@ -168,8 +168,7 @@ async def report(settings: Settings, period: str | None = None) -> tuple[list[Re
     """The report of a period (or every period) from a replay of the whole ledger topic."""
     topics = Topics.from_settings(settings)
     clock = Clock(settings.clock)
-    # Ticks bounded as the aggregate bounds them: by when the broker took them, plus the allowed skew.
-    records = [(r.partition, r.value, r.offset, clock.at(r.timestamp / 1000) + settings.max_clock_skew_s)
+    records = [(r.partition, r.value, r.offset, clock.tick_bound(r.timestamp, settings.max_clock_skew_s))
                for r in await read_records(settings, topics.ledger.name)]  # fmt: skip
     rows, skipped = replay_report(records, LedgerConfig.from_settings(settings), settings.default_policy)
     return [r for r in rows if period is None or r.period == period], skipped

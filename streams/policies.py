@@ -87,15 +87,13 @@ def _absorb(
         return budget
     try:
         policy = BudgetPolicy.model_validate(loads(value))
-    except (ValidationError, ValueError, InvalidEvent) as exc:
-        # One bad record must not keep anything from starting: the budget keeps its last good policy.
-        log.error("skipping a malformed policy record for %r: %s", budget[:128], exc.__class__.__name__)
-        if on_skip is not None:
-            on_skip()
-        return None
-    if policy.id != budget:
         # The key is what compaction and tombstones go by: a record filed under another key would outlive them.
-        log.error("skipping a policy record whose key %r is not its id", budget[:128])
+        problem = None if policy.id == budget else "its id is not its key"
+    except (ValidationError, ValueError, InvalidEvent) as exc:
+        problem = exc.__class__.__name__
+    if problem is not None:
+        # One bad record must not keep anything from starting: the budget keeps its last good policy.
+        log.error("skipping a malformed policy record for %r: %s", budget[:128], problem)
         if on_skip is not None:
             on_skip()
         return None

@@ -103,16 +103,16 @@ async def _bounded(work: Coroutine[Any, Any, None], stop: asyncio.Event, timeout
     finally:
         stopping.cancel()
     if not task.done():
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-        if not done:
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=2.0)
-            if not done:
-                return False
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                task.result()
-            return True
-    task.result()  # the worker's own error, if it failed
+        await asyncio.wait({task}, timeout=timeout_s)
+    if task.done():
+        task.result()  # the worker's own error, if it failed
+        return True
+    task.cancel()
+    await asyncio.wait({task}, timeout=2.0)
+    if not task.done():
+        return False
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
     return True
 
 

@@ -66,6 +66,16 @@ async def test_requests_topic_retention_deletes_old_records(pipeline_factory: An
         await consumer.stop()
 
 
+async def create_topic(options: dict[str, Any], spec: Any, configs: dict[str, str]) -> None:
+    """A budgetflow topic as an older budgetflow (or an operator) made it: its name and partitions, these configs."""
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(spec.name, spec.partitions, 1, topic_configs=configs)])
+    finally:
+        await admin.close()
+
+
 async def topic_configs(options: dict[str, Any], topic: str) -> dict[str, str]:
     """A topic's configs (waiting for a topic created a moment ago to be known)."""
     admin = AIOKafkaAdminClient(**options)
@@ -99,13 +109,8 @@ async def test_an_older_changelog_gets_its_tombstone_retention_raised_in_place(p
     pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
     options = client_options(pipeline.settings().kafka)
     state = pipeline.topics.state
-    admin = AIOKafkaAdminClient(**options)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(state.name, state.partitions, 1, topic_configs={
-            "cleanup.policy": "compact", "delete.retention.ms": "1000", "min.cleanable.dirty.ratio": "0.3"})])  # fmt: skip
-    finally:
-        await admin.close()
+    await create_topic(options, state, {"cleanup.policy": "compact", "delete.retention.ms": "1000",
+                                        "min.cleanable.dirty.ratio": "0.3"})  # fmt: skip
     assert (await topic_configs(options, state.name))["delete.retention.ms"] == "1000"
     proc = pipeline.cli("topics", "create")
     assert proc.returncode == 0, proc.stderr
@@ -163,14 +168,8 @@ async def test_a_ledger_made_with_producer_timestamps_is_set_to_the_brokers(pipe
     pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
     options = client_options(pipeline.settings().kafka)
     ledger = pipeline.topics.ledger
-    admin = AIOKafkaAdminClient(**options)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(ledger.name, ledger.partitions, 1, topic_configs={
-            "cleanup.policy": "delete", "retention.ms": ledger.config["retention.ms"],
-            "message.timestamp.type": "CreateTime"})])  # fmt: skip
-    finally:
-        await admin.close()
+    await create_topic(options, ledger, {"cleanup.policy": "delete", "retention.ms": ledger.config["retention.ms"],
+                                         "message.timestamp.type": "CreateTime"})  # fmt: skip
     proc = pipeline.cli("topics", "create")
     assert proc.returncode == 0, proc.stderr
     deadline = time.monotonic() + 30
