@@ -155,12 +155,29 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
                 return all(abs(got.get(b, -1.0) - s / 1e12) < 0.005 for b, s in expected.items())
 
             await wait_until(spend_matches, 90, "Prometheus to report each budget's spend to the cent")
-            # Every metric the dashboard queries exists in Prometheus.
-            names = set((await _json(http, f"{base}/api/v1/label/__name__/values"))["data"])
-            assert dashboard_metrics() <= names, dashboard_metrics() - names
+            # Every metric the dashboard queries exists in Prometheus, once each target has been scraped.
+            missing: set[str] = set()
+
+            async def dashboard_complete() -> bool:
+                names = set((await _json(http, f"{base}/api/v1/label/__name__/values"))["data"])
+                missing.clear()
+                missing.update(dashboard_metrics() - names)
+                return not missing
+
+            try:
+                await wait_until(dashboard_complete, 60, "every metric the dashboard queries")
+            except AssertionError:
+                raise AssertionError(f"the dashboard queries metrics no target exports: {sorted(missing)}") from None
             # Kill one aggregate: its partitions move, and sum() over a budget neither doubles nor drops.
             second.kill()
-            await asyncio.sleep(8)
+
+            async def one_aggregate_down() -> bool:
+                rows = await promql(http, base, 'up{job="aggregate"} == 0')
+                return len(rows) == 1
+
+            # Once Prometheus has seen the target down, the killed worker's series are stale: the sums
+            # below hold only when the survivor has taken its partitions over.
+            await wait_until(one_aggregate_down, 60, "Prometheus to see the killed aggregate down")
             await wait_until(spend_matches, 120, "the sums to hold after the rebalance")
             rows = await promql(http, base, 'count by (budget) (budgetflow_budget_spend_usd{budget="global"})')
             assert [r["value"][1] for r in rows] == ["1"], "one series per budget, from its one owner"
