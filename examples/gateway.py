@@ -77,11 +77,14 @@ class FakeModel:
         completion_tokens = min(max_tokens or 64, 64)
         return {
             "content": f"({model}) I read {prompt_tokens} tokens.",
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens,
-                      "prompt_tokens_details": {"cached_tokens": 0},
-                      "completion_tokens_details": {"reasoning_tokens": 0}},
-        }  # fmt: skip
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            },
+        }
 
 
 def _distinct(values: list[str]) -> list[str]:
@@ -115,8 +118,9 @@ class KeyMap:
     """The key file: which API keys may call the gateway and which budgets each one's requests are charged to."""
 
     def __init__(self, entries: list[_KeyEntry]) -> None:
-        self._entries = [(bytes.fromhex(e.sha256), Caller(e.name, "key:" + e.sha256[:8], tuple(e.budgets)))
-                         for e in entries]  # fmt: skip
+        self._entries = [
+            (bytes.fromhex(e.sha256), Caller(e.name, "key:" + e.sha256[:8], tuple(e.budgets))) for e in entries
+        ]
 
     @classmethod
     def load(cls, path: Path) -> KeyMap:
@@ -165,8 +169,9 @@ _LABEL = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, publisher: BudgetPublisher, view: BudgetView, *, local_model: str,
-                 keys: KeyMap) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, publisher: BudgetPublisher, view: BudgetView, *, local_model: str, keys: KeyMap
+    ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.view = view
@@ -186,8 +191,9 @@ class Gateway:
             return _error(401, "invalid API key", code="invalid_api_key")
         budgets = charged_budgets(caller, request.headers.get("X-Budget-Ids"))
         if budgets is None:
-            return _error(403, "X-Budget-Ids names a budget this API key may not be charged to",
-                          code="budget_not_allowed")  # fmt: skip
+            return _error(
+                403, "X-Budget-Ids names a budget this API key may not be charged to", code="budget_not_allowed"
+            )
         try:
             body = loads(await request.read())
             model, messages = body["model"], body["messages"]
@@ -205,8 +211,13 @@ class Gateway:
         if (asked := request.headers.get("X-Session-Id")) is not None:
             named = f"{caller.key_budget}\0{asked}".encode("utf-8", "surrogateescape")
             session = "s-" + hmac.new(self._session_key, named, hashlib.sha256).hexdigest()[:32]
-        estimate = quick_estimate(self.table, model, input_bytes=len(dumps(messages)), max_output_tokens=max_tokens,
-                                  provider=provider_of(model, "cloud"))  # fmt: skip
+        estimate = quick_estimate(
+            self.table,
+            model,
+            input_bytes=len(dumps(messages)),
+            max_output_tokens=max_tokens,
+            provider=provider_of(model, "cloud"),
+        )
         provider = provider_of(model, "cloud")
         priced = self.table.price(model, provider=provider).priced
         local = Candidate(self.local_model, "local", 0.5, provider=provider_of(self.local_model, "local"))
@@ -221,9 +232,15 @@ class Gateway:
         chosen = decision.candidates[0]
         try:
             handle = await self.publisher.publish_request(
-                request_id=request_id, model=chosen.name, provider=provider_of(chosen.name, chosen.backend),
-                backend=chosen.backend, budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
-            )  # fmt: skip
+                request_id=request_id,
+                model=chosen.name,
+                provider=provider_of(chosen.name, chosen.backend),
+                backend=chosen.backend,
+                budgets=budgets,
+                messages=messages,
+                max_tokens=max_tokens,
+                session_id=session,
+            )
         except InvalidEvent as exc:
             return _error(400, f"invalid request: {exc}", headers=echo)
         if chosen.backend == "cloud" and not handle.cloud_allowed:
@@ -233,32 +250,52 @@ class Gateway:
                 return _error(503, "budget accounting is unavailable; retry shortly", retry=True, headers=echo)
             chosen = fallbacks[0]
             handle = await self.publisher.publish_request(
-                request_id=request_id, model=chosen.name, provider=LOCAL_PROVIDER, backend="local",
-                budgets=budgets, messages=messages, max_tokens=max_tokens, session_id=session,
-            )  # fmt: skip
+                request_id=request_id,
+                model=chosen.name,
+                provider=LOCAL_PROVIDER,
+                backend="local",
+                budgets=budgets,
+                messages=messages,
+                max_tokens=max_tokens,
+                session_id=session,
+            )
         if chosen.backend == "cloud":
             self.view.admit(budgets, estimate)
         answer = self.model.complete(chosen.name, messages, max_tokens)
         await self.publisher.publish_usage(handle, from_openai(answer["usage"]))
         response = {
-            "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()),
-            "model": chosen.name, "usage": answer["usage"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": answer["content"]}}],
-        }  # fmt: skip
-        headers.update({"X-Budgetflow-Backend": chosen.backend, "X-Budgetflow-Model": chosen.name,
-                        "X-Budgetflow-Period": f"{handle.occurred_at:%Y-%m}"})  # fmt: skip
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chosen.name,
+            "usage": answer["usage"],
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer["content"]}}
+            ],
+        }
+        headers.update(
+            {
+                "X-Budgetflow-Backend": chosen.backend,
+                "X-Budgetflow-Model": chosen.name,
+                "X-Budgetflow-Period": f"{handle.occurred_at:%Y-%m}",
+            }
+        )
         return web.Response(body=dumps(response), content_type="application/json", headers=headers)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ready": self.view.is_ready, "requests_seen": self.requests_seen})
 
 
-def _error(status: int, message: str, *, retry: bool = False, code: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+def _error(
+    status: int, message: str, *, retry: bool = False, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    return web.Response(status=status, body=dumps(body), content_type="application/json",
-                        headers={**(headers or {}), "x-should-retry": "true" if retry else "false"})  # fmt: skip
+    return web.Response(
+        status=status,
+        body=dumps(body),
+        content_type="application/json",
+        headers={**(headers or {}), "x-should-retry": "true" if retry else "false"},
+    )
 
 
 async def make_app(settings: Settings, local_model: str, keys: KeyMap) -> web.Application:
@@ -292,8 +329,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--local-model", default="llama3.1:8b")
-    parser.add_argument("--keys", type=Path, required=True,
-                        help="key file: the API keys (as SHA-256) and the budgets each is charged to")  # fmt: skip
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        required=True,
+        help="key file: the API keys (as SHA-256) and the budgets each is charged to",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s gateway: %(message)s")
     try:
@@ -301,8 +342,9 @@ def main() -> None:
         settings = load_settings()
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
-    web.run_app(make_app(settings, args.local_model, keys), host=args.host, port=args.port, access_log=None,
-                print=log.info)  # fmt: skip
+    web.run_app(
+        make_app(settings, args.local_model, keys), host=args.host, port=args.port, access_log=None, print=log.info
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,19 @@ __all__ = ["REASONS", "decode", "decode_fast", "describe_validation_error", "dum
 M = TypeVar("M", bound=BaseModel)
 
 # Reason codes are a bounded set: they become metric labels and DLQ headers.
-REASONS = ("empty", "json", "not_object", "version", "usage_rule", "invalid", "out_of_range", "future",
-           "unknown_budget", "too_large", "internal")  # fmt: skip
+REASONS = (
+    "empty",
+    "json",
+    "not_object",
+    "version",
+    "usage_rule",
+    "invalid",
+    "out_of_range",
+    "future",
+    "unknown_budget",
+    "too_large",
+    "internal",
+)
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _BOUNDS = frozenset({"less_than_equal", "greater_than_equal", "less_than", "greater_than"})
 

@@ -61,10 +61,16 @@ NESTING = "__"
 # Variables under this prefix belong to the test harness, not to Settings.
 TEST_ENV_PREFIX = "BUDGETFLOW_TEST_"
 # Variables that back command-line options rather than settings (the CLI lists them in --help).
-COMMAND_ENV = frozenset({
-    "BUDGETFLOW_ROLE", "BUDGETFLOW_VIEW_PORT", "BUDGETFLOW_VIEW_HOST", "BUDGETFLOW_BENCH_QUICK",
-    "BUDGETFLOW_BENCH_BOOTSTRAP", "BUDGETFLOW_DEMO_DURATION_S",
-})  # fmt: skip
+COMMAND_ENV = frozenset(
+    {
+        "BUDGETFLOW_ROLE",
+        "BUDGETFLOW_VIEW_PORT",
+        "BUDGETFLOW_VIEW_HOST",
+        "BUDGETFLOW_BENCH_QUICK",
+        "BUDGETFLOW_BENCH_BOOTSTRAP",
+        "BUDGETFLOW_DEMO_DURATION_S",
+    }
+)
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._\-]*$")
@@ -448,8 +454,12 @@ class NotifySettings(_Section):
 class MetricsSettings(_Section):
     """Prometheus metrics."""
 
-    port: int = Field(9108, ge=0, le=65535, description="Port of the enrich worker's /metrics (the aggregate "
-                      "serves /metrics on WEB__PORT).")  # fmt: skip
+    port: int = Field(
+        9108,
+        ge=0,
+        le=65535,
+        description="Port of the enrich worker's /metrics (the aggregate serves /metrics on WEB__PORT).",
+    )
     max_budgets: int = Field(1000, ge=1, description="Budgets exported per worker (those with a policy, by name).")
 
 

@@ -91,10 +91,14 @@ class AggregateWorker:
         self.metrics.registry.register(AggregateCollector(self, settings.metrics.max_budgets))
         self.forecaster = Forecaster(settings.forecast.window_s)
         self._sampled_at: dict[int, float] = {}
-        self.publisher = StatusPublisher(self.config.rules, self.policies.policy_for, clock.now,
-                                         settings.status.refresh_s,
-                                         forecast=self.forecast,
-                                         on_publish=self._published)  # fmt: skip
+        self.publisher = StatusPublisher(
+            self.config.rules,
+            self.policies.policy_for,
+            clock.now,
+            settings.status.refresh_s,
+            forecast=self.forecast,
+            on_publish=self._published,
+        )
         self._catch_up: dict[int, tuple[int, int | None]] = {}
         self._heartbeat_due: set[int] = set()
         self._last_record_ts: dict[int, float] = {}
@@ -122,13 +126,15 @@ class AggregateWorker:
         finally:
             await admin.close()
         async with contextlib.AsyncExitStack() as stack:
-            self._producer = AIOKafkaProducer(**options, enable_idempotence=True, acks="all", linger_ms=2,
-                                              max_batch_size=512 * 1024)  # fmt: skip
+            self._producer = AIOKafkaProducer(
+                **options, enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024
+            )
             await self._producer.start()
             stack.push_async_callback(self._producer.stop)
             # earliest: a restore that starts below the log start (records deleted by an operator) reads what is left
-            self._restorer = AIOKafkaConsumer(**options, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
-                                              auto_offset_reset="earliest")  # fmt: skip
+            self._restorer = AIOKafkaConsumer(
+                **options, enable_auto_commit=False, max_partition_fetch_bytes=4 << 20, auto_offset_reset="earliest"
+            )
             await self._restorer.start()
             stack.push_async_callback(self._restorer.stop)
             stack.push_async_callback(self.policies.stop)
@@ -250,8 +256,9 @@ class AggregateWorker:
         ):
             # Older than the changelog keeps tombstones: a deletion it missed may be gone, so resuming could
             # resurrect a swept request or a dropped month. Restore it all.
-            log.warning("partition %d: the local store is older than the changelog's tombstones; restoring it all",
-                        partition)  # fmt: skip
+            log.warning(
+                "partition %d: the local store is older than the changelog's tombstones; restoring it all", partition
+            )
             store.reset(self.identity)
         restored = 0
         if end > store.checkpoint + 1:
@@ -267,8 +274,9 @@ class AggregateWorker:
         self._changelog_end[partition] = end - 1
         ledger = PartitionLedger(partition, store, self.config, self.policies.policy_for)
         ledger.refresh_all()
-        log.info("partition %d ready: %d changelog records restored in %.2f s", partition, restored,
-                 time.monotonic() - began)  # fmt: skip
+        log.info(
+            "partition %d ready: %d changelog records restored in %.2f s", partition, restored, time.monotonic() - began
+        )
         return ledger, True
 
     def _policy_changed(self, budget: str) -> None:
@@ -349,8 +357,10 @@ class AggregateWorker:
         self.metrics.records.labels("aggregate", "out").inc(len(outgoing) + len(dead))
         for letter in dead:
             others.append(await send_dead_letter(self._producer, self.topics.dlq.name, letter))
-        results = {p: list(zip(await asyncio.gather(*(f for f, _ in batches)), (n for _, n in batches), strict=True))
-                   for p, batches in changelog.items()}  # fmt: skip
+        results = {
+            p: list(zip(await asyncio.gather(*(f for f, _ in batches)), (n for _, n in batches), strict=True))
+            for p, batches in changelog.items()
+        }
         await asyncio.gather(*others)
         crash_point("aggregate.after_flush")
         for p, changes in writes.items():
@@ -369,9 +379,19 @@ class AggregateWorker:
         self, ledger: PartitionLedger, tp: TopicPartition, record: ConsumerRecord, dead: list[DeadLetter]
     ) -> None:
         def letter(reason: str, message: str) -> None:
-            dead.append(DeadLetter.of_record("aggregate", reason, message, tp.topic, tp.partition, record.offset,
-                                             record.key, record.value,
-                                             keep_raw=self.settings.dlq.keep_raw))  # fmt: skip
+            dead.append(
+                DeadLetter.of_record(
+                    "aggregate",
+                    reason,
+                    message,
+                    tp.topic,
+                    tp.partition,
+                    record.offset,
+                    record.key,
+                    record.value,
+                    keep_raw=self.settings.dlq.keep_raw,
+                )
+            )
 
         try:
             entry = decode_fast(LedgerEntry, record.value)
@@ -382,8 +402,9 @@ class AggregateWorker:
         try:
             outcome = ledger.apply(entry, record.offset, max_time=max_time)
         except Exception as exc:  # a defect must not stop the partition on one record
-            log.exception("ledger failed on %s[%d]@%d; dead-lettered as internal", tp.topic, tp.partition,
-                          record.offset)  # fmt: skip
+            log.exception(
+                "ledger failed on %s[%d]@%d; dead-lettered as internal", tp.topic, tp.partition, record.offset
+            )
             letter("internal", f"the ledger failed: {exc.__class__.__name__}")
             return
         key = (entry.kind, outcome)
@@ -480,8 +501,9 @@ class AggregateWorker:
         spend = state.spend if state is not None else 0
         limit = self.policies.policy_for(budget).monthly_limit_usd
         now = max(ledger.meta.stream_time, self.clock.now().timestamp())
-        return self.forecaster.forecast((budget, period), now, spend, limit, month_start(period).timestamp(),
-                                        next_month_start(period).timestamp())  # fmt: skip
+        return self.forecaster.forecast(
+            (budget, period), now, spend, limit, month_start(period).timestamp(), next_month_start(period).timestamp()
+        )
 
     @staticmethod
     def period_end(period: str) -> float:

@@ -83,10 +83,12 @@ def bench_tokenizers(quick: bool) -> dict[str, Any]:
     for size in (200, 2_000, 20_000):
         n = max(5, rounds // (1 if size < 20_000 else 5))
         requests = [
-            [{"role": "system", "content": sample_text(rng, size // 10)},
-             {"role": "user", "content": sample_text(rng, size - size // 10)}]
+            [
+                {"role": "system", "content": sample_text(rng, size // 10)},
+                {"role": "user", "content": sample_text(rng, size - size // 10)},
+            ]
             for _ in range(n)
-        ]  # fmt: skip
+        ]
 
         def ours(messages: list[dict[str, str]]) -> int:
             return registry.count_chat("gpt-4o", messages).tokens
@@ -186,12 +188,26 @@ def bench_routing(quick: bool) -> dict[str, Any]:
     tracemalloc.start()
     for i in range(budgets):
         spend = (i * 7919) % (100 * 10**12)
-        view.apply_status(BudgetStatus(
-            budget_id=f"team:{i}", period=period, status="soft_limit" if spend > 75 * 10**12 else "normal",
-            spend_usd=spend, settled_usd=spend, reserved_usd=0, limit_usd=100 * 10**12,
-            remaining_usd=100 * 10**12 - spend, utilization_percent=spend / 10**12, soft_limit_percent=75,
-            hard_limit_action="block_cloud", as_of=now, next_reset=reset, reason="step", partition=i % 8, seq=i,
-        ))  # fmt: skip
+        view.apply_status(
+            BudgetStatus(
+                budget_id=f"team:{i}",
+                period=period,
+                status="soft_limit" if spend > 75 * 10**12 else "normal",
+                spend_usd=spend,
+                settled_usd=spend,
+                reserved_usd=0,
+                limit_usd=100 * 10**12,
+                remaining_usd=100 * 10**12 - spend,
+                utilization_percent=spend / 10**12,
+                soft_limit_percent=75,
+                hard_limit_action="block_cloud",
+                as_of=now,
+                next_reset=reset,
+                reason="step",
+                partition=i % 8,
+                seq=i,
+            )
+        )
     traced, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     gc.collect()
@@ -282,8 +298,11 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"budgetflow bench, {results['date']}{' (quick)' if results['quick'] else ''}", ""]
     sections = results["sections"]
     if "tokenizers" in sections:
-        lines += ["| prompt | tokens/req | budgetflow tok/s | tiktoken tok/s | budgetflow p50/p95/p99 µs | "
-                  "tiktoken p50/p95/p99 µs | overhead |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| prompt | tokens/req | budgetflow tok/s | tiktoken tok/s | budgetflow p50/p95/p99 µs | "
+            "tiktoken p50/p95/p99 µs | overhead |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for size, row in sections["tokenizers"].items():
             if size == "elapsed_s":
                 continue
@@ -297,9 +316,12 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     if "heuristic_error" in sections:
         section = sections["heuristic_error"]
-        lines += [f"heuristic vs exact, {section['texts_per_kind']} texts per kind (error %, + = overestimate)", "",
-                  "| text / encoding | mean | p5 | p50 | p95 | min | max | underestimates |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"heuristic vs exact, {section['texts_per_kind']} texts per kind (error %, + = overestimate)",
+            "",
+            "| text / encoding | mean | p5 | p50 | p95 | min | max | underestimates |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, e in section.items():
             if not isinstance(e, dict):
                 continue
@@ -310,57 +332,86 @@ def render(results: dict[str, Any]) -> str:
             )
     if "enrich" in sections:
         row = sections["enrich"]
-        lines += ["", f"enrich, {row['requests']:,} chat requests (mean {row['mean_bytes']:,.0f} B), one worker: "
-                  f"{row['enrich_per_s']:,.0f} requests/s; raw tiktoken on the same texts in one process: "
-                  f"{row['raw_tiktoken_per_s']:,.0f}/s; ratio {row['ratio']:.2f}"]  # fmt: skip
+        lines += [
+            "",
+            f"enrich, {row['requests']:,} chat requests (mean {row['mean_bytes']:,.0f} B), one worker: "
+            f"{row['enrich_per_s']:,.0f} requests/s; raw tiktoken on the same texts in one process: "
+            f"{row['raw_tiktoken_per_s']:,.0f}/s; ratio {row['ratio']:.2f}",
+        ]
     if "aggregate" in sections:
         section = sections["aggregate"]
-        lines += ["", f"aggregate, {section['entries']:,} ledger entries, one worker", "",
-                  "| budgets | aggregate entries/s | raw consumer entries/s | ratio |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"aggregate, {section['entries']:,} ledger entries, one worker",
+            "",
+            "| budgets | aggregate entries/s | raw consumer entries/s | ratio |",
+            "|---|---|---|---|",
+        ]
         for label in ("1000_budgets", "one_budget"):
             row = section[label]
             name = label.replace("_", " ")
-            lines.append(f"| {name} | {row['aggregate_per_s']:,.0f} | {row['raw_consumer_per_s']:,.0f} "
-                         f"| {row['ratio']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {row['aggregate_per_s']:,.0f} | {row['raw_consumer_per_s']:,.0f} | {row['ratio']:.2f} |"
+            )
     if "latency" in sections:
         row = sections["latency"]
-        lines += ["", f"threshold crossing to status on the topic, idle, {row['trials']} trials: "
-                  f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
-                  f"max {row['max_ms']:.0f} ms"]  # fmt: skip
+        lines += [
+            "",
+            f"threshold crossing to status on the topic, idle, {row['trials']} trials: "
+            f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+            f"max {row['max_ms']:.0f} ms",
+        ]
     if "load" in sections:
         row = sections["load"]
         q = row["latency"]
-        lines += ["", f"under {row['achieved_per_s']:,.0f} usage events/s: threshold crossing to status on the topic "
-                  f"p50 {q['p50_ms']:.0f} ms, p95 {q['p95_ms']:.0f} ms, p99 {q['p99_ms']:.0f} ms ({row['trials']} "
-                  "trials)"]  # fmt: skip
+        lines += [
+            "",
+            f"under {row['achieved_per_s']:,.0f} usage events/s: threshold crossing to status on the topic "
+            f"p50 {q['p50_ms']:.0f} ms, p95 {q['p95_ms']:.0f} ms, p99 {q['p99_ms']:.0f} ms ({row['trials']} "
+            "trials)",
+        ]
         over = row["overshoot"]
         for mode in ("bounded", "admitted"):
             o = over[mode]
-            lines.append(f"overshoot at {row['rate_per_s']:,.0f} requests/s on a $1 cap, "
-                         f"{'with' if mode == 'admitted' else 'without'} view.admit: ${o['overshoot_usd']:.4f} "
-                         f"({o['overshoot_requests']:.1f} requests of ${over['request_cost_usd']:.4f})")  # fmt: skip
+            lines.append(
+                f"overshoot at {row['rate_per_s']:,.0f} requests/s on a $1 cap, "
+                f"{'with' if mode == 'admitted' else 'without'} view.admit: ${o['overshoot_usd']:.4f} "
+                f"({o['overshoot_requests']:.1f} requests of ${over['request_cost_usd']:.4f})"
+            )
     if "recovery" in sections:
         row = sections["recovery"]
-        lines += ["", f"aggregate with {row['budgets']:,} budgets, stop to ready: {row['ready_rocksdb_s']:.1f} s "
-                  f"on its RocksDB store, {row['ready_from_changelog_s']:.1f} s from the changelog "
-                  f"({row['changelog_records']:,} records), {row['ready_empty_state_s']:.1f} s with no state; "
-                  f"RSS {row['rss_loaded_bytes'] / 2**20:.0f} MiB ({row['rss_bytes_per_budget']:.0f} B per budget), "
-                  f"store {row['store_bytes_per_budget']:.0f} B per budget"]  # fmt: skip
+        lines += [
+            "",
+            f"aggregate with {row['budgets']:,} budgets, stop to ready: {row['ready_rocksdb_s']:.1f} s "
+            f"on its RocksDB store, {row['ready_from_changelog_s']:.1f} s from the changelog "
+            f"({row['changelog_records']:,} records), {row['ready_empty_state_s']:.1f} s with no state; "
+            f"RSS {row['rss_loaded_bytes'] / 2**20:.0f} MiB ({row['rss_bytes_per_budget']:.0f} B per budget), "
+            f"store {row['store_bytes_per_budget']:.0f} B per budget",
+        ]
     if "routing" in sections:
         row = sections["routing"]
         mib = row["view_traced_bytes"] / 2**20
-        lines += ["", f"BudgetView with {row['budgets']:,} budgets: {mib:.1f} MiB allocated "
-                  f"({row['bytes_per_budget']:.0f} B per budget), RSS +{row['view_rss_bytes'] / 2**20:.1f} MiB", "",
-                  "| call | p50 µs | p95 µs | p99 µs |", "|---|---|---|---|",
-                  _row("view.decide (2 budgets + global)", row["decide"]),
-                  _row("baseline: 3 dict lookups + SHA-256", row["baseline"])]  # fmt: skip
+        lines += [
+            "",
+            f"BudgetView with {row['budgets']:,} budgets: {mib:.1f} MiB allocated "
+            f"({row['bytes_per_budget']:.0f} B per budget), RSS +{row['view_rss_bytes'] / 2**20:.1f} MiB",
+            "",
+            "| call | p50 µs | p95 µs | p99 µs |",
+            "|---|---|---|---|",
+            _row("view.decide (2 budgets + global)", row["decide"]),
+            _row("baseline: 3 dict lookups + SHA-256", row["baseline"]),
+        ]
     if "publisher" in sections:
         row = sections["publisher"]
-        lines += ["", f"publisher, {row['calls']:,} calls, caller's side", "",
-                  "| call | p50 µs | p95 µs | p99 µs |", "|---|---|---|---|",
-                  _row("publish_request (validate, serialize, buffer)", row["publish_request"]),
-                  _row("baseline: asyncio.Queue.put", row["baseline"])]  # fmt: skip
+        lines += [
+            "",
+            f"publisher, {row['calls']:,} calls, caller's side",
+            "",
+            "| call | p50 µs | p95 µs | p99 µs |",
+            "|---|---|---|---|",
+            _row("publish_request (validate, serialize, buffer)", row["publish_request"]),
+            _row("baseline: asyncio.Queue.put", row["baseline"]),
+        ]
     return "\n".join(lines)
 
 

@@ -30,17 +30,30 @@ from budgetflow.streams.topics import Topics, ensure_topics_now
 __all__ = ["bench_load", "bench_recovery"]
 
 # gpt-4o-mini at $0.15 / $0.60 per million tokens: 1,000 input and 200 output tokens cost $0.00027.
-LOAD_USAGE = {"model": "gpt-4o-mini", "provider": "openai", "backend": "cloud", "input_tokens": 1000,
-              "output_tokens": 200}  # fmt: skip
+LOAD_USAGE = {
+    "model": "gpt-4o-mini",
+    "provider": "openai",
+    "backend": "cloud",
+    "input_tokens": 1000,
+    "output_tokens": 200,
+}
 LOAD_COST_PICO = 1000 * 150_000 + 200 * 600_000
 
 
 def _env(bootstrap: str, prefix: str, root: Path, **extra: str) -> dict[str, str]:
-    return worker_env({
-        "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "BUDGETFLOW_TOPICS__PREFIX": prefix,
-        "BUDGETFLOW_TOPICS__PARTITIONS": "8", "BUDGETFLOW_DATA_DIR": str(root), "BUDGETFLOW_HEARTBEAT_S": "0.5",
-        "BUDGETFLOW_LOG_LEVEL": "WARNING", "BUDGETFLOW_WEB__PORT": "0", "BUDGETFLOW_METRICS__PORT": "0", **extra,
-    })  # fmt: skip
+    return worker_env(
+        {
+            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "BUDGETFLOW_TOPICS__PREFIX": prefix,
+            "BUDGETFLOW_TOPICS__PARTITIONS": "8",
+            "BUDGETFLOW_DATA_DIR": str(root),
+            "BUDGETFLOW_HEARTBEAT_S": "0.5",
+            "BUDGETFLOW_LOG_LEVEL": "WARNING",
+            "BUDGETFLOW_WEB__PORT": "0",
+            "BUDGETFLOW_METRICS__PORT": "0",
+            **extra,
+        }
+    )
 
 
 async def _policies(settings: Settings, topics: Topics, root: Path, lines: list[str]) -> None:
@@ -75,8 +88,16 @@ async def _wait_heartbeats(settings: Settings, topics: Topics, timeout_s: float 
 
 def _usage(request_id: str, budgets: list[str], **overrides: Any) -> bytes:
     now = datetime.now(UTC).isoformat()
-    event = {"v": 1, "request_id": request_id, "request_occurred_at": now, "occurred_at": now, "budgets": budgets,
-             "outcome": "completed", **LOAD_USAGE, **overrides}  # fmt: skip
+    event = {
+        "v": 1,
+        "request_id": request_id,
+        "request_occurred_at": now,
+        "occurred_at": now,
+        "budgets": budgets,
+        "outcome": "completed",
+        **LOAD_USAGE,
+        **overrides,
+    }
     return dumps(event)
 
 
@@ -118,8 +139,9 @@ def bench_load(quick: bool, bootstrap: str) -> dict[str, Any]:
         return asyncio.run(_load(settings, topics, root, env, rate, trials, quick))
 
 
-async def _load(settings: Settings, topics: Topics, root: Path, env: dict[str, str], rate: float, trials: int,
-                quick: bool) -> dict[str, Any]:  # fmt: skip
+async def _load(
+    settings: Settings, topics: Topics, root: Path, env: dict[str, str], rate: float, trials: int, quick: bool
+) -> dict[str, Any]:
     await ensure_topics_now(settings, topics)
     lat = [f"lat:{i}" for i in range(trials + 1)]
     lines = [f'  - {{id: "{b}", monthly_limit_usd: "1.00", soft_limit_percent: 50}}\n' for b in lat]
@@ -165,8 +187,13 @@ async def _load(settings: Settings, topics: Topics, root: Path, env: dict[str, s
             await load
             await producer.stop()
             await consumer.stop()
-    return {"rate_per_s": rate, "achieved_per_s": achieved, "trials": trials, "latency": _quantiles(samples),
-            **overshoot}  # fmt: skip
+    return {
+        "rate_per_s": rate,
+        "achieved_per_s": achieved,
+        "trials": trials,
+        "latency": _quantiles(samples),
+        **overshoot,
+    }
 
 
 async def _overshoot(settings: Settings, topics: Topics, rate: float, quick: bool) -> dict[str, Any]:
@@ -192,9 +219,15 @@ async def _overshoot(settings: Settings, topics: Topics, rate: float, quick: boo
                     n += 1
                     if decision.error is not None:
                         continue
-                    handle = await publisher.publish_request(request_id=f"{budget}-{n}", model="gpt-4o-mini",
-                                                             provider="openai", backend="cloud", budgets=[budget],
-                                                             input_bytes=4000, max_tokens=4000)  # fmt: skip
+                    handle = await publisher.publish_request(
+                        request_id=f"{budget}-{n}",
+                        model="gpt-4o-mini",
+                        provider="openai",
+                        backend="cloud",
+                        budgets=[budget],
+                        input_bytes=4000,
+                        max_tokens=4000,
+                    )
                     if admit:
                         view.admit([budget], cost)
                     await publisher.publish_usage(handle, Usage(input_tokens=20_000, output_tokens=4_000))
@@ -204,9 +237,13 @@ async def _overshoot(settings: Settings, topics: Topics, rate: float, quick: boo
             await asyncio.sleep(3)
             states = await read_period_states(settings, topics.state.name)
             spend = sum(s.settled for (b, _), s in states.items() if b == budget)
-            out[budget.split(":")[1]] = {"requests": n, "allowed": allowed, "spend_usd": spend / 1e12,
-                                         "overshoot_usd": (spend - 10**12) / 1e12,
-                                         "overshoot_requests": (spend - 10**12) / cost}  # fmt: skip
+            out[budget.split(":")[1]] = {
+                "requests": n,
+                "allowed": allowed,
+                "spend_usd": spend / 1e12,
+                "overshoot_usd": (spend - 10**12) / 1e12,
+                "overshoot_requests": (spend - 10**12) / cost,
+            }
     out["request_cost_usd"] = cost / 1e12
     return {"overshoot": out}
 
@@ -246,8 +283,9 @@ def _rss(pid: int) -> int:
     return 0
 
 
-async def _recovery(settings: Settings, topics: Topics, root: Path, env: dict[str, str], port: int,
-                    budgets: int) -> dict[str, Any]:  # fmt: skip
+async def _recovery(
+    settings: Settings, topics: Topics, root: Path, env: dict[str, str], port: int, budgets: int
+) -> dict[str, Any]:
     from budgetflow.streams.bench_pipeline import _entries, _fill
 
     await ensure_topics_now(settings, topics)
@@ -261,8 +299,11 @@ async def _recovery(settings: Settings, topics: Topics, root: Path, env: dict[st
         while True:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
                 text = await response.text()
-            lags = [float(line.split()[-1]) for line in text.splitlines()
-                    if line.startswith("budgetflow_consumer_lag_records{")]  # fmt: skip
+            lags = [
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("budgetflow_consumer_lag_records{")
+            ]
             spends = text.count("budgetflow_budget_requests{")
             if lags and max(lags) == 0:
                 break
@@ -278,7 +319,16 @@ async def _recovery(settings: Settings, topics: Topics, root: Path, env: dict[st
     shutil.rmtree(root / "aggregate")
     replay_s, worker = await _ready_in(env, root, port, "replay")
     worker.stop()
-    return {"budgets": budgets, "ready_empty_state_s": empty_s, "ready_rocksdb_s": rocks_s,
-            "ready_from_changelog_s": replay_s, "changelog_records": changelog, "rss_empty_bytes": empty_rss,
-            "rss_loaded_bytes": loaded_rss, "store_bytes": store_bytes, "store_bytes_per_budget": store_bytes / budgets,
-            "rss_bytes_per_budget": (loaded_rss - empty_rss) / budgets, "exported_budgets": spends}  # fmt: skip
+    return {
+        "budgets": budgets,
+        "ready_empty_state_s": empty_s,
+        "ready_rocksdb_s": rocks_s,
+        "ready_from_changelog_s": replay_s,
+        "changelog_records": changelog,
+        "rss_empty_bytes": empty_rss,
+        "rss_loaded_bytes": loaded_rss,
+        "store_bytes": store_bytes,
+        "store_bytes_per_budget": store_bytes / budgets,
+        "rss_bytes_per_budget": (loaded_rss - empty_rss) / budgets,
+        "exported_budgets": spends,
+    }

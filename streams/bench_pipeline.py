@@ -64,16 +64,26 @@ def _entries(n: int, budgets: list[str]) -> list[tuple[str, bytes]]:
     for i in range(n // 2):
         budget = budgets[i % len(budgets)]
         for kind, amount in (("reserve", 1_000_000_000), ("settle", 900_000_000)):
-            entry = LedgerEntry(entry_id=entry_id(f"b{i}", 0, kind, budget), budget_id=budget, request_id=f"b{i}",
-                                kind=kind, period=period, amount_pico_usd=amount, occurred_at=now,  # type: ignore[arg-type]
-                                model="gpt-4o", provider="openai", ttl_s=3600)  # fmt: skip
+            entry = LedgerEntry(
+                entry_id=entry_id(f"b{i}", 0, kind, budget),
+                budget_id=budget,
+                request_id=f"b{i}",
+                kind=kind,  # type: ignore[arg-type]
+                period=period,
+                amount_pico_usd=amount,
+                occurred_at=now,
+                model="gpt-4o",
+                provider="openai",
+                ttl_s=3600,
+            )
             out.append((budget, dumps(entry)))
     return out
 
 
 async def _fill(settings: Settings, topic: str, records: list[tuple[str, bytes]]) -> None:
-    producer = AIOKafkaProducer(**client_options(settings.kafka), linger_ms=20, max_batch_size=1 << 20,
-                                enable_idempotence=True)  # fmt: skip
+    producer = AIOKafkaProducer(
+        **client_options(settings.kafka), linger_ms=20, max_batch_size=1 << 20, enable_idempotence=True
+    )
     await producer.start()
     try:
         for key, value in records:
@@ -162,11 +172,18 @@ def bench_latency(quick: bool, bootstrap: str) -> dict[str, Any]:
         root = Path(tmp)
         settings = _settings(bootstrap, prefix, root, heartbeat_s=0.5)
         topics = Topics.from_settings(settings)
-        env = worker_env({
-            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "BUDGETFLOW_TOPICS__PREFIX": prefix,
-            "BUDGETFLOW_TOPICS__PARTITIONS": "8", "BUDGETFLOW_DATA_DIR": str(root), "BUDGETFLOW_HEARTBEAT_S": "0.5",
-            "BUDGETFLOW_LOG_LEVEL": "WARNING", "BUDGETFLOW_WEB__PORT": "0", "BUDGETFLOW_METRICS__PORT": "0",
-        })  # fmt: skip
+        env = worker_env(
+            {
+                "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+                "BUDGETFLOW_TOPICS__PREFIX": prefix,
+                "BUDGETFLOW_TOPICS__PARTITIONS": "8",
+                "BUDGETFLOW_DATA_DIR": str(root),
+                "BUDGETFLOW_HEARTBEAT_S": "0.5",
+                "BUDGETFLOW_LOG_LEVEL": "WARNING",
+                "BUDGETFLOW_WEB__PORT": "0",
+                "BUDGETFLOW_METRICS__PORT": "0",
+            }
+        )
         budgets = [f"lat:{i}" for i in range(trials)]
         policy = root / "policies.yaml"
         entry = '  - id: "{}"\n    monthly_limit_usd: "1.00"\n    soft_limit_percent: 50\n'
@@ -269,9 +286,15 @@ def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
                 ours = []
                 for i in range(calls):
                     began = time.perf_counter_ns()
-                    await publisher.publish_request(request_id=f"b-{i}", model="gpt-4o", provider="openai",
-                                                    backend="cloud", budgets=["team:a"], messages=messages,
-                                                    max_tokens=256)  # fmt: skip
+                    await publisher.publish_request(
+                        request_id=f"b-{i}",
+                        model="gpt-4o",
+                        provider="openai",
+                        backend="cloud",
+                        budgets=["team:a"],
+                        messages=messages,
+                        max_tokens=256,
+                    )
                     ours.append(time.perf_counter_ns() - began)
                 await publisher.flush()
             queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -296,11 +319,22 @@ def _chat_requests(n: int, seed: int = 3) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
         size = min(20_000, int(rng.lognormvariate(7.2, 0.9)))
-        out.append({"v": 1, "request_id": f"e{i}", "occurred_at": now, "budgets": [f"team:{i % 50}"],
-                    "model": rng.choice(["gpt-4o", "gpt-4o-mini", "gpt-4.1"]), "provider": "openai",
-                    "backend": "cloud", "max_tokens": 512,
-                    "messages": [{"role": "system", "content": sample_text(rng, 200)},
-                                 {"role": "user", "content": sample_text(rng, size)}]})  # fmt: skip
+        out.append(
+            {
+                "v": 1,
+                "request_id": f"e{i}",
+                "occurred_at": now,
+                "budgets": [f"team:{i % 50}"],
+                "model": rng.choice(["gpt-4o", "gpt-4o-mini", "gpt-4.1"]),
+                "provider": "openai",
+                "backend": "cloud",
+                "max_tokens": 512,
+                "messages": [
+                    {"role": "system", "content": sample_text(rng, 200)},
+                    {"role": "user", "content": sample_text(rng, size)},
+                ],
+            }
+        )
     return out
 
 
@@ -346,5 +380,10 @@ def bench_enrich(quick: bool, bootstrap: str) -> dict[str, Any]:
                 await asyncio.wait_for(task, 60)
 
     rate = asyncio.run(run())
-    return {"requests": n, "mean_bytes": mean_bytes, "enrich_per_s": rate, "raw_tiktoken_per_s": raw_rate,
-            "ratio": rate / raw_rate}  # fmt: skip
+    return {
+        "requests": n,
+        "mean_bytes": mean_bytes,
+        "enrich_per_s": rate,
+        "raw_tiktoken_per_s": raw_rate,
+        "ratio": rate / raw_rate,
+    }

@@ -186,9 +186,18 @@ def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool, actor: s
     specs = Topics.from_settings(settings)
     if not dry_run:
         asyncio.run(ensure_topics_now(settings, specs))
-    result = asyncio.run(apply_policy_file(settings, specs.policies.name, file, prune=prune, dry_run=dry_run,
-                                           audit_topic=specs.audit.name, actor=actor or default_actor(),
-                                           now=Clock(settings.clock).now()))  # fmt: skip
+    result = asyncio.run(
+        apply_policy_file(
+            settings,
+            specs.policies.name,
+            file,
+            prune=prune,
+            dry_run=dry_run,
+            audit_topic=specs.audit.name,
+            actor=actor or default_actor(),
+            now=Clock(settings.clock).now(),
+        )
+    )
 
     def limit(p: Any) -> str:
         return "unlimited" if p.monthly_limit_usd is None else "$" + format_usd(p.monthly_limit_usd, 2)
@@ -256,20 +265,35 @@ def ledger() -> None:
 @click.argument("usd")
 @click.option("--period", required=True, help="The month it counts in, YYYY-MM (open, or closed within the grace).")
 @click.option("--reason", required=True, help="Why, for the audit trail (no secrets).")
-@click.option("--id", "adjust_id", default=None,
-              help="Your own id: the command run again with it changes nothing (default: a new one).")  # fmt: skip
+@click.option(
+    "--id",
+    "adjust_id",
+    default=None,
+    help="Your own id: the command run again with it changes nothing (default: a new one).",
+)
 @_actor
 @pass_ctx
-def ledger_adjust(ctx: _Context, budget: str, usd: str, period: str, reason: str, adjust_id: str | None,
-                  actor: str | None) -> None:  # fmt: skip
+def ledger_adjust(
+    ctx: _Context, budget: str, usd: str, period: str, reason: str, adjust_id: str | None, actor: str | None
+) -> None:
     """Credit (negative USD) or debit (positive USD) BUDGET in a period, exactly once, with an audit record."""
     from budgetflow.streams.audit import default_actor
     from budgetflow.streams.clock import Clock
     from budgetflow.streams.ledger_tools import adjust as do_adjust
 
     settings = ctx.settings()
-    entry = asyncio.run(do_adjust(settings, budget, usd, period=period, reason=reason, adjust_id=adjust_id,
-                                  actor=actor or default_actor(), now=Clock(settings.clock).now()))  # fmt: skip
+    entry = asyncio.run(
+        do_adjust(
+            settings,
+            budget,
+            usd,
+            period=period,
+            reason=reason,
+            adjust_id=adjust_id,
+            actor=actor or default_actor(),
+            now=Clock(settings.clock).now(),
+        )
+    )
     click.echo(entry.entry_id)
 
 
@@ -351,8 +375,14 @@ def view() -> None:
 
 
 @view.command("serve")
-@click.option("--port", type=click.IntRange(0, 65535), default=8086, envvar="BUDGETFLOW_VIEW_PORT", show_envvar=True,
-              help="Port to listen on.")  # fmt: skip
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8086,
+    envvar="BUDGETFLOW_VIEW_PORT",
+    show_envvar=True,
+    help="Port to listen on.",
+)
 @click.option("--host", default="127.0.0.1", envvar="BUDGETFLOW_VIEW_HOST", show_envvar=True, help="Interface.")
 @pass_ctx
 def view_serve(ctx: _Context, port: int, host: str) -> None:
@@ -396,31 +426,47 @@ def simulate_shift_cmd(requests: int, seed: int, overspend: float) -> None:
 
     r = simulate_shift(requests, seed, overspend)
     days = (r.band_start_s / 86_400, r.band_end_s / 86_400)
-    click.echo(f"budget ${format_usd(r.limit_pico, 2)}, soft limit 75 %, {r.requests:,} requests whose cloud cost "
-               f"is {overspend:g} x the limit")  # fmt: skip
+    click.echo(
+        f"budget ${format_usd(r.limit_pico, 2)}, soft limit 75 %, {r.requests:,} requests whose cloud cost "
+        f"is {overspend:g} x the limit"
+    )
     click.echo(f"80-100 % band of the run without the shift: day {days[0]:.1f} to day {days[1]:.1f}")
-    click.echo(f"cloud spend in that band: without the shift ${format_usd(r.without_band_spend, 2)}, "
-               f"with it ${format_usd(r.with_band_spend, 2)}: {r.reduction_percent:.1f} % less")  # fmt: skip
+    click.echo(
+        f"cloud spend in that band: without the shift ${format_usd(r.without_band_spend, 2)}, "
+        f"with it ${format_usd(r.with_band_spend, 2)}: {r.reduction_percent:.1f} % less"
+    )
     click.echo(f"cloud requests over the month: {r.without_cloud_requests:,} without, {r.with_cloud_requests:,} with")
 
 
 # -- demo -----------------------------------------------------------------------
 @cli.command("demo")
-@click.option("--duration", default=60.0, show_default=True, envvar="BUDGETFLOW_DEMO_DURATION_S", show_envvar=True,
-              help="Wall-clock seconds the simulated month lasts.")  # fmt: skip
+@click.option(
+    "--duration",
+    default=60.0,
+    show_default=True,
+    envvar="BUDGETFLOW_DEMO_DURATION_S",
+    show_envvar=True,
+    help="Wall-clock seconds the simulated month lasts.",
+)
 @click.option("--requests", default=3000, show_default=True, help="Requests sent through the gateway.")
 @click.option("--seed", default=2026, show_default=True, help="Random seed of the traffic.")
 @click.option("--keep-running", is_flag=True, help="Leave the workers, gateway and broker up after the summary.")
-@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the summary as JSON here.")  # fmt: skip
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the summary as JSON here.",
+)
 @pass_ctx
-def demo(ctx: _Context, duration: float, requests: int, seed: int, keep_running: bool,
-         summary_json: Path | None) -> None:  # fmt: skip
+def demo(
+    ctx: _Context, duration: float, requests: int, seed: int, keep_running: bool, summary_json: Path | None
+) -> None:
     """A month of LLM traffic through the real pipeline in about a minute, watched live."""
     from budgetflow.streams.demo import DemoConfig, run_demo
 
-    config = DemoConfig(duration_s=duration, requests=requests, seed=seed, keep_running=keep_running,
-                        summary_json=summary_json)  # fmt: skip
+    config = DemoConfig(
+        duration_s=duration, requests=requests, seed=seed, keep_running=keep_running, summary_json=summary_json
+    )
     sys.exit(run_demo(config, ctx.settings()))
 
 

@@ -89,8 +89,9 @@ def expected_spend(planned: list[_Planned], table: Any) -> dict[str, int]:
     totals = dict.fromkeys(BUDGETS, 0)
     for item in planned:
         provider = "anthropic" if item.model.startswith("claude") else "openai"
-        cost = table.cost(item.model, input_tokens=item.size // 4 + 12, output_tokens=min(item.max_tokens, 64),
-                          provider=provider).pico_usd  # fmt: skip
+        cost = table.cost(
+            item.model, input_tokens=item.size // 4 + 12, output_tokens=min(item.max_tokens, 64), provider=provider
+        ).pico_usd
         for budget in ("global", item.team, KEY_BUDGET if item.key else None):
             if budget:
                 totals[budget] += cost
@@ -152,8 +153,11 @@ def _plan(config: DemoConfig, start: datetime) -> list[_Planned]:
     # Day 20: a batch job of team:search that insists on the cloud model pushes the team over its hard limit.
     burst_at = start + timedelta(days=20)
     for i in range(max(20, config.requests // 15)):
-        planned.append(_Planned(burst_at + timedelta(minutes=i * 2), "team:search", False, "gpt-4.1", 6000, 2048,
-                                insist_on_cloud=True))  # fmt: skip
+        planned.append(
+            _Planned(
+                burst_at + timedelta(minutes=i * 2), "team:search", False, "gpt-4.1", 6000, 2048, insist_on_cloud=True
+            )
+        )
     return sorted(planned, key=lambda p: p.at)
 
 
@@ -188,28 +192,30 @@ class Demo:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": self.settings.kafka.bootstrap_servers,
-            "BUDGETFLOW_TESTING": "1",
-            "BUDGETFLOW_CLOCK__START": self.start.isoformat(),
-            "BUDGETFLOW_CLOCK__ANCHOR": self.anchor.isoformat(),
-            "BUDGETFLOW_CLOCK__SPEED": repr(self.speed),
-            "BUDGETFLOW_TOPICS__PREFIX": self.prefix,
-            "BUDGETFLOW_DATA_DIR": str(self.root / self.prefix.rstrip(".")),
-            "BUDGETFLOW_HEARTBEAT_S": "0.2",
-            "BUDGETFLOW_STATUS__REFRESH_S": "0.5",
-            "BUDGETFLOW_WEB__PORT": str(self.web_port),
-            "BUDGETFLOW_METRICS__PORT": str(self.metrics_port),
-            "BUDGETFLOW_LOG_LEVEL": "WARNING",
-            # At 100,000x a day of simulated time is a second of processing lag: the dedupe horizon gets
-            # ten wall-clock seconds' worth (the month's grace and every other rule stay as they are).
-            "BUDGETFLOW_DEDUPE_HORIZON_S": str(max(86_400, int(10 * self.speed))),
-            # Routers judge staleness on the simulated clock: give them wall-clock seconds' worth of it.
-            "BUDGETFLOW_VIEW__STALE_AFTER_S": repr(3 * self.speed),
-            "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": repr(30 * self.speed),
-            "BUDGETFLOW_VIEW__ADMIT_GRACE_S": repr(0.05 * self.speed),
-            "BUDGETFLOW_VIEW__ADMIT_MAX_AGE_S": repr(1 * self.speed),
-        })  # fmt: skip
+        env.update(
+            {
+                "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": self.settings.kafka.bootstrap_servers,
+                "BUDGETFLOW_TESTING": "1",
+                "BUDGETFLOW_CLOCK__START": self.start.isoformat(),
+                "BUDGETFLOW_CLOCK__ANCHOR": self.anchor.isoformat(),
+                "BUDGETFLOW_CLOCK__SPEED": repr(self.speed),
+                "BUDGETFLOW_TOPICS__PREFIX": self.prefix,
+                "BUDGETFLOW_DATA_DIR": str(self.root / self.prefix.rstrip(".")),
+                "BUDGETFLOW_HEARTBEAT_S": "0.2",
+                "BUDGETFLOW_STATUS__REFRESH_S": "0.5",
+                "BUDGETFLOW_WEB__PORT": str(self.web_port),
+                "BUDGETFLOW_METRICS__PORT": str(self.metrics_port),
+                "BUDGETFLOW_LOG_LEVEL": "WARNING",
+                # At 100,000x a day of simulated time is a second of processing lag: the dedupe horizon gets
+                # ten wall-clock seconds' worth (the month's grace and every other rule stay as they are).
+                "BUDGETFLOW_DEDUPE_HORIZON_S": str(max(86_400, int(10 * self.speed))),
+                # Routers judge staleness on the simulated clock: give them wall-clock seconds' worth of it.
+                "BUDGETFLOW_VIEW__STALE_AFTER_S": repr(3 * self.speed),
+                "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": repr(30 * self.speed),
+                "BUDGETFLOW_VIEW__ADMIT_GRACE_S": repr(0.05 * self.speed),
+                "BUDGETFLOW_VIEW__ADMIT_MAX_AGE_S": repr(1 * self.speed),
+            }
+        )
         return env
 
     def child_settings(self) -> Settings:
@@ -262,8 +268,14 @@ class Demo:
         gateway = _gateway_script()
         keys = self.root / f"{self.prefix}keys.yaml"
         keys.write_text(gateway_keys())
-        self.processes.append(_Script("gateway", [str(gateway), "--port", str(self.gateway_port), "--keys", str(keys)],
-                                      env, logs / f"{self.prefix}gateway.log"))  # fmt: skip
+        self.processes.append(
+            _Script(
+                "gateway",
+                [str(gateway), "--port", str(self.gateway_port), "--keys", str(keys)],
+                env,
+                logs / f"{self.prefix}gateway.log",
+            )
+        )
 
     async def wait_ready(self, http: aiohttp.ClientSession) -> None:
         deadline = time.monotonic() + 90
@@ -330,9 +342,14 @@ class Demo:
 
     async def _send(self, http: aiohttp.ClientSession, table: Any, item: _Planned) -> None:
         words = "explain the quarterly numbers and list the risks " * (item.size // 50 + 1)
-        body = {"model": item.model, "max_tokens": item.max_tokens,
-                "messages": [{"role": "system", "content": "You are concise."},
-                             {"role": "user", "content": words[: item.size]}]}  # fmt: skip
+        body = {
+            "model": item.model,
+            "max_tokens": item.max_tokens,
+            "messages": [
+                {"role": "system", "content": "You are concise."},
+                {"role": "user", "content": words[: item.size]},
+            ],
+        }
         if item.key:  # the mobile app's key, narrowed to this request's team (or to none)
             headers = {"Authorization": f"Bearer {DEMO_KEY}", "X-Budget-Ids": item.team or ""}
         else:
@@ -341,8 +358,9 @@ class Demo:
             headers["X-Local-Fallback"] = "no"
         budgets = [b for b in ("global", item.team, KEY_BUDGET if item.key else None) if b]
         self.sent += 1
-        async with http.post(f"http://127.0.0.1:{self.gateway_port}/v1/chat/completions", json=body,
-                             headers=headers) as response:  # fmt: skip
+        async with http.post(
+            f"http://127.0.0.1:{self.gateway_port}/v1/chat/completions", json=body, headers=headers
+        ) as response:
             payload = await response.json()
             if response.status == 429:
                 for b in budgets:
@@ -354,13 +372,22 @@ class Demo:
             period = response.headers["X-Budgetflow-Period"]  # the month the gateway stamped on the request
         usage = payload["usage"]
         provider = "ollama" if backend == "local" else ("anthropic" if model.startswith("claude") else "openai")
-        cost = table.cost(model, input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"],
-                          backend=backend, provider=provider).pico_usd  # fmt: skip
+        cost = table.cost(
+            model,
+            input_tokens=usage["prompt_tokens"],
+            output_tokens=usage["completion_tokens"],
+            backend=backend,
+            provider=provider,
+        ).pico_usd
         saved = 0
         if backend == "local":
             wanted = "anthropic" if item.model.startswith("claude") else "openai"
-            saved = table.cost(item.model, input_tokens=usage["prompt_tokens"],
-                               output_tokens=usage["completion_tokens"], provider=wanted).pico_usd  # fmt: skip
+            saved = table.cost(
+                item.model,
+                input_tokens=usage["prompt_tokens"],
+                output_tokens=usage["completion_tokens"],
+                provider=wanted,
+            ).pico_usd
         for b in budgets:
             tally = self.tallies[b]
             if backend == "local":
@@ -416,8 +443,9 @@ class _Script(WorkerProcess):
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, *argv], env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
 
 
 def _period(moment: datetime) -> str:
@@ -438,8 +466,11 @@ def _live_table(demo: Demo, view: Any) -> Any:
     from rich.table import Table
 
     now = demo.sim_now()
-    table = Table(title=f"budgetflow demo · {now:%Y-%m-%d %H:%M} UTC (simulated, {demo.speed:,.0f}× real time)",
-                  title_justify="left", expand=False)  # fmt: skip
+    table = Table(
+        title=f"budgetflow demo · {now:%Y-%m-%d %H:%M} UTC (simulated, {demo.speed:,.0f}× real time)",
+        title_justify="left",
+        expand=False,
+    )
     for column in ("budget", "spend vs limit (│ soft)", "spend", "limit", "status", "cloud", "local", "rejected"):
         table.add_column(
             column, justify="right" if column in ("spend", "limit", "cloud", "local", "rejected") else "left"
@@ -481,9 +512,11 @@ async def _run(demo: Demo) -> dict[str, Any]:
     task = progress.add_task("", total=(month_end - demo.start).total_seconds())
     async with aiohttp.ClientSession() as http:
         await demo.wait_ready(http)
-        console.print(f"[bold]budgetflow demo[/]: stats API http://127.0.0.1:{demo.web_port}/v1/budgets · "
-                      f"metrics http://127.0.0.1:{demo.web_port}/metrics and http://127.0.0.1:{demo.metrics_port}/metrics"
-                      f" · gateway http://127.0.0.1:{demo.gateway_port}/v1/chat/completions")  # fmt: skip
+        console.print(
+            f"[bold]budgetflow demo[/]: stats API http://127.0.0.1:{demo.web_port}/v1/budgets · "
+            f"metrics http://127.0.0.1:{demo.web_port}/metrics and http://127.0.0.1:{demo.metrics_port}/metrics"
+            f" · gateway http://127.0.0.1:{demo.gateway_port}/v1/chat/completions"
+        )
         async with BudgetView(demo.child_settings()) as view:
             await view.ready(timeout_s=60)
             driving = asyncio.create_task(demo.drive(http, planned))
@@ -496,8 +529,11 @@ async def _run(demo: Demo) -> dict[str, Any]:
                         next_snapshot += timedelta(days=7)
                     elapsed = max(0.0, (min(demo.sim_now(), month_end) - demo.start).total_seconds())
                     dead = demo.dead_letters
-                    progress.update(task, completed=elapsed, description=f"day {elapsed / 86_400:4.1f} · "
-                                    f"{demo.sent} requests · {dead} dead letters")  # fmt: skip
+                    progress.update(
+                        task,
+                        completed=elapsed,
+                        description=f"day {elapsed / 86_400:4.1f} · {demo.sent} requests · {dead} dead letters",
+                    )
                     live.update(Group(_live_table(demo, view), progress))
                     await asyncio.sleep(0.25)
                     if demo.sent % 50 == 0:
@@ -514,8 +550,10 @@ async def _settle(demo: Demo, http: aiohttp.ClientSession, view: Any, live: Any)
     deadline = time.monotonic() + 60
     while True:
         rows = {b: await demo.stats(http, b) for b in BUDGETS}
-        books = {b: {p["period"]: int(p["settled_usd"].replace(".", "")) for p in r.get("periods", [])}
-                 for b, r in rows.items()}  # fmt: skip
+        books = {
+            b: {p["period"]: int(p["settled_usd"].replace(".", "")) for p in r.get("periods", [])}
+            for b, r in rows.items()
+        }
         reserved = any(p["reserved_usd"] != usd_string(0) for r in rows.values() for p in r.get("periods", []))
         rolled = all(b in view._statuses and view._statuses[b].period == demo.next_period for b in BUDGETS)
         exact = all(books[b].get(p, 0) == c for b in BUDGETS for p, c in demo.tallies[b].cost_pico.items())
@@ -586,15 +624,23 @@ def _print_summary(summary: dict[str, Any], demo: Demo) -> None:
 
     for budget, row in summary["budgets"].items():
         month = summary["period"]
-        table.add_row(budget, usd(row["pipeline_settled_usd"].get(month, "0")),
-                      usd(row["demo_counted_usd"].get(month, "0")), str(row["cloud"]), str(row["local"]),
-                      str(row["rejected"]), usd(row["saved_by_shift_usd"]))  # fmt: skip
+        table.add_row(
+            budget,
+            usd(row["pipeline_settled_usd"].get(month, "0")),
+            usd(row["demo_counted_usd"].get(month, "0")),
+            str(row["cloud"]),
+            str(row["local"]),
+            str(row["rejected"]),
+            usd(row["saved_by_shift_usd"]),
+        )
     console.print(table)
     verdict = "[green]exact to the pico-dollar[/]" if summary["exact"] else "[red]NOT exact[/]"
-    console.print(f"{summary['requests_sent']} requests through the gateway; pipeline totals vs the demo's own count: "
-                  f"{verdict}; {summary['dead_letters']} dead letters ({summary['malformed_events']} malformed events "
-                  f"sent); status changes seen: {', '.join(summary['transitions'])}; "
-                  f"rolled over to {demo.next_period}: {summary['rolled_over']}")  # fmt: skip
+    console.print(
+        f"{summary['requests_sent']} requests through the gateway; pipeline totals vs the demo's own count: "
+        f"{verdict}; {summary['dead_letters']} dead letters ({summary['malformed_events']} malformed events "
+        f"sent); status changes seen: {', '.join(summary['transitions'])}; "
+        f"rolled over to {demo.next_period}: {summary['rolled_over']}"
+    )
     saved = sum(int(r["saved_by_shift_usd"].replace(".", "")) for b, r in summary["budgets"].items() if b == "global")
     console.print(f"the soft-limit shift to local models saved ${format_usd(saved, 2)} of cloud spend this month")
 

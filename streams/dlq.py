@@ -34,21 +34,57 @@ MAX_KEY_BYTES = 1024
 # Fields of the wire events (requests, usage, ledger entries) that hold no user text: kept as they are, as long
 # as they are scalars or lists of scalars and their strings look like identifiers (no spaces, no more than 256
 # characters): a prompt put in a safe field is digested all the same. Anything else is redacted.
-_SAFE_FIELDS = frozenset({
-    "v", "request_id", "attempt", "occurred_at", "request_occurred_at", "usage_at", "budgets", "budget_id",
-    "model", "request_model", "provider", "backend", "max_tokens", "max_completion_tokens", "n",
-    "input_bytes", "outcome", "input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens",
-    "reasoning_tokens", "reported_cost_usd", "entry_id", "kind", "period", "amount_pico_usd", "tier", "priced",
-    "price_version", "ttl_s", "expire",
-})  # fmt: skip
+_SAFE_FIELDS = frozenset(
+    {
+        "v",
+        "request_id",
+        "attempt",
+        "occurred_at",
+        "request_occurred_at",
+        "usage_at",
+        "budgets",
+        "budget_id",
+        "model",
+        "request_model",
+        "provider",
+        "backend",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "input_bytes",
+        "outcome",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_input_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "reported_cost_usd",
+        "entry_id",
+        "kind",
+        "period",
+        "amount_pico_usd",
+        "tier",
+        "priced",
+        "price_version",
+        "ttl_s",
+        "expire",
+    }
+)
 _LABELS = "metadata"  # gateway labels: kept when keys and values look like labels
 _TOKEN = re.compile(r"^[A-Za-z0-9:._/@+#=-]{0,256}$")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _SHOWN_KEY = re.compile(r"^[a-z_]{1,32}$")
 # Only these say something about the record itself; any other error (authorization, a timeout, a closed
 # producer) is the deployment's, and must not be taken for a refusal of this one letter.
-_REFUSED = frozenset({"MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooLargeError",
-                      "InvalidMessageError", "CorruptRecordException"})  # fmt: skip
+_REFUSED = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordTooLargeError",
+        "RecordListTooLargeError",
+        "InvalidMessageError",
+        "CorruptRecordException",
+    }
+)
 
 
 def _digest(raw: bytes) -> dict[str, Any]:
@@ -136,8 +172,19 @@ class DeadLetter:
         object.__setattr__(self, "value", _fit_value(self.value))
 
     @classmethod
-    def of_record(cls, stage: str, reason: str, message: str, topic: str, partition: int, offset: int,
-                  key: bytes | None, value: bytes | None, *, keep_raw: bool) -> DeadLetter:  # fmt: skip
+    def of_record(
+        cls,
+        stage: str,
+        reason: str,
+        message: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        keep_raw: bool,
+    ) -> DeadLetter:
         """The dead letter of a record as read: redacted unless ``keep_raw`` (``dlq.keep_raw``)."""
         stored = value if keep_raw else redact(value)
         return cls(stage, reason, message, topic, partition, offset, key, stored or b"null")
@@ -182,17 +229,35 @@ async def send_dead_letter(producer: Any, topic: str, letter: DeadLetter) -> Awa
 async def _fallback(producer: Any, topic: str, letter: DeadLetter, exc: Exception) -> Any:
     from aiokafka.errors import KafkaError
 
-    log.error("dead letter of %s[%d]@%d refused by the broker (%s); writing its digest instead", letter.topic,
-              letter.partition, letter.offset, exc.__class__.__name__)  # fmt: skip
-    small = DeadLetter(letter.stage, letter.reason, letter.message, letter.topic, letter.partition, letter.offset,
-                       _fit_key(letter.key and letter.key[:64]), dumps(_digest(letter.value)))  # fmt: skip
+    log.error(
+        "dead letter of %s[%d]@%d refused by the broker (%s); writing its digest instead",
+        letter.topic,
+        letter.partition,
+        letter.offset,
+        exc.__class__.__name__,
+    )
+    small = DeadLetter(
+        letter.stage,
+        letter.reason,
+        letter.message,
+        letter.topic,
+        letter.partition,
+        letter.offset,
+        _fit_key(letter.key and letter.key[:64]),
+        dumps(_digest(letter.value)),
+    )
     try:
         return await (await producer.send(topic, key=small.key, value=small.value, headers=small.headers()))
     except KafkaError as again:
         if not _refused(again):
             raise
-        log.error("dead letter of %s[%d]@%d dropped (%s)", letter.topic, letter.partition, letter.offset,
-                  again.__class__.__name__)  # fmt: skip
+        log.error(
+            "dead letter of %s[%d]@%d dropped (%s)",
+            letter.topic,
+            letter.partition,
+            letter.offset,
+            again.__class__.__name__,
+        )
         return None
 
 

@@ -82,8 +82,9 @@ class Enricher:
         # Without one (tests, benchmarks): the budgets the gateway names, and global.
         self.resolver = resolver
 
-    def _budgets_of(self, listed: list[str], model: str, provider: str, backend: str,
-                    metadata: dict[str, str]) -> list[str]:  # fmt: skip
+    def _budgets_of(
+        self, listed: list[str], model: str, provider: str, backend: str, metadata: dict[str, str]
+    ) -> list[str]:
         if self.resolver is None:
             return _budgets(listed)
         return self.resolver.resolve(listed, model=model, provider=provider, backend=backend, metadata=metadata)
@@ -104,24 +105,30 @@ class Enricher:
             return self._dead(exc.reason, str(exc), topic, partition, offset, key, value)
         except Exception as exc:  # a defect must not stop the stream on one record: DLQ it, loudly
             log.exception("enrich failed on %s[%d]@%d; dead-lettered as internal", topic, partition, offset)
-            return self._dead("internal", f"enrich failed: {exc.__class__.__name__}", topic, partition, offset, key,
-                              value)  # fmt: skip
+            return self._dead(
+                "internal", f"enrich failed: {exc.__class__.__name__}", topic, partition, offset, key, value
+            )
         if unknown:
             self.metrics.unknown_fields.labels("requests" if is_request else "usage").inc(len(unknown))
         return result
 
-    def _dead(self, reason: str, message: str, topic: str, partition: int, offset: int, key: bytes | None,
-              value: bytes | None) -> EnrichResult:  # fmt: skip
+    def _dead(
+        self, reason: str, message: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    ) -> EnrichResult:
         self.metrics.dead_letters.labels("enrich", reason).inc()
-        return EnrichResult(dead=DeadLetter.of_record("enrich", reason, message, topic, partition, offset, key, value,
-                                                      keep_raw=self.keep_raw))  # fmt: skip
+        return EnrichResult(
+            dead=DeadLetter.of_record(
+                "enrich", reason, message, topic, partition, offset, key, value, keep_raw=self.keep_raw
+            )
+        )
 
     def _not_future(self, moment: datetime, field: str) -> None:
         """An event from beyond the allowed clock skew would count in a month that has not begun."""
         ahead = (moment - self.clock.now()).total_seconds()
         if ahead > self.max_clock_skew_s:
-            raise InvalidEvent("future", f"{field}: {ahead:.0f} s ahead of the clock (skew allowed: "
-                                         f"{self.max_clock_skew_s:.0f} s)")  # fmt: skip
+            raise InvalidEvent(
+                "future", f"{field}: {ahead:.0f} s ahead of the clock (skew allowed: {self.max_clock_skew_s:.0f} s)"
+            )
 
     def _model_label(self, model: str, backend: Backend, provider: str) -> str:
         price = self.estimator.table.price(model, backend=backend, provider=provider)
@@ -131,8 +138,9 @@ class Enricher:
         began = time.perf_counter()
         estimate = self.estimator.estimate(event)
         if estimate.input_tokens > MAX_TOKENS:
-            raise InvalidEvent("out_of_range", f"input: {estimate.input_tokens} tokens, more than a ledger entry "
-                                               f"holds ({MAX_TOKENS})")  # fmt: skip
+            raise InvalidEvent(
+                "out_of_range", f"input: {estimate.input_tokens} tokens, more than a ledger entry holds ({MAX_TOKENS})"
+            )
         m = self.metrics
         m.child(m.count_duration, estimate.tier).observe(time.perf_counter() - began)
         label = self._model_label(event.model, event.backend, event.provider)
@@ -140,49 +148,89 @@ class Enricher:
         if not estimate.priced:
             m.child(m.unpriced, m.unpriced_models(event.model)).inc()
         common = {
-            "request_id": event.request_id, "attempt": event.attempt, "kind": "reserve", "period": event.period,
-            "amount_pico_usd": estimate.pico_usd, "model": event.model, "provider": event.provider,
-            "backend": estimate.backend, "input_tokens": estimate.input_tokens,
-            "output_tokens": estimate.output_tokens, "tier": estimate.tier, "priced": estimate.priced,
-            "price_version": estimate.price_version, "occurred_at": event.occurred_at, "ttl_s": estimate.ttl_s,
-        }  # fmt: skip
+            "request_id": event.request_id,
+            "attempt": event.attempt,
+            "kind": "reserve",
+            "period": event.period,
+            "amount_pico_usd": estimate.pico_usd,
+            "model": event.model,
+            "provider": event.provider,
+            "backend": estimate.backend,
+            "input_tokens": estimate.input_tokens,
+            "output_tokens": estimate.output_tokens,
+            "tier": estimate.tier,
+            "priced": estimate.priced,
+            "price_version": estimate.price_version,
+            "occurred_at": event.occurred_at,
+            "ttl_s": estimate.ttl_s,
+        }
         budgets = self._budgets_of(event.budgets, event.model, event.provider, event.backend, event.metadata)
         return [(budget, entry_json(common, budget)) for budget in budgets]
 
     def settle(self, event: UsageEvent) -> list[tuple[str, bytes]]:
         cost = self.estimator.price_usage(event)
         if cost.pico_usd > MAX_ENTRY_PICO:
-            raise InvalidEvent("out_of_range", f"cost ${format_usd(cost.pico_usd, 2)} is past the bound of one "
-                                               f"entry (${format_usd(MAX_ENTRY_PICO, 0)})")  # fmt: skip
+            raise InvalidEvent(
+                "out_of_range",
+                f"cost ${format_usd(cost.pico_usd, 2)} is past the bound of one "
+                f"entry (${format_usd(MAX_ENTRY_PICO, 0)})",
+            )
         # The TTL its reserve had (the request's model at the request's time); the ledger keeps the first one anyway.
-        price = self.estimator.table.price(event.request_model or event.model, backend=event.backend,
-                                           provider=event.provider, at=event.request_occurred_at)  # fmt: skip
+        price = self.estimator.table.price(
+            event.request_model or event.model,
+            backend=event.backend,
+            provider=event.provider,
+            at=event.request_occurred_at,
+        )
         ttl = price.reservation_ttl_s or self.estimator.reservation.ttl_s
         m = self.metrics
         label = self._model_label(event.model, event.backend, event.provider)
         m.child(m.cost, label, cost.backend).observe(pico_to_float_usd(cost.pico_usd))
-        for kind, count in (("input", event.input_tokens), ("cached", event.cached_input_tokens),
-                            ("output", event.output_tokens), ("reasoning", event.reasoning_tokens)):  # fmt: skip
+        for kind, count in (
+            ("input", event.input_tokens),
+            ("cached", event.cached_input_tokens),
+            ("output", event.output_tokens),
+            ("reasoning", event.reasoning_tokens),
+        ):
             if count:
                 m.child(m.tokens, "reported", label, kind).inc(count)
         common = {
-            "request_id": event.request_id, "attempt": event.attempt, "kind": "settle", "period": event.period,
-            "amount_pico_usd": cost.pico_usd, "model": event.model, "provider": event.provider,
-            "backend": cost.backend, "input_tokens": event.input_tokens, "output_tokens": event.output_tokens,
-            "cached_input_tokens": event.cached_input_tokens, "reasoning_tokens": event.reasoning_tokens,
-            "tier": "reported", "priced": cost.priced, "price_version": cost.price_version,
-            "occurred_at": event.request_occurred_at, "usage_at": event.occurred_at, "outcome": event.outcome,
+            "request_id": event.request_id,
+            "attempt": event.attempt,
+            "kind": "settle",
+            "period": event.period,
+            "amount_pico_usd": cost.pico_usd,
+            "model": event.model,
+            "provider": event.provider,
+            "backend": cost.backend,
+            "input_tokens": event.input_tokens,
+            "output_tokens": event.output_tokens,
+            "cached_input_tokens": event.cached_input_tokens,
+            "reasoning_tokens": event.reasoning_tokens,
+            "tier": "reported",
+            "priced": cost.priced,
+            "price_version": cost.price_version,
+            "occurred_at": event.request_occurred_at,
+            "usage_at": event.occurred_at,
+            "outcome": event.outcome,
             "ttl_s": ttl,
-        }  # fmt: skip
-        budgets = self._budgets_of(event.budgets, event.request_model or event.model, event.provider, event.backend,
-                                   event.metadata)  # fmt: skip
+        }
+        budgets = self._budgets_of(
+            event.budgets, event.request_model or event.model, event.provider, event.backend, event.metadata
+        )
         return [(budget, entry_json(common, budget)) for budget in budgets]
 
 
 def entry_json(common: dict[str, Any], budget: str) -> bytes:
     """A LedgerEntry's JSON for one budget, built without the model (a test holds it equal to the model's)."""
-    return dumps({"v": 1, "entry_id": entry_id(common["request_id"], common["attempt"], common["kind"], budget),
-                  "budget_id": budget, **common})  # fmt: skip
+    return dumps(
+        {
+            "v": 1,
+            "entry_id": entry_id(common["request_id"], common["attempt"], common["kind"], budget),
+            "budget_id": budget,
+            **common,
+        }
+    )
 
 
 class EnrichWorker:
@@ -208,8 +256,10 @@ class EnrichWorker:
         from budgetflow.streams.metrics import exposition
 
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=exposition(self.metrics.registry),
-                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})  # fmt: skip
+            return web.Response(
+                body=exposition(self.metrics.registry),
+                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            )
 
         async def healthz(_: web.Request) -> web.Response:
             ready = self._consumer is not None and bool(self._consumer.assignment())
@@ -285,8 +335,9 @@ class EnrichWorker:
             await ensure_topics(admin, self.topics)
         finally:
             await admin.close()
-        producer = AIOKafkaProducer(**options, enable_idempotence=True, acks="all", linger_ms=5,
-                                    max_batch_size=256 * 1024)  # fmt: skip
+        producer = AIOKafkaProducer(
+            **options, enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=256 * 1024
+        )
         consumer = AIOKafkaConsumer(
             self.topics.requests.name,
             self.topics.usage.name,
@@ -300,10 +351,15 @@ class EnrichWorker:
         )
         async with contextlib.AsyncExitStack() as stack:
             # Budget scopes and parents come from the policies, followed like a view follows statuses.
-            resolver = BudgetResolver(lambda: book.policies, self.settings.unknown_budget,
-                                      on_unknown=self._unknown_budget)  # fmt: skip
-            book = PolicyBook(self.settings, self.topics.policies.name, on_change=resolver.invalidate,
-                              on_skip=self.metrics.policy_skipped.inc)  # fmt: skip
+            resolver = BudgetResolver(
+                lambda: book.policies, self.settings.unknown_budget, on_unknown=self._unknown_budget
+            )
+            book = PolicyBook(
+                self.settings,
+                self.topics.policies.name,
+                on_change=resolver.invalidate,
+                on_skip=self.metrics.policy_skipped.inc,
+            )
             await book.start()
             stack.push_async_callback(book.stop)
             resolver.invalidate()
@@ -362,8 +418,10 @@ class EnrichWorker:
             while index < len(items):
                 out = producer.create_batch()
                 start = index
-                while index < len(items) and out.append(key=items[index][0], value=items[index][1],
-                                                        timestamp=None) is not None:  # fmt: skip
+                while (
+                    index < len(items)
+                    and out.append(key=items[index][0], value=items[index][1], timestamp=None) is not None
+                ):
                     index += 1
                 if index == start:
                     raise ValueError("a ledger entry does not fit in a producer batch")
@@ -390,8 +448,9 @@ class _LagCollector(Collector):
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("budgetflow_consumer_lag_records", "Records behind the end of the input.",
-                                   labels=["stage", "partition"])  # fmt: skip
+        family = GaugeMetricFamily(
+            "budgetflow_consumer_lag_records", "Records behind the end of the input.", labels=["stage", "partition"]
+        )
         for partition, behind in sorted(self.worker.lag().items()):
             family.add_metric(["enrich", partition], behind)
         yield family

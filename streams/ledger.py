@@ -99,14 +99,40 @@ class PeriodState:
         return self.settled + self.reserved
 
     def encode(self) -> bytes:
-        return dumps([_wide(self.settled), _wide(self.reserved), self.requests, self.settles, self.expired,
-                      self.adjusted, self.unpriced, self.status, self.events, self.o, self.refused])  # fmt: skip
+        return dumps(
+            [
+                _wide(self.settled),
+                _wide(self.reserved),
+                self.requests,
+                self.settles,
+                self.expired,
+                self.adjusted,
+                self.unpriced,
+                self.status,
+                self.events,
+                self.o,
+                self.refused,
+            ]
+        )
 
     @classmethod
     def decode(cls, budget: str, period: str, raw: bytes) -> PeriodState:
         s, r, n, st, ex, ad, un, status, events, o, *refused = loads(raw)  # stores before refusals lack the last
-        return cls(budget, period, int(s), int(r), n, st, ex, ad, un, status, list(events), o,
-                   list(refused[0]) if refused else [])  # fmt: skip
+        return cls(
+            budget,
+            period,
+            int(s),
+            int(r),
+            n,
+            st,
+            ex,
+            ad,
+            un,
+            status,
+            list(events),
+            o,
+            list(refused[0]) if refused else [],
+        )
 
 
 @dataclass(slots=True)
@@ -574,8 +600,19 @@ class PartitionLedger:
 
 
 def _replace(state: RequestState, **changes: object) -> RequestState:
-    copy = RequestState(state.budget, state.request_id, state.attempt, state.period, state.req_at, state.ttl_s,
-                        state.est, state.act, state.expired, state.manual, state.o)  # fmt: skip
+    copy = RequestState(
+        state.budget,
+        state.request_id,
+        state.attempt,
+        state.period,
+        state.req_at,
+        state.ttl_s,
+        state.est,
+        state.act,
+        state.expired,
+        state.manual,
+        state.o,
+    )
     for name, value in changes.items():
         setattr(copy, name, value)
     return copy

@@ -37,8 +37,7 @@ from budgetflow.streams.topics import Topics, ensure_topics_now, partition_for
 __all__ = ["ReportRow", "adjust", "adjustment_entry", "render_report", "replay_report", "report"]
 
 
-def adjustment_entry(budget: str, usd: str, *, period: str, adjust_id: str, now: datetime,
-                     grace_s: int) -> LedgerEntry:  # fmt: skip
+def adjustment_entry(budget: str, usd: str, *, period: str, adjust_id: str, now: datetime, grace_s: int) -> LedgerEntry:
     """The ledger entry of an adjustment, or a ConfigError naming what is wrong."""
     try:
         amount = parse_usd(usd, what="USD")
@@ -50,9 +49,17 @@ def adjustment_entry(budget: str, usd: str, *, period: str, adjust_id: str, now:
         raise ConfigError(f"USD: at most {format_usd(MAX_ENTRY_PICO, 2)} either way in one adjustment (make several)")
     request_id = f"adjust:{adjust_id}"
     try:
-        entry = LedgerEntry(entry_id=entry_id(request_id, 0, "adjust", budget), budget_id=budget,
-                            request_id=request_id, kind="adjust", period=period, amount_pico_usd=amount,
-                            occurred_at=now, priced=True, tier="exact")  # fmt: skip
+        entry = LedgerEntry(
+            entry_id=entry_id(request_id, 0, "adjust", budget),
+            budget_id=budget,
+            request_id=request_id,
+            kind="adjust",
+            period=period,
+            amount_pico_usd=amount,
+            occurred_at=now,
+            priced=True,
+            tier="exact",
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "adjustment"
@@ -64,26 +71,47 @@ def adjustment_entry(budget: str, usd: str, *, period: str, adjust_id: str, now:
     return entry
 
 
-async def adjust(settings: Settings, budget: str, usd: str, *, period: str, reason: str, adjust_id: str | None,
-                 actor: str, now: datetime) -> LedgerEntry:  # fmt: skip
+async def adjust(
+    settings: Settings,
+    budget: str,
+    usd: str,
+    *,
+    period: str,
+    reason: str,
+    adjust_id: str | None,
+    actor: str,
+    now: datetime,
+) -> LedgerEntry:
     """Write an adjustment to the ledger and its record to the audit trail; return the entry."""
     if not reason.strip():
         raise ConfigError("--reason: say why")
-    entry = adjustment_entry(budget, usd, period=period, adjust_id=adjust_id or uuid.uuid4().hex, now=now,
-                             grace_s=settings.period_grace_s)  # fmt: skip
+    entry = adjustment_entry(
+        budget, usd, period=period, adjust_id=adjust_id or uuid.uuid4().hex, now=now, grace_s=settings.period_grace_s
+    )
     topics = Topics.from_settings(settings)
     await ensure_topics_now(settings, topics)
     assert entry.budget_id is not None
-    record = AuditRecord(kind="adjust", budget_id=entry.budget_id, at=now, actor=actor,
-                         principal=settings.kafka.security.sasl_username, period=period,
-                         amount_usd=entry.amount_pico_usd, reason=reason, entry_id=entry.entry_id)  # fmt: skip
+    record = AuditRecord(
+        kind="adjust",
+        budget_id=entry.budget_id,
+        at=now,
+        actor=actor,
+        principal=settings.kafka.security.sasl_username,
+        period=period,
+        amount_usd=entry.amount_pico_usd,
+        reason=reason,
+        entry_id=entry.entry_id,
+    )
     producer = AIOKafkaProducer(**client_options(settings.kafka), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         # Keyed by budget id, so it lands on the partition that holds the budget's state.
-        await producer.send(topics.ledger.name, key=entry.budget_id.encode(),
-                            value=dumps(entry.model_dump(mode="json", exclude_none=True)),
-                            partition=partition_for(entry.budget_id, topics.ledger.partitions))  # fmt: skip
+        await producer.send(
+            topics.ledger.name,
+            key=entry.budget_id.encode(),
+            value=dumps(entry.model_dump(mode="json", exclude_none=True)),
+            partition=partition_for(entry.budget_id, topics.ledger.partitions),
+        )
         await send_audit(producer, topics.audit.name, [record])
         await producer.flush()
     finally:
@@ -110,13 +138,24 @@ class ReportRow:
     reserved: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "period": self.period, "model": self.model, "provider": self.provider,
-                "backend": self.backend, "tier": self.tier, "requests": self.requests,
-                "settled_usd": usd_string(self.settled), "reserved_usd": usd_string(self.reserved)}  # fmt: skip
+        return {
+            "budget": self.budget,
+            "period": self.period,
+            "model": self.model,
+            "provider": self.provider,
+            "backend": self.backend,
+            "tier": self.tier,
+            "requests": self.requests,
+            "settled_usd": usd_string(self.settled),
+            "reserved_usd": usd_string(self.reserved),
+        }
 
 
-def replay_report(records: Iterable[tuple[int, bytes | None, int, float | None]], config: LedgerConfig,
-                  defaults: DefaultPolicySettings) -> tuple[list[ReportRow], int]:  # fmt: skip
+def replay_report(
+    records: Iterable[tuple[int, bytes | None, int, float | None]],
+    config: LedgerConfig,
+    defaults: DefaultPolicySettings,
+) -> tuple[list[ReportRow], int]:
     """Replay ledger records (partition, value, offset, bound of a tick's time) through the aggregate's own rules.
 
     Each change of a request's state is attributed to the model, provider, backend and tier its entries named,
@@ -168,8 +207,10 @@ async def report(settings: Settings, period: str | None = None) -> tuple[list[Re
     """The report of a period (or every period) from a replay of the whole ledger topic."""
     topics = Topics.from_settings(settings)
     clock = Clock(settings.clock)
-    records = [(r.partition, r.value, r.offset, clock.tick_bound(r.timestamp, settings.max_clock_skew_s))
-               for r in await read_records(settings, topics.ledger.name)]  # fmt: skip
+    records = [
+        (r.partition, r.value, r.offset, clock.tick_bound(r.timestamp, settings.max_clock_skew_s))
+        for r in await read_records(settings, topics.ledger.name)
+    ]
     rows, skipped = replay_report(records, LedgerConfig.from_settings(settings), settings.default_policy)
     return [r for r in rows if period is None or r.period == period], skipped
 
@@ -180,8 +221,9 @@ def render_report(rows: list[ReportRow], fmt: str) -> str:
     if fmt == "json":
         return dumps(dicts).decode() + "\n"
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[*list(ReportRow.__dataclass_fields__)[:7], "settled_usd", "reserved_usd"],
-                            lineterminator="\n")  # fmt: skip
+    writer = csv.DictWriter(
+        out, fieldnames=[*list(ReportRow.__dataclass_fields__)[:7], "settled_usd", "reserved_usd"], lineterminator="\n"
+    )
     writer.writeheader()
     writer.writerows(dicts)
     return out.getvalue()

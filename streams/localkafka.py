@@ -161,8 +161,14 @@ class _State:
 class LocalKafka:
     """One broker, one data dir: ``start`` is idempotent, ``stop`` is controlled, ``kill`` is a crash."""
 
-    def __init__(self, data_dir: Path, settings: LocalKafkaSettings | None = None, *,
-                 secure_dir: Path | None = None, topic_prefix: str = "budgetflow.") -> None:  # fmt: skip
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: LocalKafkaSettings | None = None,
+        *,
+        secure_dir: Path | None = None,
+        topic_prefix: str = "budgetflow.",
+    ) -> None:
         self.settings = settings or LocalKafkaSettings()
         self.home = Path(data_dir).resolve() / "kafka"
         self.jars = KafkaJars.from_settings(self.settings)
@@ -271,8 +277,7 @@ class LocalKafka:
     def _load_state(self) -> _State | None:
         try:
             raw = json.loads(self._state_file.read_text())
-            return _State(str(raw["cluster_id"]), int(raw["port"]), int(raw["controller_port"]),
-                          raw.get("secure_dir"))  # fmt: skip
+            return _State(str(raw["cluster_id"]), int(raw["port"]), int(raw["controller_port"]), raw.get("secure_dir"))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
@@ -439,8 +444,11 @@ class LocalKafka:
 
         secure = SecureDir(Path(state.secure_dir))
         env = secure.env("admin", f"127.0.0.1:{state.port}")
-        security = {k.removeprefix("BUDGETFLOW_KAFKA__SECURITY__").lower(): v for k, v in env.items()
-                    if k.startswith("BUDGETFLOW_KAFKA__SECURITY__")}  # fmt: skip
+        security = {
+            k.removeprefix("BUDGETFLOW_KAFKA__SECURITY__").lower(): v
+            for k, v in env.items()
+            if k.startswith("BUDGETFLOW_KAFKA__SECURITY__")
+        }
         options = client_options(KafkaSettings(security=security))  # type: ignore[arg-type]
         for key in ("bootstrap_servers", "request_timeout_ms", "client_id"):
             options.pop(key)
@@ -461,10 +469,21 @@ class LocalKafka:
         config = self.home / "admin-client.properties"
         write_private(config, secure.client_properties("admin"))
         for args in secure.acl_commands(self.topic_prefix):
-            cmd = [self._java(), "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-                   f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}", "-cp", f"{self.jars.lib}/*",
-                   "org.apache.kafka.tools.AclCommand", "--bootstrap-server", f"127.0.0.1:{state.port}",
-                   "--command-config", str(config), *args]  # fmt: skip
+            cmd = [
+                self._java(),
+                "-Xmx256m",
+                "-XX:+UseSerialGC",
+                "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                "-cp",
+                f"{self.jars.lib}/*",
+                "org.apache.kafka.tools.AclCommand",
+                "--bootstrap-server",
+                f"127.0.0.1:{state.port}",
+                "--command-config",
+                str(config),
+                *args,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, umask=_UMASK)
             if proc.returncode != 0:
                 raise LocalKafkaError(f"setting ACLs failed: {(proc.stdout + proc.stderr).strip()[-400:]}")

@@ -64,35 +64,62 @@ class PipelineMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.records = Counter(f"{PREFIX}_records", "Records read (in) and written (out) per stage.",
-                               ["stage", "direction"], registry=r)  # fmt: skip
-        self.dead_letters = Counter(f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.",
-                                    ["stage", "reason"], registry=r)  # fmt: skip
-        self.unknown_fields = Counter(f"{PREFIX}_unknown_fields", "Unknown fields ignored in events.", ["topic"],
-                                      registry=r)  # fmt: skip
-        self.unpriced = Counter(f"{PREFIX}_unpriced_requests", "Calls of models with no price (fallback rates).",
-                                ["model"], registry=r)  # fmt: skip
-        self.unknown_budgets = Counter(f"{PREFIX}_unknown_budgets", "Budget ids named by gateways with no "
-                                       "policy (UNKNOWN_BUDGET says what became of them).", ["budget"],
-                                       registry=r)  # fmt: skip
+        self.records = Counter(
+            f"{PREFIX}_records", "Records read (in) and written (out) per stage.", ["stage", "direction"], registry=r
+        )
+        self.dead_letters = Counter(
+            f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.", ["stage", "reason"], registry=r
+        )
+        self.unknown_fields = Counter(
+            f"{PREFIX}_unknown_fields", "Unknown fields ignored in events.", ["topic"], registry=r
+        )
+        self.unpriced = Counter(
+            f"{PREFIX}_unpriced_requests", "Calls of models with no price (fallback rates).", ["model"], registry=r
+        )
+        self.unknown_budgets = Counter(
+            f"{PREFIX}_unknown_budgets",
+            "Budget ids named by gateways with no policy (UNKNOWN_BUDGET says what became of them).",
+            ["budget"],
+            registry=r,
+        )
         self.tokens = Counter(f"{PREFIX}_tokens", "Tokens counted or reported.", ["tier", "model", "kind"], registry=r)
-        self.cost = Histogram(f"{PREFIX}_cost_per_request_usd", "Cost of a finished call in USD.",
-                              ["model", "backend"], buckets=COST_BUCKETS, registry=r)  # fmt: skip
-        self.count_duration = Histogram(f"{PREFIX}_token_count_duration_seconds", "Time to count a request's tokens.",
-                                        ["tier"], buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
-        self.ledger_entries = Counter(f"{PREFIX}_ledger_entries", "Ledger entries applied, by kind and outcome.",
-                                      ["kind", "outcome"], registry=r)  # fmt: skip
+        self.cost = Histogram(
+            f"{PREFIX}_cost_per_request_usd",
+            "Cost of a finished call in USD.",
+            ["model", "backend"],
+            buckets=COST_BUCKETS,
+            registry=r,
+        )
+        self.count_duration = Histogram(
+            f"{PREFIX}_token_count_duration_seconds",
+            "Time to count a request's tokens.",
+            ["tier"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ledger_entries = Counter(
+            f"{PREFIX}_ledger_entries", "Ledger entries applied, by kind and outcome.", ["kind", "outcome"], registry=r
+        )
         self.budget_events = Counter(f"{PREFIX}_budget_events", "Status transitions announced.", ["event"], registry=r)
-        self.late = Counter(f"{PREFIX}_late_entries", "Entries too late to count (closed period or past the horizon).",
-                            ["reason"], registry=r)  # fmt: skip
-        self.expired = Counter(f"{PREFIX}_reservations_expired", "Reservations that expired at their estimate.",
-                               registry=r)  # fmt: skip
-        self.policy_skipped = Counter(f"{PREFIX}_policy_records_skipped", "Malformed records on the policies topic "
-                                      "that were skipped.", registry=r)  # fmt: skip
+        self.late = Counter(
+            f"{PREFIX}_late_entries",
+            "Entries too late to count (closed period or past the horizon).",
+            ["reason"],
+            registry=r,
+        )
+        self.expired = Counter(
+            f"{PREFIX}_reservations_expired", "Reservations that expired at their estimate.", registry=r
+        )
+        self.policy_skipped = Counter(
+            f"{PREFIX}_policy_records_skipped", "Malformed records on the policies topic that were skipped.", registry=r
+        )
         self.statuses = Counter(f"{PREFIX}_statuses_published", "Budget statuses published.", ["reason"], registry=r)
-        self.propagation = Histogram(f"{PREFIX}_status_propagation_seconds",
-                                     "From a ledger entry reaching the broker to the status it moved being published.",
-                                     buckets=PROPAGATION_BUCKETS, registry=r)  # fmt: skip
+        self.propagation = Histogram(
+            f"{PREFIX}_status_propagation_seconds",
+            "From a ledger entry reaching the broker to the status it moved being published.",
+            buckets=PROPAGATION_BUCKETS,
+            registry=r,
+        )
         self.models = LabelLimiter(200)
         self.unpriced_models = LabelLimiter(50)
         self.unknown_budget_ids = LabelLimiter(100)
@@ -155,17 +182,23 @@ class AggregateCollector(Collector):
         limit = f.gauge("budget_limit_usd", "Monthly limit (absent when unlimited).", ["budget"])
         soft = f.gauge("budget_soft_limit_usd", "The soft limit in USD (absent when unlimited).", ["budget"])
         util = f.gauge("budget_utilization_percent", "Spend over limit, percent.", ["budget"])
-        status = f.gauge("budget_status", "0 normal, 1 soft limit, 2 hard limit (owner: the policy's).",
-                         ["budget", "owner"])  # fmt: skip
+        status = f.gauge(
+            "budget_status", "0 normal, 1 soft limit, 2 hard limit (owner: the policy's).", ["budget", "owner"]
+        )
         reset = f.gauge("budget_reset_seconds", "Seconds until the monthly reset.", ["budget"])
-        projected = f.gauge("budget_projected_spend_usd", "Projected spend at the end of the month.",
-                            ["budget", "owner"])  # fmt: skip
-        hard_in = f.gauge("budget_projected_hard_limit_seconds",
-                          "Seconds until the projected hard limit (absent if not this month).", ["budget"])  # fmt: skip
+        projected = f.gauge(
+            "budget_projected_spend_usd", "Projected spend at the end of the month.", ["budget", "owner"]
+        )
+        hard_in = f.gauge(
+            "budget_projected_hard_limit_seconds",
+            "Seconds until the projected hard limit (absent if not this month).",
+            ["budget"],
+        )
         requests = f.gauge("budget_requests", "Requests counted this month.", ["budget"])
         open_res = f.gauge("reservations_open", "Reservations not yet settled.", ["partition"])
-        lag = f.gauge("consumer_lag_records", "Records behind the end of the input, per partition.",
-                      ["stage", "partition"])  # fmt: skip
+        lag = f.gauge(
+            "consumer_lag_records", "Records behind the end of the input, per partition.", ["stage", "partition"]
+        )
         age = f.gauge("heartbeat_age_seconds", "Age of each ledger partition's last heartbeat.", ["partition"])
         exported = set(self._exported_budgets())
         now = worker.clock.now()
@@ -212,8 +245,12 @@ class AggregateCollector(Collector):
 class RouterCollector(Collector):
     """A gateway's view of budgetflow: decisions, staleness, the publisher's buffer and spool."""
 
-    def __init__(self, view: BudgetView | None = None, publisher: BudgetPublisher | None = None,
-                 now: Callable[[], datetime] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        view: BudgetView | None = None,
+        publisher: BudgetPublisher | None = None,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
         self.view = view
         self.publisher = publisher
         self.now = now or (lambda: datetime.now(UTC))
@@ -225,8 +262,9 @@ class RouterCollector(Collector):
         from prometheus_client.core import CounterMetricFamily
 
         if self.view is not None:
-            decisions = CounterMetricFamily(f"{PREFIX}_router_decisions", "Routing decisions by outcome.",
-                                            labels=["outcome"])  # fmt: skip
+            decisions = CounterMetricFamily(
+                f"{PREFIX}_router_decisions", "Routing decisions by outcome.", labels=["outcome"]
+            )
             for outcome in ("cloud", "local", "rejected"):
                 decisions.add_metric([outcome], self.view.decisions.get(outcome, 0))
             yield decisions
@@ -236,18 +274,26 @@ class RouterCollector(Collector):
             now = self.now()
             stale = sum(1 for b in self.view.budgets() if self.view.status(b, now=now).stale)
             yield GaugeMetricFamily(f"{PREFIX}_router_stale_budgets", "Budgets whose status is stale.", value=stale)
-            yield GaugeMetricFamily(f"{PREFIX}_router_view_ready", "1 once the view has caught up.",
-                                    value=1 if self.view.is_ready else 0)  # fmt: skip
+            yield GaugeMetricFamily(
+                f"{PREFIX}_router_view_ready", "1 once the view has caught up.", value=1 if self.view.is_ready else 0
+            )
         if self.publisher is not None:
-            events = CounterMetricFamily(f"{PREFIX}_publisher_events", "Publisher events by what became of them.",
-                                         labels=["result"])  # fmt: skip
+            events = CounterMetricFamily(
+                f"{PREFIX}_publisher_events", "Publisher events by what became of them.", labels=["result"]
+            )
             for result, count in sorted(self.publisher.counts.items()):
                 events.add_metric([result], count)
             yield events
-            yield GaugeMetricFamily(f"{PREFIX}_publisher_buffered", "Events in the publisher's memory buffer.",
-                                    value=self.publisher.buffered)  # fmt: skip
-            yield GaugeMetricFamily(f"{PREFIX}_publisher_spool_bytes", "Bytes of usage waiting in the spool.",
-                                    value=self.publisher.spool_bytes())  # fmt: skip
+            yield GaugeMetricFamily(
+                f"{PREFIX}_publisher_buffered",
+                "Events in the publisher's memory buffer.",
+                value=self.publisher.buffered,
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_publisher_spool_bytes",
+                "Bytes of usage waiting in the spool.",
+                value=self.publisher.spool_bytes(),
+            )
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

@@ -42,8 +42,12 @@ __all__ = ["Notifier", "message_of"]
 
 log = logging.getLogger("budgetflow.notify")
 
-_WORDS = {"soft_limit": "passed its soft limit", "hard_limit": "reached its monthly limit",
-          "normal": "is back under its limits", "rollover": "started a new month"}  # fmt: skip
+_WORDS = {
+    "soft_limit": "passed its soft limit",
+    "hard_limit": "reached its monthly limit",
+    "normal": "is back under its limits",
+    "rollover": "started a new month",
+}
 _RETRY = {408, 425, 429}
 
 
@@ -76,10 +80,14 @@ class Notifier:
         log.info("notifier started (group %s): %d transitions already posted", self.group_id, len(self.posted))
         options = client_options(self.settings.kafka)
         consumer = AIOKafkaConsumer(
-            self.topics.events.name, **options, group_id=self.group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=self.settings.kafka.session_timeout_ms,
+            self.topics.events.name,
+            **options,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.settings.kafka.session_timeout_ms,
             heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
-        )  # fmt: skip
+        )
         producer = AIOKafkaProducer(**options, enable_idempotence=True, acks="all")
         timeout = aiohttp.ClientTimeout(total=self.settings.notify.timeout_s)
         await consumer.start()
@@ -99,8 +107,14 @@ class Notifier:
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-    async def _handle(self, http: aiohttp.ClientSession, producer: AIOKafkaProducer, key: bytes | None,
-                      value: bytes | None, stop: asyncio.Event) -> bool:  # fmt: skip
+    async def _handle(
+        self,
+        http: aiohttp.ClientSession,
+        producer: AIOKafkaProducer,
+        key: bytes | None,
+        value: bytes | None,
+        stop: asyncio.Event,
+    ) -> bool:
         """Post one event unless it was; False when stopped before it was done."""
         if key is None or value is None or key in self.posted:
             self.counts["skipped"] += 1
@@ -121,8 +135,9 @@ class Notifier:
         self.posted.add(key)
         return True
 
-    async def _post(self, http: aiohttp.ClientSession, key: str, body: dict[str, Any],
-                    stop: asyncio.Event) -> int | None:  # fmt: skip
+    async def _post(
+        self, http: aiohttp.ClientSession, key: str, body: dict[str, Any], stop: asyncio.Event
+    ) -> int | None:
         """The final HTTP status (2xx, or a permanent 4xx); None if stopped while retrying."""
         delay = 0.5
         began = time.monotonic()
@@ -142,8 +157,13 @@ class Notifier:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = exc.__class__.__name__  # not str(exc): it may carry the URL
             self.counts["retries"] += 1
-            log.warning("webhook post of %s failed (%s) for %.0f s; retrying in %.1f s", key, reason,
-                        time.monotonic() - began, delay)  # fmt: skip
+            log.warning(
+                "webhook post of %s failed (%s) for %.0f s; retrying in %.1f s",
+                key,
+                reason,
+                time.monotonic() - began,
+                delay,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, self.settings.notify.max_backoff_s)

@@ -205,7 +205,7 @@ async def apply_policy_file(
 
     Each change is also appended to ``audit_topic``: who, when, the policy before and after, and the
     revision (the new record's offset on the policies topic).
-    """  # fmt: skip
+    """
     try:
         data = yaml.safe_load(await asyncio.to_thread(path.read_text))
     except OSError as exc:
@@ -230,11 +230,18 @@ async def apply_policy_file(
             at = now or datetime.now(UTC)
             principal = settings.kafka.security.sasl_username
             records = [
-                AuditRecord(kind="policy", budget_id=budget, at=at, actor=actor, principal=principal,
-                            revision=(await sent).offset, old=old.model_dump(mode="json") if old else None,
-                            new=new.model_dump(mode="json") if new else None)
+                AuditRecord(
+                    kind="policy",
+                    budget_id=budget,
+                    at=at,
+                    actor=actor,
+                    principal=principal,
+                    revision=(await sent).offset,
+                    old=old.model_dump(mode="json") if old else None,
+                    new=new.model_dump(mode="json") if new else None,
+                )
                 for budget, old, new, sent in changes
-            ]  # fmt: skip
+            ]
             await send_audit(producer, audit_topic, records)
         await producer.flush()
     finally:

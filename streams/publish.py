@@ -81,22 +81,33 @@ class StatusPublisher:
         last = self._last.get(budget)
         previous = last.status if last is not None and last.period == period else None
         record = build_status(
-            budget_id=budget, period=period, status=status, previous_status=previous, settled=settled,
-            reserved=reserved, policy=policy, as_of=self.now(), reason=reason, partition=ledger.partition,
+            budget_id=budget,
+            period=period,
+            status=status,
+            previous_status=previous,
+            settled=settled,
+            reserved=reserved,
+            policy=policy,
+            as_of=self.now(),
+            reason=reason,
+            partition=ledger.partition,
             seq=ledger.meta.applied if ledger.meta.applied >= 0 else -1,
-        )  # fmt: skip
+        )
         if self.forecast is not None:
             projection = self.forecast(ledger, budget, period)
             hard_at = projection.hard_limit_at
-            record = record.model_copy(update={
-                "projected_month_end_usd": projection.month_end_pico,
-                "projected_hard_limit_at": None if hard_at is None else datetime.fromtimestamp(hard_at, UTC),
-            })  # fmt: skip
+            record = record.model_copy(
+                update={
+                    "projected_month_end_usd": projection.month_end_pico,
+                    "projected_hard_limit_at": None if hard_at is None else datetime.fromtimestamp(hard_at, UTC),
+                }
+            )
         if self.on_publish is not None:
             self.on_publish(reason)
         spend = settled + reserved
-        self._last[budget] = _Published(period, status, self.rules.step_of(spend, policy.monthly_limit_usd), spend,
-                                        time.monotonic())  # fmt: skip
+        self._last[budget] = _Published(
+            period, status, self.rules.step_of(spend, policy.monthly_limit_usd), spend, time.monotonic()
+        )
         self._dirty.discard(budget)
         self.published += 1
         return Outgoing("status", budget.encode(), dumps(record))
@@ -182,10 +193,26 @@ class StatusPublisher:
             if p != period or state.o < since_offset:
                 continue
             for event in state.events:
-                out.append(Outgoing("events", f"{budget}:{p}:{event}".encode(), dumps({
-                    "v": 1, "budget_id": budget, "period": p, "event": event, "previous_status": None,
-                    "spend_usd": usd_string(state.spend), "settled_usd": usd_string(state.settled),
-                    "reserved_usd": usd_string(state.reserved), "seq": state.o, "replayed": True})))  # fmt: skip
+                out.append(
+                    Outgoing(
+                        "events",
+                        f"{budget}:{p}:{event}".encode(),
+                        dumps(
+                            {
+                                "v": 1,
+                                "budget_id": budget,
+                                "period": p,
+                                "event": event,
+                                "previous_status": None,
+                                "spend_usd": usd_string(state.spend),
+                                "settled_usd": usd_string(state.settled),
+                                "reserved_usd": usd_string(state.reserved),
+                                "seq": state.o,
+                                "replayed": True,
+                            }
+                        ),
+                    )
+                )
         return out
 
     def heartbeat(

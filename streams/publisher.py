@@ -116,10 +116,17 @@ class BudgetPublisher:
         self._warned_at = -1e9
         self.clock = Clock(self.settings.clock)
         self.counts: dict[str, int] = {
-            "requests_published": 0, "usage_published": 0, "requests_failed": 0, "usage_spooled": 0,
-            "usage_replayed": 0, "requests_dropped": 0, "requests_rejected_cloud": 0, "requests_blocked": 0,
-            "spool_lines_skipped": 0, "send_errors": 0,
-        }  # fmt: skip
+            "requests_published": 0,
+            "usage_published": 0,
+            "requests_failed": 0,
+            "usage_spooled": 0,
+            "usage_replayed": 0,
+            "requests_dropped": 0,
+            "requests_rejected_cloud": 0,
+            "requests_blocked": 0,
+            "spool_lines_skipped": 0,
+            "send_errors": 0,
+        }
 
     # -- life cycle -------------------------------------------------------------------
     async def __aenter__(self) -> BudgetPublisher:
@@ -217,16 +224,37 @@ class BudgetPublisher:
     ) -> RequestHandle:
         """Validate and buffer a RequestEvent; raises :class:`InvalidEvent` for a bad one."""
         when = occurred_at or self.clock.now()
-        event = _validated(RequestEvent, {
-            "request_id": request_id, "attempt": attempt, "occurred_at": when, "budgets": list(budgets),
-            "model": model, "provider": provider, "backend": backend, "session_id": session_id,
-            "metadata": dict(metadata or {}), "prompt": prompt,
-            "messages": list(messages) if messages is not None else None,
-            "input_bytes": input_bytes, "tools": list(tools) if tools is not None else None,
-            "max_tokens": max_tokens, "max_completion_tokens": max_completion_tokens, "n": n,
-        })  # fmt: skip
-        handle = RequestHandle(event.request_id, event.attempt, event.occurred_at, tuple(event.budgets), event.model,
-                               event.provider, event.backend, tuple(sorted(event.metadata.items())))  # fmt: skip
+        event = _validated(
+            RequestEvent,
+            {
+                "request_id": request_id,
+                "attempt": attempt,
+                "occurred_at": when,
+                "budgets": list(budgets),
+                "model": model,
+                "provider": provider,
+                "backend": backend,
+                "session_id": session_id,
+                "metadata": dict(metadata or {}),
+                "prompt": prompt,
+                "messages": list(messages) if messages is not None else None,
+                "input_bytes": input_bytes,
+                "tools": list(tools) if tools is not None else None,
+                "max_tokens": max_tokens,
+                "max_completion_tokens": max_completion_tokens,
+                "n": n,
+            },
+        )
+        handle = RequestHandle(
+            event.request_id,
+            event.attempt,
+            event.occurred_at,
+            tuple(event.budgets),
+            event.model,
+            event.provider,
+            event.backend,
+            tuple(sorted(event.metadata.items())),
+        )
         item = _Item(self.topics.requests.name, event.request_id.encode(), dumps(event))
         if self._queue.full():
             if self.on_full == "drop_request":
@@ -252,16 +280,27 @@ class BudgetPublisher:
 
         Raises :class:`SpoolFull` when the spool cannot take it: the event is not recorded.
         """
-        event = _validated(UsageEvent, {
-            "request_id": handle.request_id, "attempt": handle.attempt, "request_occurred_at": handle.occurred_at,
-            "occurred_at": occurred_at or self.clock.now(), "budgets": list(handle.budgets),
-            "model": model or handle.model, "provider": handle.provider, "backend": handle.backend,
-            "metadata": dict(handle.metadata),
-            "request_model": handle.model if model and model != handle.model else None,
-            "outcome": outcome, "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-            "cached_input_tokens": usage.cached_input_tokens,
-            "cache_write_input_tokens": usage.cache_write_input_tokens, "reasoning_tokens": usage.reasoning_tokens,
-        })  # fmt: skip
+        event = _validated(
+            UsageEvent,
+            {
+                "request_id": handle.request_id,
+                "attempt": handle.attempt,
+                "request_occurred_at": handle.occurred_at,
+                "occurred_at": occurred_at or self.clock.now(),
+                "budgets": list(handle.budgets),
+                "model": model or handle.model,
+                "provider": handle.provider,
+                "backend": handle.backend,
+                "metadata": dict(handle.metadata),
+                "request_model": handle.model if model and model != handle.model else None,
+                "outcome": outcome,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cached_input_tokens": usage.cached_input_tokens,
+                "cache_write_input_tokens": usage.cache_write_input_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+            },
+        )
         topic, key, value = self.topics.usage.name, event.request_id.encode(), dumps(event)
         # Written ahead: from here on a crash of this process cannot lose it.
         segment = self._spool.append(topic, key, value)
@@ -321,8 +360,11 @@ class BudgetPublisher:
                 now = asyncio.get_running_loop().time()
                 if now - self._warned_at > 10:  # once in a while, not once per event of an outage
                     self._warned_at = now
-                    log.warning("usage not delivered (%s); it waits in the spool (%d so far)", _name(error),
-                                self.counts["usage_spooled"])  # fmt: skip
+                    log.warning(
+                        "usage not delivered (%s); it waits in the spool (%d so far)",
+                        _name(error),
+                        self.counts["usage_spooled"],
+                    )
             else:
                 self.counts["requests_failed"] += 1
         except Exception:

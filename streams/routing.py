@@ -186,8 +186,9 @@ def decide(
     hard = [s for s in states if s.status == "hard_limit" or (s.utilization is not None and s.utilization >= 100)]
     blocking_all = [s for s in hard if s.hard_limit_action == "block_all"]
     if blocking_all:
-        return Decision((), _exceeded(blocking_all[0], "blocks all traffic"), False, share, h, blocking_all[0],
-                        tuple(flags))  # fmt: skip
+        return Decision(
+            (), _exceeded(blocking_all[0], "blocks all traffic"), False, share, h, blocking_all[0], tuple(flags)
+        )
     cloud_allowed = h < share
     if cloud_allowed:
         return Decision(tuple(ordered), None, True, share, h, deciding, tuple(flags))
@@ -197,8 +198,15 @@ def decide(
     # No local candidate: warn keeps cloud (flagged), and so does a soft limit; a hard block rejects.
     blocking_cloud = [s for s in hard if s.hard_limit_action == "block_cloud"]
     if blocking_cloud:
-        return Decision((), _exceeded(blocking_cloud[0], "blocks cloud traffic and no local model is available"),
-                        False, share, h, blocking_cloud[0], tuple(flags))  # fmt: skip
+        return Decision(
+            (),
+            _exceeded(blocking_cloud[0], "blocks cloud traffic and no local model is available"),
+            False,
+            share,
+            h,
+            blocking_cloud[0],
+            tuple(flags),
+        )
     flags.append("over_budget_kept_cloud" if hard else "soft_limit_kept_cloud")
     return Decision(tuple(cloud), None, True, share, h, deciding, tuple(flags))
 

@@ -59,8 +59,12 @@ class BudgetResolver:
     """Resolves a request's budgets from the policies it is given (``policies()`` is read on every call; the
     scopes are compiled again after :meth:`invalidate`, which the policy follower calls on every change)."""
 
-    def __init__(self, policies: Callable[[], Mapping[str, BudgetPolicy]], unknown: UnknownBudget = "default",
-                 on_unknown: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        policies: Callable[[], Mapping[str, BudgetPolicy]],
+        unknown: UnknownBudget = "default",
+        on_unknown: Callable[[str], None] | None = None,
+    ) -> None:
         self._policies = policies
         self.unknown = unknown
         self._on_unknown = on_unknown
@@ -83,8 +87,9 @@ class BudgetResolver:
             self._scoped = [_Compiled(p.id, p.applies_to) for p in policies.values() if p.applies_to is not None]
         return policies
 
-    def resolve(self, listed: Sequence[str], *, model: str, provider: str, backend: str,
-                metadata: Mapping[str, str]) -> list[str]:  # fmt: skip
+    def resolve(
+        self, listed: Sequence[str], *, model: str, provider: str, backend: str, metadata: Mapping[str, str]
+    ) -> list[str]:
         """The budgets to charge, each once, in a stable order: listed, scoped, parents, then global."""
         policies = self._index()
         out: dict[str, None] = {}

@@ -95,10 +95,26 @@ class SecureDir:
 
     def _certificates(self) -> None:
         d = self.path
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-                 "-days", "3650", "-subj", "/CN=budgetflow local CA",
-                 "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)  # fmt: skip
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=budgetflow local CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            cwd=d,
+        )
         _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "broker.key", cwd=d)
         _openssl("req", "-new", "-key", "broker.key", "-subj", f"/CN={BROKER_CN}", "-out", "broker.csr", cwd=d)
         (d / "broker.ext").write_text(
@@ -106,8 +122,25 @@ class SecureDir:
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth,clientAuth\n"
         )
-        _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "825", "-sha256", "-extfile", "broker.ext", "-out", "broker.crt", cwd=d)  # fmt: skip
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "825",
+            "-sha256",
+            "-extfile",
+            "broker.ext",
+            "-out",
+            "broker.crt",
+            cwd=d,
+        )
         # Kafka's PEM key store: the PKCS#8 key, then the certificate chain.
         write_private(self.broker_pem, (d / "broker.key").read_text() + (d / "broker.crt").read_text())
         for name in ("ca.key", "broker.key"):
@@ -191,10 +224,47 @@ class SecureDir:
 
         topics = Topics(TopicSettings(prefix=prefix))
         return [
-            ["--add", "--allow-principal", "User:worker", "--operation", "All", "--resource-pattern-type",
-             "prefixed", "--topic", prefix, "--group", prefix, "--transactional-id", prefix],
-            ["--add", "--allow-principal", "User:router", "--operation", "Read", "--operation", "Describe",
-             "--topic", topics.status.name, "--topic", topics.heartbeats.name, "--topic", topics.policies.name],
-            ["--add", "--allow-principal", "User:gateway", "--operation", "Write", "--operation", "Describe",
-             "--topic", topics.requests.name, "--topic", topics.usage.name],
-        ]  # fmt: skip
+            [
+                "--add",
+                "--allow-principal",
+                "User:worker",
+                "--operation",
+                "All",
+                "--resource-pattern-type",
+                "prefixed",
+                "--topic",
+                prefix,
+                "--group",
+                prefix,
+                "--transactional-id",
+                prefix,
+            ],
+            [
+                "--add",
+                "--allow-principal",
+                "User:router",
+                "--operation",
+                "Read",
+                "--operation",
+                "Describe",
+                "--topic",
+                topics.status.name,
+                "--topic",
+                topics.heartbeats.name,
+                "--topic",
+                topics.policies.name,
+            ],
+            [
+                "--add",
+                "--allow-principal",
+                "User:gateway",
+                "--operation",
+                "Write",
+                "--operation",
+                "Describe",
+                "--topic",
+                topics.requests.name,
+                "--topic",
+                topics.usage.name,
+            ],
+        ]

@@ -65,8 +65,17 @@ def _run(costs: list[tuple[float, int]], policy: BudgetPolicy, shift: bool) -> _
     assert limit is not None
     spend = 0
     status = "normal"
-    seen = BudgetState("team:a", "2026-11", "normal", 0, limit, 0.0, policy.soft_limit_percent,
-                       policy.hard_limit_action, datetime(2026, 12, 1, tzinfo=UTC))  # fmt: skip
+    seen = BudgetState(
+        "team:a",
+        "2026-11",
+        "normal",
+        0,
+        limit,
+        0.0,
+        policy.soft_limit_percent,
+        policy.hard_limit_action,
+        datetime(2026, 12, 1, tzinfo=UTC),
+    )
     seen_step = 0
     out: list[tuple[float, int]] = []
     cloud = local = rejected = 0
@@ -89,8 +98,17 @@ def _run(costs: list[tuple[float, int]], policy: BudgetPolicy, shift: bool) -> _
         if step != seen_step or status != seen.status:
             # The aggregate publishes on each step and on each change of status.
             seen_step = step
-            seen = BudgetState("team:a", "2026-11", status, spend, limit, spend * 100 / limit,
-                               policy.soft_limit_percent, policy.hard_limit_action, seen.next_reset)  # fmt: skip
+            seen = BudgetState(
+                "team:a",
+                "2026-11",
+                status,
+                spend,
+                limit,
+                spend * 100 / limit,
+                policy.soft_limit_percent,
+                policy.hard_limit_action,
+                seen.next_reset,
+            )
     return _Run(out, cloud, local, rejected)
 
 
@@ -100,8 +118,9 @@ def simulate_shift(requests: int = 200_000, seed: int = 1, overspend: float = 1.
     limit = 1_000 * 10**12  # $1,000
     mean = int(limit * overspend / requests)
     costs = sorted((rng.uniform(0, MONTH_S), max(1, int(rng.expovariate(1 / mean)))) for _ in range(requests))
-    policy = BudgetPolicy(id="team:a", monthly_limit_usd="1000", soft_limit_percent=75,  # type: ignore[arg-type]
-                          hard_limit_action="block_cloud")  # fmt: skip
+    policy = BudgetPolicy.model_validate(
+        {"id": "team:a", "monthly_limit_usd": "1000", "soft_limit_percent": 75, "hard_limit_action": "block_cloud"}
+    )
     without = _run(costs, policy, shift=False)
     with_shift = _run(costs, policy, shift=True)
     start = without.first_time_at(limit * 80 // 100)

@@ -95,8 +95,9 @@ class Spool:
         for sending in self.directory.glob("spool-*.sending"):  # left by an older version mid-replay
             sending.rename(sending.with_suffix(".jsonl"))
         # What is on disk now was written by a process that is gone: all of it is sent again.
-        self._segments = [Segment(p, p.stat().st_size, 0.0, unsent=True, sealed=True)
-                          for p in sorted(self.directory.glob(_PATTERN))]  # fmt: skip
+        self._segments = [
+            Segment(p, p.stat().st_size, 0.0, unsent=True, sealed=True) for p in sorted(self.directory.glob(_PATTERN))
+        ]
         self._bytes = sum(s.size for s in self._segments)
         self._open: list[Segment] = []  # segments whose file is still open (written, or not yet fsynced)
         self._active: Segment | None = None

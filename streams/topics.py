@@ -87,39 +87,85 @@ class Topics:
     ) -> None:
         prefix, n = settings.prefix, settings.partitions
         self.replication_factor = settings.replication_factor
-        self.requests = TopicSpec(f"{prefix}requests", n, {
-            "cleanup.policy": "delete", "retention.ms": str(settings.requests_retention_ms),
-            "segment.ms": str(settings.requests_segment_ms)},
-            "RequestEvent keyed by request_id (holds prompt text: short retention)")  # fmt: skip
+        self.requests = TopicSpec(
+            f"{prefix}requests",
+            n,
+            {
+                "cleanup.policy": "delete",
+                "retention.ms": str(settings.requests_retention_ms),
+                "segment.ms": str(settings.requests_segment_ms),
+            },
+            "RequestEvent keyed by request_id (holds prompt text: short retention)",
+        )
         self.usage = TopicSpec(f"{prefix}usage", n, {"cleanup.policy": "delete"}, "UsageEvent keyed by request_id")
         # The broker stamps ledger records (LogAppendTime): a tick's time is bounded by it, so a worker whose clock
         # runs ahead cannot move stream time (and expire reservations, and make entries late) on its own say.
-        self.ledger = TopicSpec(f"{prefix}ledger", n, {
-            "cleanup.policy": "delete", "retention.ms": str(400 * _DAY_MS),
-            "message.timestamp.type": "LogAppendTime"}, "LedgerEntry keyed by budget id (the audit trail)")  # fmt: skip
-        self.policies = TopicSpec(f"{prefix}policies", n, {"cleanup.policy": "compact"},
-                                  "BudgetPolicy keyed by budget id; a null value deletes")  # fmt: skip
-        self.status = TopicSpec(f"{prefix}budget-status", 1, {
-            "cleanup.policy": "compact", "segment.ms": str(10 * 60_000), "min.cleanable.dirty.ratio": "0.1"},
-            "BudgetStatus keyed by budget id, current period")  # fmt: skip
-        self.heartbeats = TopicSpec(f"{prefix}heartbeats", 1, {
-            "cleanup.policy": "compact", "segment.ms": str(10 * 60_000)},
-            "Heartbeat keyed by ledger partition")  # fmt: skip
-        self.events = TopicSpec(f"{prefix}budget-events", 1, {"cleanup.policy": "delete"},
-                                "status transitions keyed budget:period:event")  # fmt: skip
-        self.dlq = TopicSpec(f"{prefix}dlq", 1, {"cleanup.policy": "delete", "retention.ms": str(7 * _DAY_MS)},
-                             "records that failed a stage, redacted, with the reason in headers")  # fmt: skip
-        self.audit = TopicSpec(f"{prefix}audit", 1, {"cleanup.policy": "delete", "retention.ms": "-1"},
-                               "AuditRecord keyed by budget id: policy changes and adjustments, kept")  # fmt: skip
-        self.notifications = TopicSpec(f"{prefix}notifications", 1, {"cleanup.policy": "compact"},
-                                       "the budget events `budgetflow notify` has posted, keyed like them")  # fmt: skip
-        self.state = TopicSpec(f"{prefix}aggregate-state", n, {
-            "cleanup.policy": "compact", "delete.retention.ms": str(state_delete_retention_ms)},
-            "the aggregate's state changelog, co-partitioned with the ledger")  # fmt: skip
+        self.ledger = TopicSpec(
+            f"{prefix}ledger",
+            n,
+            {"cleanup.policy": "delete", "retention.ms": str(400 * _DAY_MS), "message.timestamp.type": "LogAppendTime"},
+            "LedgerEntry keyed by budget id (the audit trail)",
+        )
+        self.policies = TopicSpec(
+            f"{prefix}policies",
+            n,
+            {"cleanup.policy": "compact"},
+            "BudgetPolicy keyed by budget id; a null value deletes",
+        )
+        self.status = TopicSpec(
+            f"{prefix}budget-status",
+            1,
+            {"cleanup.policy": "compact", "segment.ms": str(10 * 60_000), "min.cleanable.dirty.ratio": "0.1"},
+            "BudgetStatus keyed by budget id, current period",
+        )
+        self.heartbeats = TopicSpec(
+            f"{prefix}heartbeats",
+            1,
+            {"cleanup.policy": "compact", "segment.ms": str(10 * 60_000)},
+            "Heartbeat keyed by ledger partition",
+        )
+        self.events = TopicSpec(
+            f"{prefix}budget-events", 1, {"cleanup.policy": "delete"}, "status transitions keyed budget:period:event"
+        )
+        self.dlq = TopicSpec(
+            f"{prefix}dlq",
+            1,
+            {"cleanup.policy": "delete", "retention.ms": str(7 * _DAY_MS)},
+            "records that failed a stage, redacted, with the reason in headers",
+        )
+        self.audit = TopicSpec(
+            f"{prefix}audit",
+            1,
+            {"cleanup.policy": "delete", "retention.ms": "-1"},
+            "AuditRecord keyed by budget id: policy changes and adjustments, kept",
+        )
+        self.notifications = TopicSpec(
+            f"{prefix}notifications",
+            1,
+            {"cleanup.policy": "compact"},
+            "the budget events `budgetflow notify` has posted, keyed like them",
+        )
+        self.state = TopicSpec(
+            f"{prefix}aggregate-state",
+            n,
+            {"cleanup.policy": "compact", "delete.retention.ms": str(state_delete_retention_ms)},
+            "the aggregate's state changelog, co-partitioned with the ledger",
+        )
 
     def all(self) -> list[TopicSpec]:
-        return [self.requests, self.usage, self.ledger, self.policies, self.status, self.heartbeats, self.events,
-                self.dlq, self.state, self.audit, self.notifications]  # fmt: skip
+        return [
+            self.requests,
+            self.usage,
+            self.ledger,
+            self.policies,
+            self.status,
+            self.heartbeats,
+            self.events,
+            self.dlq,
+            self.state,
+            self.audit,
+            self.notifications,
+        ]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -191,10 +237,18 @@ async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dic
     """Raise configs of an existing topic that are below what budgetflow sets (a changelog made by an older one)."""
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    low = {key: spec.config[key] for key in _AT_LEAST
-           if key in spec.config and int(have.get(key, ("0", 0))[0] or 0) < int(spec.config[key])}  # fmt: skip
-    low.update({key: spec.config[key] for key in _EXACTLY
-                if key in spec.config and have.get(key, (None, 0))[0] != spec.config[key]})  # fmt: skip
+    low = {
+        key: spec.config[key]
+        for key in _AT_LEAST
+        if key in spec.config and int(have.get(key, ("0", 0))[0] or 0) < int(spec.config[key])
+    }
+    low.update(
+        {
+            key: spec.config[key]
+            for key in _EXACTLY
+            if key in spec.config and have.get(key, (None, 0))[0] != spec.config[key]
+        }
+    )
     if not low:
         return
     # AlterConfigs sets the topic's whole dynamic config: send the values it has, with the raised ones (and
@@ -217,8 +271,10 @@ async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dic
         for error_code, message, *_ in response.resources:
             if error_code:
                 _retriable(error_code, message)
-                raise ConfigError(f"topic {spec.name} has {_shown(have, low)} and cannot be altered "
-                                  f"(error {error_code}: {message}): {fix}")  # fmt: skip
+                raise ConfigError(
+                    f"topic {spec.name} has {_shown(have, low)} and cannot be altered "
+                    f"(error {error_code}: {message}): {fix}"
+                )
     log.warning("topic %s had %s; raised to %s (%s)", spec.name, _shown(have, low), low, spec.holds)
 
 

@@ -74,10 +74,16 @@ def generate(
         for attempt in range(2 if rng.random() < retry_rate else 1):
             model = rng.choice(weighted)
             request: dict[str, Any] = {
-                "v": 1, "request_id": request_id, "attempt": attempt, "occurred_at": at.isoformat(),
-                "budgets": chosen, "model": model.name, "provider": model.provider, "backend": model.backend,
+                "v": 1,
+                "request_id": request_id,
+                "attempt": attempt,
+                "occurred_at": at.isoformat(),
+                "budgets": chosen,
+                "model": model.name,
+                "provider": model.provider,
+                "backend": model.backend,
                 "max_tokens": rng.randint(50, 600),
-            }  # fmt: skip
+            }
             silent = rng.random() < no_usage_rate
             if silent:
                 request["input_bytes"] = rng.randint(100, 5000)
@@ -90,13 +96,22 @@ def generate(
                 write = rng.randint(0, (pin - cached) // 3) if model.caches else 0
                 output = rng.randint(0, model.max_output_tokens)
                 usage = {
-                    "v": 1, "request_id": request_id, "attempt": attempt, "request_occurred_at": at.isoformat(),
-                    "occurred_at": (at + timedelta(seconds=rng.randint(1, 120))).isoformat(), "budgets": chosen,
-                    "model": model.name, "provider": model.provider, "backend": model.backend,
-                    "outcome": rng.choice(["completed"] * 8 + ["failed", "cancelled"]), "input_tokens": pin,
-                    "cached_input_tokens": cached, "cache_write_input_tokens": write, "output_tokens": output,
+                    "v": 1,
+                    "request_id": request_id,
+                    "attempt": attempt,
+                    "request_occurred_at": at.isoformat(),
+                    "occurred_at": (at + timedelta(seconds=rng.randint(1, 120))).isoformat(),
+                    "budgets": chosen,
+                    "model": model.name,
+                    "provider": model.provider,
+                    "backend": model.backend,
+                    "outcome": rng.choice(["completed"] * 8 + ["failed", "cancelled"]),
+                    "input_tokens": pin,
+                    "cached_input_tokens": cached,
+                    "cache_write_input_tokens": write,
+                    "output_tokens": output,
                     "reasoning_tokens": rng.randint(0, output) if model.reasons else 0,
-                }  # fmt: skip
+                }
                 record = TrafficRecord("usage", request_id, usage)
                 batch = [record, *batch] if rng.random() < overtake_rate else [*batch, record]
             if rng.random() < duplicate_rate:

@@ -117,10 +117,14 @@ class BudgetView:
         consumer = AIOKafkaConsumer(**client_options(self.settings.kafka), enable_auto_commit=False)
         await consumer.start()
         self._consumer = consumer
-        partitions = [TopicPartition(self.topics.status.name, p)
-                      for p in await topic_partitions(self.settings, self.topics.status.name)]  # fmt: skip
-        partitions += [TopicPartition(self.topics.heartbeats.name, p)
-                       for p in await topic_partitions(self.settings, self.topics.heartbeats.name)]  # fmt: skip
+        partitions = [
+            TopicPartition(self.topics.status.name, p)
+            for p in await topic_partitions(self.settings, self.topics.status.name)
+        ]
+        partitions += [
+            TopicPartition(self.topics.heartbeats.name, p)
+            for p in await topic_partitions(self.settings, self.topics.heartbeats.name)
+        ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
@@ -298,15 +302,28 @@ class BudgetView:
         if record is None:
             current = period_of(moment)
             return BudgetState(budget_id, current, next_reset=next_month_start(current), seen=False)
-        state = BudgetState(budget_id=budget_id, period=record.period, status=record.status, spend_pico=record.spend,
-                            limit_pico=record.limit, utilization=_utilization(record.spend, record.limit),
-                            soft_limit_percent=record.soft, hard_limit_action=record.action,
-                            next_reset=next_month_start(record.period))  # fmt: skip
+        state = BudgetState(
+            budget_id=budget_id,
+            period=record.period,
+            status=record.status,
+            spend_pico=record.spend,
+            limit_pico=record.limit,
+            utilization=_utilization(record.spend, record.limit),
+            soft_limit_percent=record.soft,
+            hard_limit_action=record.action,
+            next_reset=next_month_start(record.period),
+        )
         ts = moment.timestamp()
         if ts >= record.reset_ts:
             current = period_of(moment)
-            return replace(state, period=current, status="normal", spend_pico=0,
-                           utilization=_utilization(0, record.limit), next_reset=next_month_start(current))  # fmt: skip
+            return replace(
+                state,
+                period=current,
+                status="normal",
+                spend_pico=0,
+                utilization=_utilization(0, record.limit),
+                next_reset=next_month_start(current),
+            )
         beat = self._beats.get(record.partition)
         age = ts - (beat.as_of if beat is not None else record.as_of)
         lag = beat.lag_s if beat is not None else 0.0
@@ -359,15 +376,17 @@ class BudgetView:
         try:
             moment = now or self.clock.now()
             groups = self._budget_groups(budgets, candidates, provider, metadata or {})
-            parts = [self._decide_group(request_id, group, members, session_id, moment)
-                     for group, members in groups.items()]  # fmt: skip
+            parts = [
+                self._decide_group(request_id, group, members, session_id, moment) for group, members in groups.items()
+            ]
             decision = parts[0] if len(parts) == 1 else merge_decisions(parts, candidates)
         except Exception:  # a router must answer: fail open, and say so
             log.exception("budget decision failed; letting the request through")
             from budgetflow.streams.routing import affinity
 
-            decision = Decision(tuple(candidates), None, True, 1.0, affinity(session_id or request_id),
-                                None, ("decision_error",))  # fmt: skip
+            decision = Decision(
+                tuple(candidates), None, True, 1.0, affinity(session_id or request_id), None, ("decision_error",)
+            )
         outcome = "rejected" if decision.error else ("cloud" if decision.cloud_allowed else "local")
         self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
         return decision
@@ -381,8 +400,14 @@ class BudgetView:
         if self.resolver is not None:
             self.resolver.invalidate()
 
-    def _decide_group(self, request_id: str, budgets: tuple[str, ...], candidates: list[Candidate],
-                      session_id: str | None, moment: datetime) -> Decision:  # fmt: skip
+    def _decide_group(
+        self,
+        request_id: str,
+        budgets: tuple[str, ...],
+        candidates: list[Candidate],
+        session_id: str | None,
+        moment: datetime,
+    ) -> Decision:
         states = [self.status(b, now=moment) for b in budgets]
         policies = self._policy_source()
         strict = [b for b in budgets if b in policies and policies[b].unpriced == "block"]
@@ -392,28 +417,39 @@ class BudgetView:
             kept = [c for c in candidates if c not in unpriced]
             if not kept:
                 state = next(s for s in states if s.budget_id == strict[0])
-                error = BudgetExceeded(state.budget_id, state.period, state.spend_pico, state.limit_pico, None,
-                                       f"Budget {state.budget_id} refuses models with no price "
-                                       f"({', '.join(c.name for c in unpriced)}), and no priced model is offered.",
-                                       http_status=403)  # fmt: skip
+                error = BudgetExceeded(
+                    state.budget_id,
+                    state.period,
+                    state.spend_pico,
+                    state.limit_pico,
+                    None,
+                    f"Budget {state.budget_id} refuses models with no price "
+                    f"({', '.join(c.name for c in unpriced)}), and no priced model is offered.",
+                    http_status=403,
+                )
                 return Decision((), error, False, 0.0, affinity(session_id or request_id), state, ("unpriced",))
             decision = decide(request_id, states, kept, session_id=session_id)
             return replace(decision, flags=(*decision.flags, "unpriced_refused"))
         return decide(request_id, states, candidates, session_id=session_id)
 
-    def _budget_groups(self, budgets: Sequence[str], candidates: Sequence[Candidate], provider: str | None,
-                       metadata: Mapping[str, str]) -> dict[tuple[str, ...], list[Candidate]]:  # fmt: skip
+    def _budget_groups(
+        self, budgets: Sequence[str], candidates: Sequence[Candidate], provider: str | None, metadata: Mapping[str, str]
+    ) -> dict[tuple[str, ...], list[Candidate]]:
         """Candidates grouped by the budgets they are charged to (one group when no scope tells them apart)."""
         if self.resolver is None:
             return {tuple(_with_global(budgets)): list(candidates)}
         if not self.resolver.has_scopes:  # only parents: every candidate is charged alike
-            charged = self.resolver.resolve(budgets, model="", provider=provider or "", backend="cloud",
-                                            metadata=metadata)  # fmt: skip
+            charged = self.resolver.resolve(
+                budgets, model="", provider=provider or "", backend="cloud", metadata=metadata
+            )
             return {tuple(charged): list(candidates)}
         groups: dict[tuple[str, ...], list[Candidate]] = {}
         for c in candidates:
-            key = tuple(self.resolver.resolve(budgets, model=c.name, provider=c.provider or provider or "",
-                                              backend=c.backend, metadata=metadata))  # fmt: skip
+            key = tuple(
+                self.resolver.resolve(
+                    budgets, model=c.name, provider=c.provider or provider or "", backend=c.backend, metadata=metadata
+                )
+            )
             groups.setdefault(key, []).append(c)
         return groups or {tuple(_with_global(budgets)): []}
 
@@ -422,14 +458,21 @@ class BudgetView:
     ) -> dict[str, str]:
         """The X-Budget-* headers for a response: the deciding budget when it is not normal."""
         states = [self.status(b, now=now) for b in _with_global(budgets)]
-        worst = max(states, key=lambda s: ({"normal": 0, "soft_limit": 1, "hard_limit": 2}.get(s.status, 0),
-                                           -(s.remaining_pico or 0)), default=None)  # fmt: skip
+        worst = max(
+            states,
+            key=lambda s: ({"normal": 0, "soft_limit": 1, "hard_limit": 2}.get(s.status, 0), -(s.remaining_pico or 0)),
+            default=None,
+        )
         return headers_for(worst, estimated_cost_pico)
 
     def snapshot(self) -> dict[str, Any]:
         """How much the view holds (for `view serve` and the benchmarks)."""
-        return {"budgets": len(self._statuses), "partitions_with_heartbeat": len(self._beats),
-                "ready": self.is_ready, "records_seen": self.records_seen}  # fmt: skip
+        return {
+            "budgets": len(self._statuses),
+            "partitions_with_heartbeat": len(self._beats),
+            "ready": self.is_ready,
+            "records_seen": self.records_seen,
+        }
 
 
 def _utilization(spend: int, limit: int | None) -> float | None:

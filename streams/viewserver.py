@@ -114,10 +114,18 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
 
     async def decide(request: web.Request) -> web.Response:
         body: _DecideIn = await _parse(request, _DecideIn)
-        candidates = [Candidate(c.name, c.backend, c.score, c.provider, c.priced)  # type: ignore[arg-type]
-                      for c in body.candidates]  # fmt: skip
-        decision = view.decide(body.request_id, body.budgets, candidates, session_id=body.session_id,
-                               provider=body.provider, metadata=body.metadata)  # fmt: skip
+        candidates = [
+            Candidate(c.name, c.backend, c.score, c.provider, c.priced)  # type: ignore[arg-type]
+            for c in body.candidates
+        ]
+        decision = view.decide(
+            body.request_id,
+            body.budgets,
+            candidates,
+            session_id=body.session_id,
+            provider=body.provider,
+            metadata=body.metadata,
+        )
         answer: dict[str, Any] = {
             "candidates": [{"name": c.name, "backend": c.backend, "score": c.score} for c in decision.candidates],
             "cloud_allowed": decision.cloud_allowed,

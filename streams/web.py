@@ -163,24 +163,36 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
             if target is None:
                 if owner not in refused and len(refused) < 100:
                     refused.add(owner)
-                    log.warning("partition %d is held by %s, which is not in WEB__PEERS: not forwarding", partition,
-                                owner)  # fmt: skip
-                return _json({"error": f"partition {partition} is held by a worker that is not a configured peer"},
-                             status=503)  # fmt: skip
+                    log.warning(
+                        "partition %d is held by %s, which is not in WEB__PEERS: not forwarding", partition, owner
+                    )
+                return _json(
+                    {"error": f"partition {partition} is held by a worker that is not a configured peer"}, status=503
+                )
             return await _forward(f"{target}/v1/budgets/{quote(budget_id, safe=':')}", peer_token)
-        periods = sorted((p for (b, _), p in ledger.periods.items() if b == budget_id),
-                         key=lambda p: p.period, reverse=True)[:12]  # fmt: skip
+        periods = sorted(
+            (p for (b, _), p in ledger.periods.items() if b == budget_id), key=lambda p: p.period, reverse=True
+        )[:12]
         if not periods and budget_id not in worker.policies.policies and not view.last_status(budget_id).seen:
             return _json({"error": f"unknown budget {budget_id}"}, status=404)
         state = owned_state(worker, ledger, budget_id)
         body = state_json(state)
         body["partition"] = partition
         body["periods"] = [
-            {"period": p.period, "status": p.status, "spend_usd": usd_string(p.spend),
-             "settled_usd": usd_string(p.settled), "reserved_usd": usd_string(p.reserved), "requests": p.requests,
-             "settles": p.settles, "expired": p.expired, "adjusted": p.adjusted, "unpriced": p.unpriced}
+            {
+                "period": p.period,
+                "status": p.status,
+                "spend_usd": usd_string(p.spend),
+                "settled_usd": usd_string(p.settled),
+                "reserved_usd": usd_string(p.reserved),
+                "requests": p.requests,
+                "settles": p.settles,
+                "expired": p.expired,
+                "adjusted": p.adjusted,
+                "unpriced": p.unpriced,
+            }
             for p in periods
-        ]  # fmt: skip
+        ]
         current = next((p for p in periods if p.period == state.period), None)
         body["requests"] = current.requests if current else 0
         projection = worker.forecast(ledger, budget_id, state.period)
@@ -195,8 +207,10 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         from budgetflow.streams.metrics import exposition
 
-        return web.Response(body=exposition(worker.metrics.registry),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})  # fmt: skip
+        return web.Response(
+            body=exposition(worker.metrics.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -216,10 +230,18 @@ def owned_state(worker: AggregateWorker, ledger: PartitionLedger, budget_id: str
     spend = state.spend if state is not None else 0
     status = state.status if state is not None else worker.publisher.rules.next_status("normal", 0, policy)
     limit = policy.monthly_limit_usd
-    return BudgetState(budget_id=budget_id, period=period, status=status, spend_pico=spend, limit_pico=limit,
-                       utilization=None if limit is None else (100.0 if limit == 0 else spend * 100 / limit),
-                       soft_limit_percent=policy.soft_limit_percent, hard_limit_action=policy.hard_limit_action,
-                       next_reset=next_month_start(period), stale=ledger.partition in worker.catching_up)  # fmt: skip
+    return BudgetState(
+        budget_id=budget_id,
+        period=period,
+        status=status,
+        spend_pico=spend,
+        limit_pico=limit,
+        utilization=None if limit is None else (100.0 if limit == 0 else spend * 100 / limit),
+        soft_limit_percent=policy.soft_limit_percent,
+        hard_limit_action=policy.hard_limit_action,
+        next_reset=next_month_start(period),
+        stale=ledger.partition in worker.catching_up,
+    )
 
 
 def state_json(state: Any) -> dict[str, Any]:
@@ -246,8 +268,7 @@ async def _forward(url: str, peer_token: str | None) -> web.Response:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:  # noqa: SIM117
             async with session.get(url, headers=headers, allow_redirects=False) as response:
-                return web.Response(body=await response.read(), status=response.status,
-                                    content_type="application/json")  # fmt: skip
+                return web.Response(body=await response.read(), status=response.status, content_type="application/json")
     except aiohttp.ClientError as exc:
         log.warning("forwarding to a peer failed: %s", exc.__class__.__name__)
         return _json({"error": "the worker holding this budget did not answer"}, status=502)

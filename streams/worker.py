@@ -33,10 +33,17 @@ def configure_logging(settings: Settings, role: str) -> None:
 
 # Errors no restart can cure: the settings (or the credentials they name) are wrong. The worker exits with one line.
 _FATAL_KAFKA = (
-    "AuthenticationFailedError", "SaslAuthenticationFailed", "UnsupportedSaslMechanismError", "IllegalSaslStateError",
-    "TopicAuthorizationFailedError", "GroupAuthorizationFailedError", "ClusterAuthorizationFailedError",
-    "KafkaConfigurationError", "InvalidConfigurationError", "UnsupportedVersionError",
-)  # fmt: skip
+    "AuthenticationFailedError",
+    "SaslAuthenticationFailed",
+    "UnsupportedSaslMechanismError",
+    "IllegalSaslStateError",
+    "TopicAuthorizationFailedError",
+    "GroupAuthorizationFailedError",
+    "ClusterAuthorizationFailedError",
+    "KafkaConfigurationError",
+    "InvalidConfigurationError",
+    "UnsupportedVersionError",
+)
 EXIT_CONFIG = 2
 
 
@@ -69,9 +76,12 @@ async def _run(role: Role, settings: Settings) -> int:
         began = loop.time()
         try:
             if not await _bounded(_run_once(role, settings, stop), stop, settings.worker.shutdown_timeout_s):
-                log.error("%s worker did not stop within %.0f s (WORKER__SHUTDOWN_TIMEOUT_S); exiting without a "
-                          "clean close (nothing is committed before it is durable)", role,
-                          settings.worker.shutdown_timeout_s)  # fmt: skip
+                log.error(
+                    "%s worker did not stop within %.0f s (WORKER__SHUTDOWN_TIMEOUT_S); exiting without a "
+                    "clean close (nothing is committed before it is durable)",
+                    role,
+                    settings.worker.shutdown_timeout_s,
+                )
                 # Its tasks may hang on a broker that does not answer: leave them, do not wait for them.
                 logging.shutdown()
                 os._exit(1)
@@ -86,8 +96,9 @@ async def _run(role: Role, settings: Settings) -> int:
                 break
             if loop.time() - began > 60:
                 backoff = 1.0  # it ran for a while: this is a new outage
-            log.warning("%s worker lost the broker (%s: %s); restarting in %.0f s", role,
-                        exc.__class__.__name__, exc, backoff)  # fmt: skip
+            log.warning(
+                "%s worker lost the broker (%s: %s); restarting in %.0f s", role, exc.__class__.__name__, exc, backoff
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, 30.0)
@@ -131,8 +142,13 @@ async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None
         )
         table = PriceTable.from_settings(settings.pricing)
         estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
-        enricher = Enricher(estimator, topics, keep_raw=settings.dlq.keep_raw, clock=Clock(settings.clock),
-                            max_clock_skew_s=settings.max_clock_skew_s)  # fmt: skip
+        enricher = Enricher(
+            estimator,
+            topics,
+            keep_raw=settings.dlq.keep_raw,
+            clock=Clock(settings.clock),
+            max_clock_skew_s=settings.max_clock_skew_s,
+        )
         await EnrichWorker(settings, enricher, topics).run(stop)
     elif role == "notify":
         from budgetflow.streams.notify import Notifier

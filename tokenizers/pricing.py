@@ -91,8 +91,20 @@ class Price:
             version = f"{version}@{entry.valid_from.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         if entry.backend == "local":
             zero = 0
-            return cls(entry.match, entry.provider, "local", zero, zero, zero, zero, zero,
-                       entry.max_output_tokens, entry.reservation_ttl_s, True, version)  # fmt: skip
+            return cls(
+                entry.match,
+                entry.provider,
+                "local",
+                zero,
+                zero,
+                zero,
+                zero,
+                zero,
+                entry.max_output_tokens,
+                entry.reservation_ttl_s,
+                True,
+                version,
+            )
         return cls(
             match=entry.match,
             provider=entry.provider,
@@ -190,8 +202,9 @@ class PriceTable:
             fb_out = max((max(e.output_usd_per_mtok, _or(e.reasoning_usd_per_mtok, 0)) for e in cloud), default=0)
         if fb_in == 0 and fb_out == 0:
             raise ConfigError("the price table has no cloud model, so there is no fallback price; set one")
-        self.fallback = Price("*", "*", "cloud", fb_in, fb_in, fb_in, fb_out, fb_out, None, None, False,
-                              f"fallback:{self.version}")  # fmt: skip
+        self.fallback = Price(
+            "*", "*", "cloud", fb_in, fb_in, fb_in, fb_out, fb_out, None, None, False, f"fallback:{self.version}"
+        )
         self._cache: dict[tuple[str, str, str, int], Price] = {}
         # The instants at which some entry starts to apply: between two of them, lookups are alike.
         self._changes = sorted({e.valid_from.timestamp() for f in self._files for e in f.entries if e.valid_from})
@@ -210,9 +223,12 @@ class PriceTable:
     @classmethod
     def from_settings(cls, pricing: PricingSettings) -> PriceTable:
         """The override file of the settings (if any) before the shipped table, with their fallback rates."""
-        return cls.load(pricing.file, fallback_input_usd_per_mtok=pricing.fallback_input_usd_per_mtok,
-                        fallback_output_usd_per_mtok=pricing.fallback_output_usd_per_mtok,
-                        local_providers=pricing.local_providers)  # fmt: skip
+        return cls.load(
+            pricing.file,
+            fallback_input_usd_per_mtok=pricing.fallback_input_usd_per_mtok,
+            fallback_output_usd_per_mtok=pricing.fallback_output_usd_per_mtok,
+            local_providers=pricing.local_providers,
+        )
 
     @classmethod
     def load(cls, path: str | Path | None = None, **kwargs: Any) -> PriceTable:
@@ -227,8 +243,9 @@ class PriceTable:
         return cls(files, **kwargs)
 
     # -- lookup ----------------------------------------------------------------
-    def price(self, model: str, *, backend: Backend = "cloud", provider: str | None = None,
-              at: datetime | None = None) -> Price:  # fmt: skip
+    def price(
+        self, model: str, *, backend: Backend = "cloud", provider: str | None = None, at: datetime | None = None
+    ) -> Price:
         """The price that applies to a call whose request happened ``at`` (default: now): never free unless it
         is really local."""
         moment = time.time() if at is None else at.timestamp()

@@ -233,33 +233,43 @@ class Worker:
 class Pipeline:
     """budgetflow's workers against the session broker, with topics and groups of their own."""
 
-    def __init__(self, bootstrap: str, root: Path, *, clock_start: str, speed: float, partitions: int = 4,
-                 extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bootstrap: str,
+        root: Path,
+        *,
+        clock_start: str,
+        speed: float,
+        partitions: int = 4,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.prefix = f"t{uuid.uuid4().hex[:8]}."
         prices = root / "prices.yaml"
         prices.write_text(TEST_PRICES)
         self.env_base = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
-        self.env_base.update({
-            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "BUDGETFLOW_KAFKA__SESSION_TIMEOUT_MS": "6000",
-            "BUDGETFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "1500",
-            "BUDGETFLOW_TOPICS__PREFIX": self.prefix,
-            "BUDGETFLOW_TOPICS__PARTITIONS": str(partitions),
-            "BUDGETFLOW_TESTING": "1",
-            "BUDGETFLOW_CLOCK__START": clock_start,
-            "BUDGETFLOW_CLOCK__ANCHOR": datetime.datetime.now(datetime.UTC).isoformat(),
-            "BUDGETFLOW_CLOCK__SPEED": str(speed),
-            "BUDGETFLOW_HEARTBEAT_S": "0.2",
-            "BUDGETFLOW_STATUS__REFRESH_S": "1",
-            "BUDGETFLOW_PRICING__FILE": str(prices),
-            "BUDGETFLOW_LOG_LEVEL": "INFO",
-            "BUDGETFLOW_WEB__PORT": "0",
-            "BUDGETFLOW_METRICS__PORT": "0",
-            # Scenarios publish hours of simulated traffic at once, ahead of the simulated clock.
-            "BUDGETFLOW_MAX_CLOCK_SKEW_S": "86400",
-            **(extra_env or {}),
-        })  # fmt: skip
+        self.env_base.update(
+            {
+                "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+                "BUDGETFLOW_KAFKA__SESSION_TIMEOUT_MS": "6000",
+                "BUDGETFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "1500",
+                "BUDGETFLOW_TOPICS__PREFIX": self.prefix,
+                "BUDGETFLOW_TOPICS__PARTITIONS": str(partitions),
+                "BUDGETFLOW_TESTING": "1",
+                "BUDGETFLOW_CLOCK__START": clock_start,
+                "BUDGETFLOW_CLOCK__ANCHOR": datetime.datetime.now(datetime.UTC).isoformat(),
+                "BUDGETFLOW_CLOCK__SPEED": str(speed),
+                "BUDGETFLOW_HEARTBEAT_S": "0.2",
+                "BUDGETFLOW_STATUS__REFRESH_S": "1",
+                "BUDGETFLOW_PRICING__FILE": str(prices),
+                "BUDGETFLOW_LOG_LEVEL": "INFO",
+                "BUDGETFLOW_WEB__PORT": "0",
+                "BUDGETFLOW_METRICS__PORT": "0",
+                # Scenarios publish hours of simulated traffic at once, ahead of the simulated clock.
+                "BUDGETFLOW_MAX_CLOCK_SKEW_S": "86400",
+                **(extra_env or {}),
+            }
+        )
         self.workers: list[Worker] = []
         self._count = 0
 
@@ -283,8 +293,10 @@ class Pipeline:
         log = self.root / f"{role}-{self._count}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         worker = Worker(role, proc, log, crash_at)
         self.workers.append(worker)
         return worker
@@ -312,8 +324,12 @@ class Pipeline:
         """Every DLQ record: (headers, key, value)."""
         from budgetflow.streams.clients import client_options
 
-        consumer = AIOKafkaConsumer(self.topics.dlq.name, **client_options(self.settings().kafka),
-                                    auto_offset_reset="earliest", enable_auto_commit=False)  # fmt: skip
+        consumer = AIOKafkaConsumer(
+            self.topics.dlq.name,
+            **client_options(self.settings().kafka),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await consumer.start()
         out = []
         try:
@@ -413,9 +429,13 @@ def expected_of(events: list[tuple[str, dict[str, Any]]]) -> Scenario:
         if key in usages:
             u = usages[key]
             r = RATES[u["model"]]
-            amount = ((u["input_tokens"] - u["cached_input_tokens"] - u["cache_write_input_tokens"]) * r["in"]
-                      + u["cached_input_tokens"] * r["cached"] + u["cache_write_input_tokens"] * r["write"]
-                      + (u["output_tokens"] - u["reasoning_tokens"]) * r["out"] + u["reasoning_tokens"] * r["reason"])  # fmt: skip
+            amount = (
+                (u["input_tokens"] - u["cached_input_tokens"] - u["cache_write_input_tokens"]) * r["in"]
+                + u["cached_input_tokens"] * r["cached"]
+                + u["cache_write_input_tokens"] * r["write"]
+                + (u["output_tokens"] - u["reasoning_tokens"]) * r["out"]
+                + u["reasoning_tokens"] * r["reason"]
+            )
             at, budgets = u["request_occurred_at"], u["budgets"]
         else:
             q = requests[key]
@@ -437,10 +457,20 @@ def build_scenario(topics: Any, n: int = 1200, seed: int = 7) -> Scenario:
     """Eight simulated hours across the month boundary (see budgetflow.streams.traffic)."""
     from budgetflow.streams.traffic import Model, generate
 
-    models = [Model("test-small", "testco"), Model("test-large", "testco", weight=2, caches=True, reasons=True),
-              Model("test-local", "ollama", backend="local")]  # fmt: skip
-    records = generate(n, seed=seed, start=START, span=datetime.timedelta(hours=8), models=models,
-                       budgets=["team:a", "team:b", "key:k1"], special={50: ["nov:only"]})  # fmt: skip
+    models = [
+        Model("test-small", "testco"),
+        Model("test-large", "testco", weight=2, caches=True, reasons=True),
+        Model("test-local", "ollama", backend="local"),
+    ]
+    records = generate(
+        n,
+        seed=seed,
+        start=START,
+        span=datetime.timedelta(hours=8),
+        models=models,
+        budgets=["team:a", "team:b", "key:k1"],
+        special={50: ["nov:only"]},
+    )
     # nov:only only gets November traffic: its December requests go to no team.
     events = []
     for record in records:
@@ -466,8 +496,11 @@ async def settle(pipeline: Pipeline, scenario: Scenario, timeout_s: float = 240)
         if got == scenario.settled and not reserved:
             return states
         await asyncio.sleep(1.0)
-    diff = {k: (states[k].settled if k in states else None, v) for k, v in scenario.settled.items()
-            if k not in states or states[k].settled != v}  # fmt: skip
+    diff = {
+        k: (states[k].settled if k in states else None, v)
+        for k, v in scenario.settled.items()
+        if k not in states or states[k].settled != v
+    }
     extra = {k: (s.settled, s.reserved) for k, s in states.items() if k not in scenario.settled or s.reserved}
     raise AssertionError(f"state never matched: (got, expected) {diff}; extra {extra}\n{pipeline.logs()}")
 
@@ -477,8 +510,14 @@ def check_counts(states: dict[tuple[str, str], Any], scenario: Scenario) -> None
     assert {k: s.settles for k, s in states.items() if s.settles} == scenario.settles
 
 
-async def start_pipeline(factory: Callable[..., Pipeline], *, start: datetime.datetime = START,
-                         n: int = 1200, speed: float = SPEED, **kwargs: Any) -> tuple[Pipeline, Scenario]:  # fmt: skip
+async def start_pipeline(
+    factory: Callable[..., Pipeline],
+    *,
+    start: datetime.datetime = START,
+    n: int = 1200,
+    speed: float = SPEED,
+    **kwargs: Any,
+) -> tuple[Pipeline, Scenario]:
     """Topics created, policies applied (through the CLI), a scenario built; no worker started yet."""
     pipeline = factory(clock_start=start.isoformat(), speed=speed, **kwargs)
     proc = pipeline.cli("topics", "create")
@@ -496,7 +535,16 @@ def kit() -> Any:
     import types
 
     return types.SimpleNamespace(
-        START=START, SPEED=SPEED, POLICIES=POLICIES, LIMITS=LIMITS, SOFT=SOFT, Scenario=Scenario, TEST_PRICES=TEST_PRICES,
-        build=build_scenario, expected_of=expected_of, settle=settle, check_counts=check_counts,
+        START=START,
+        SPEED=SPEED,
+        POLICIES=POLICIES,
+        LIMITS=LIMITS,
+        SOFT=SOFT,
+        Scenario=Scenario,
+        TEST_PRICES=TEST_PRICES,
+        build=build_scenario,
+        expected_of=expected_of,
+        settle=settle,
+        check_counts=check_counts,
         start=start_pipeline,
-    )  # fmt: skip
+    )

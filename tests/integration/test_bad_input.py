@@ -17,17 +17,33 @@ SECRET = "TOP-SECRET-PROMPT-7f3a"
 
 
 def _request(i: int, **overrides: Any) -> dict[str, Any]:
-    base = {"v": 1, "request_id": f"bad-{i}", "occurred_at": "2026-11-30T21:00:00Z", "budgets": ["team:a"],
-            "model": "test-small", "provider": "testco", "backend": "cloud",
-            "messages": [{"role": "user", "content": f"{SECRET} number {i}"}]}  # fmt: skip
+    base = {
+        "v": 1,
+        "request_id": f"bad-{i}",
+        "occurred_at": "2026-11-30T21:00:00Z",
+        "budgets": ["team:a"],
+        "model": "test-small",
+        "provider": "testco",
+        "backend": "cloud",
+        "messages": [{"role": "user", "content": f"{SECRET} number {i}"}],
+    }
     base.update(overrides)
     return base
 
 
 def _usage(i: int, **overrides: Any) -> dict[str, Any]:
-    base = {"v": 1, "request_id": f"bad-{i}", "request_occurred_at": "2026-11-30T21:00:00Z",
-            "occurred_at": "2026-11-30T21:00:01Z", "model": "test-small", "provider": "testco", "backend": "cloud",
-            "outcome": "completed", "input_tokens": 10, "output_tokens": 5}  # fmt: skip
+    base = {
+        "v": 1,
+        "request_id": f"bad-{i}",
+        "request_occurred_at": "2026-11-30T21:00:00Z",
+        "occurred_at": "2026-11-30T21:00:01Z",
+        "model": "test-small",
+        "provider": "testco",
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": 10,
+        "output_tokens": 5,
+    }
     base.update(overrides)
     return base
 
@@ -76,9 +92,13 @@ async def test_malformed_records_go_to_the_dlq_and_good_ones_count(pipeline_fact
     # Entries for a month closed long ago are late: dead letters of the aggregate, not spend.
     old = (kit.START - timedelta(days=45)).isoformat()
     late = [
-        (pipeline.topics.usage.name, b"late", orjson.dumps(_usage(10_000 + i, request_occurred_at=old, budgets=["team:a"])))
+        (
+            pipeline.topics.usage.name,
+            b"late",
+            orjson.dumps(_usage(10_000 + i, request_occurred_at=old, budgets=["team:a"])),
+        )
         for i in range(5)
-    ]  # fmt: skip
+    ]
     await pipeline.produce(late)
 
     deadline = time.monotonic() + 90

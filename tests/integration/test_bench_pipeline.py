@@ -17,10 +17,29 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
     env["BUDGETFLOW_BENCH_BOOTSTRAP"] = kafka_bootstrap
     proc = subprocess.run(
-        budgetflow_cli("bench", "--quick", "--only", "enrich", "--only", "aggregate", "--only", "latency",
-                       "--only", "load", "--only", "recovery", "--only", "publisher", "--out", str(out)),
-        capture_output=True, text=True, env=env, timeout=480,
-    )  # fmt: skip
+        budgetflow_cli(
+            "bench",
+            "--quick",
+            "--only",
+            "enrich",
+            "--only",
+            "aggregate",
+            "--only",
+            "latency",
+            "--only",
+            "load",
+            "--only",
+            "recovery",
+            "--only",
+            "publisher",
+            "--out",
+            str(out),
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=480,
+    )
     assert proc.returncode == 0, proc.stderr
     sections = json.loads(out.read_text())["sections"]
     for label in ("1000_budgets", "one_budget"):

@@ -15,12 +15,20 @@ pytestmark = pytest.mark.timeout(400)
 def test_short_demo(kafka_bootstrap: str, tmp_path: Path, budgetflow_cli) -> None:
     summary_file = tmp_path / "summary.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
-    env.update({"BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "BUDGETFLOW_DATA_DIR": str(tmp_path / "data"),
-                "COLUMNS": "140"})  # fmt: skip
+    env.update(
+        {
+            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "BUDGETFLOW_DATA_DIR": str(tmp_path / "data"),
+            "COLUMNS": "140",
+        }
+    )
     proc = subprocess.run(
         budgetflow_cli("demo", "--duration", "15", "--requests", "600", "--summary-json", str(summary_file)),
-        capture_output=True, text=True, env=env, timeout=380,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=380,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(summary_file.read_text())
     assert summary["exact"], "the pipeline's totals differ from the demo's own count"

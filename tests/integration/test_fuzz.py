@@ -16,12 +16,29 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(600)
 
-VALID_USAGE = {"v": 1, "request_id": "u", "request_occurred_at": "2026-11-30T21:00:00Z",
-               "occurred_at": "2026-11-30T21:00:01Z", "budgets": ["team:a"], "model": "test-small",
-               "provider": "testco", "backend": "cloud", "outcome": "completed", "input_tokens": 10,
-               "output_tokens": 5}  # fmt: skip
-VALID_REQUEST = {"v": 1, "request_id": "q", "occurred_at": "2026-11-30T21:00:00Z", "budgets": ["team:a"],
-                 "model": "test-small", "provider": "testco", "backend": "cloud", "prompt": "hi"}  # fmt: skip
+VALID_USAGE = {
+    "v": 1,
+    "request_id": "u",
+    "request_occurred_at": "2026-11-30T21:00:00Z",
+    "occurred_at": "2026-11-30T21:00:01Z",
+    "budgets": ["team:a"],
+    "model": "test-small",
+    "provider": "testco",
+    "backend": "cloud",
+    "outcome": "completed",
+    "input_tokens": 10,
+    "output_tokens": 5,
+}
+VALID_REQUEST = {
+    "v": 1,
+    "request_id": "q",
+    "occurred_at": "2026-11-30T21:00:00Z",
+    "budgets": ["team:a"],
+    "model": "test-small",
+    "provider": "testco",
+    "backend": "cloud",
+    "prompt": "hi",
+}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
@@ -29,15 +46,40 @@ json_values = st.recursive(
     max_leaves=20,
 )
 # Mutations that always break an event: each replaces one field with something no reader may accept.
-breaking = st.sampled_from([
-    ("v", 2), ("v", "1"), ("v", None), ("request_id", ""), ("request_id", "x" * 300), ("request_id", 7),
-    ("budgets", ["Bad Budget"]), ("budgets", "team:a"), ("budgets", [""]), ("model", ""), ("model", None),
-    ("backend", "edge"), ("backend", 1), ("occurred_at", "1969-12-31T23:59:59Z"), ("occurred_at", "not a date"),
-    ("occurred_at", "2026-11-30T21:00:00"), ("occurred_at", "9999-12-31T23:59:59Z"), ("occurred_at", 1764536400),
-    ("input_tokens", -1), ("input_tokens", 10**15), ("input_tokens", 1.5), ("input_tokens", "10"),
-    ("output_tokens", -7), ("output_tokens", True), ("cached_input_tokens", 11), ("reasoning_tokens", 6),
-    ("outcome", "maybe"), ("attempt", -1), ("attempt", 2.0), ("request_occurred_at", "2026-02-30T00:00:00Z"),
-])  # fmt: skip
+breaking = st.sampled_from(
+    [
+        ("v", 2),
+        ("v", "1"),
+        ("v", None),
+        ("request_id", ""),
+        ("request_id", "x" * 300),
+        ("request_id", 7),
+        ("budgets", ["Bad Budget"]),
+        ("budgets", "team:a"),
+        ("budgets", [""]),
+        ("model", ""),
+        ("model", None),
+        ("backend", "edge"),
+        ("backend", 1),
+        ("occurred_at", "1969-12-31T23:59:59Z"),
+        ("occurred_at", "not a date"),
+        ("occurred_at", "2026-11-30T21:00:00"),
+        ("occurred_at", "9999-12-31T23:59:59Z"),
+        ("occurred_at", 1764536400),
+        ("input_tokens", -1),
+        ("input_tokens", 10**15),
+        ("input_tokens", 1.5),
+        ("input_tokens", "10"),
+        ("output_tokens", -7),
+        ("output_tokens", True),
+        ("cached_input_tokens", 11),
+        ("reasoning_tokens", 6),
+        ("outcome", "maybe"),
+        ("attempt", -1),
+        ("attempt", 2.0),
+        ("request_occurred_at", "2026-02-30T00:00:00Z"),
+    ]
+)
 
 
 @st.composite
@@ -69,16 +111,27 @@ def bad_record(draw: Any) -> tuple[str, bytes]:
     field, value = draw(breaking)  # one field of a good event broken
     event = dict(base)
     event[field] = value
-    if field in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "outcome",
-                 "request_occurred_at") and kind == "requests":  # fmt: skip
+    if (
+        field
+        in (
+            "input_tokens",
+            "output_tokens",
+            "cached_input_tokens",
+            "reasoning_tokens",
+            "outcome",
+            "request_occurred_at",
+        )
+        and kind == "requests"
+    ):
         event = {**VALID_USAGE, field: value}
         kind = "usage"
     return kind, orjson.dumps(event)
 
 
 @pytest.mark.slow
-@settings(max_examples=1, deadline=None, phases=[Phase.generate], database=None,
-          suppress_health_check=list(HealthCheck))  # fmt: skip
+@settings(
+    max_examples=1, deadline=None, phases=[Phase.generate], database=None, suppress_health_check=list(HealthCheck)
+)
 @given(bad=st.lists(bad_record(), min_size=1500, max_size=1500))
 def test_fuzzed_input_never_crashes_and_never_counts(
     pipeline_factory: Any, kit: Any, bad: list[tuple[str, bytes]]

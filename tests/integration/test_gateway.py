@@ -40,8 +40,12 @@ def start_gateway(pipeline: Any, tmp_path: Path, keys: Path) -> tuple[subprocess
     port = free_port()
     env = dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gateway"))
     log = (tmp_path / "gateway.log").open("wb")
-    gateway = subprocess.Popen([sys.executable, str(GATEWAY), "--port", str(port), "--keys", str(keys)], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    gateway = subprocess.Popen(
+        [sys.executable, str(GATEWAY), "--port", str(port), "--keys", str(keys)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     return gateway, f"http://127.0.0.1:{port}", log
 
 
@@ -63,8 +67,10 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
     pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
     policies = pipeline.root / "policies.yaml"
     # One gpt-4o answer of the fake model costs about $0.0007: soft after a couple, hard after about fifteen.
-    policies.write_text(f'budgets:\n  - {{id: "{KEY_BUDGET}", monthly_limit_usd: "0.01", soft_limit_percent: 10, '
-                        f'hard_limit_action: block_all}}\n  - {{id: "team:gw", monthly_limit_usd: "100"}}\n')  # fmt: skip
+    policies.write_text(
+        f'budgets:\n  - {{id: "{KEY_BUDGET}", monthly_limit_usd: "0.01", soft_limit_percent: 10, '
+        f'hard_limit_action: block_all}}\n  - {{id: "team:gw", monthly_limit_usd: "100"}}\n'
+    )
     assert pipeline.cli("policy", "apply", str(policies)).returncode == 0
     pipeline.start("enrich")
     pipeline.start("aggregate")
@@ -78,12 +84,15 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
 
             await wait_ready(http, base, gateway)
 
-            client = openai.OpenAI(api_key=API_KEY, base_url=f"{base}/v1", max_retries=3,
-                                   default_headers={"X-Budget-Ids": "team:gw"})  # fmt: skip
+            client = openai.OpenAI(
+                api_key=API_KEY, base_url=f"{base}/v1", max_retries=3, default_headers={"X-Budget-Ids": "team:gw"}
+            )
             raw = await asyncio.to_thread(
                 client.chat.completions.with_raw_response.create,
-                model="gpt-4o", messages=[{"role": "user", "content": "hello " * 20}], max_tokens=64,
-            )  # fmt: skip
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "hello " * 20}],
+                max_tokens=64,
+            )
             assert raw.headers["x-budget-cost-estimated"]
             assert raw.headers["x-budgetflow-backend"] == "cloud"
             assert raw.parse().choices[0].message.content
@@ -92,8 +101,10 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
             for _ in range(60):
                 raw = await asyncio.to_thread(
                     client.chat.completions.with_raw_response.create,
-                    model="gpt-4o", messages=[{"role": "user", "content": "more"}], max_tokens=64,
-                )  # fmt: skip
+                    model="gpt-4o",
+                    messages=[{"role": "user", "content": "more"}],
+                    max_tokens=64,
+                )
                 if raw.headers.get("x-budget-status"):
                     status_seen = True
                     assert raw.headers["x-budget-id"] == KEY_BUDGET
@@ -108,8 +119,12 @@ async def test_gateway_headers_and_unretried_429(pipeline_factory: Any, tmp_path
             for _ in range(60):
                 before = await seen()
                 try:
-                    await asyncio.to_thread(client.chat.completions.create, model="gpt-4o",
-                                            messages=[{"role": "user", "content": "again"}], max_tokens=64)  # fmt: skip
+                    await asyncio.to_thread(
+                        client.chat.completions.create,
+                        model="gpt-4o",
+                        messages=[{"role": "user", "content": "again"}],
+                        max_tokens=64,
+                    )
                 except openai.RateLimitError as error:
                     assert await seen() == before + 1, "the OpenAI client retried a budget 429"
                     body = error.body if isinstance(error.body, dict) else {}
@@ -166,8 +181,13 @@ async def test_the_gateway_makes_request_ids_and_charges_what_the_key_allows(
                 assert response.status == 403, asked
             # No key, an unknown key, a key's hash, a malformed header: not a caller.
             digest = hashlib.sha256(API_KEY.encode()).hexdigest()
-            for headers in ({}, {"Authorization": "Bearer sk-unknown"}, {"Authorization": f"Bearer {digest}"},
-                            {"Authorization": API_KEY}, {"Authorization": "Basic " + API_KEY}):  # fmt: skip
+            for headers in (
+                {},
+                {"Authorization": "Bearer sk-unknown"},
+                {"Authorization": f"Bearer {digest}"},
+                {"Authorization": API_KEY},
+                {"Authorization": "Basic " + API_KEY},
+            ):
                 response = await call({**headers, "X-Budget-Ids": "team:a"})
                 assert response.status == 401, headers
             assert (await call({"Authorization": f"Bearer {OTHER_KEY}"})).status == 200

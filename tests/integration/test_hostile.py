@@ -77,8 +77,13 @@ class Supervised:
     def start(self) -> None:
         self.starts += 1
         log = (self.pipeline.root / f"all-{self.starts}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "budgetflow.streams", "worker", "--role", "all"],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "budgetflow.streams", "worker", "--role", "all"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def children(self) -> list[int]:
@@ -120,11 +125,28 @@ def ledger_entry(**fields: Any) -> bytes:
 
 def bad_records(topics: Any, now: datetime) -> list[tuple[str, bytes | None, bytes | None, str | None]]:
     """(topic, key, value, expected DLQ reason or None for records that must change nothing and go nowhere)."""
-    req = {"v": 1, "request_id": "hostile", "occurred_at": now.isoformat(), "budgets": ["team:a"],
-           "model": "test-small", "provider": "testco", "backend": "cloud", "prompt": "hi"}  # fmt: skip
-    use = {"v": 1, "request_id": "hostile", "request_occurred_at": now.isoformat(), "occurred_at": now.isoformat(),
-           "model": "test-small", "provider": "testco", "backend": "cloud", "outcome": "completed",
-           "input_tokens": 1, "output_tokens": 1}  # fmt: skip
+    req = {
+        "v": 1,
+        "request_id": "hostile",
+        "occurred_at": now.isoformat(),
+        "budgets": ["team:a"],
+        "model": "test-small",
+        "provider": "testco",
+        "backend": "cloud",
+        "prompt": "hi",
+    }
+    use = {
+        "v": 1,
+        "request_id": "hostile",
+        "request_occurred_at": now.isoformat(),
+        "occurred_at": now.isoformat(),
+        "model": "test-small",
+        "provider": "testco",
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": 1,
+        "output_tokens": 1,
+    }
     future = now + timedelta(days=40)
     return [
         # About a megabyte of invalid usage: its dead letter must still fit (it is cut to a digest).
@@ -189,19 +211,39 @@ async def test_hostile_records_and_kills_stop_nothing_and_lose_nothing(pipeline_
     start = start.replace(year=2026, month=11, day=30, hour=20, minute=0, second=0)
     web, metrics = free_port(), free_port()  # fixed ports: an orphan from a killed supervisor would hold them
     pipeline, scenario = await kit.start(
-        pipeline_factory, start=start, n=800, speed=SPEED,
-        extra_env={"BUDGETFLOW_MAX_CLOCK_SKEW_S": SKEW_S, "BUDGETFLOW_WEB__PORT": str(web),
-                   "BUDGETFLOW_METRICS__PORT": str(metrics), "BUDGETFLOW_WORKER__SHUTDOWN_TIMEOUT_S": "10",
-                   "BUDGETFLOW_DEDUPE_HORIZON_S": HORIZON_S},
-    )  # fmt: skip
+        pipeline_factory,
+        start=start,
+        n=800,
+        speed=SPEED,
+        extra_env={
+            "BUDGETFLOW_MAX_CLOCK_SKEW_S": SKEW_S,
+            "BUDGETFLOW_WEB__PORT": str(web),
+            "BUDGETFLOW_METRICS__PORT": str(metrics),
+            "BUDGETFLOW_WORKER__SHUTDOWN_TIMEOUT_S": "10",
+            "BUDGETFLOW_DEDUPE_HORIZON_S": HORIZON_S,
+        },
+    )
     topics = pipeline.topics
     now = start + timedelta(minutes=1)
     bad = bad_records(topics, now)
     # A credit larger than team:b's November spend: the month goes negative, its status still builds.
     credit = -120 * 10**12
-    bad.append((topics.ledger.name, b"team:b", ledger_entry(
-        entry_id="adjust:big:0:adjust:team:b", budget_id="team:b", request_id="adjust:big", kind="adjust",
-        period="2026-11", amount_pico_usd=credit, occurred_at=now.isoformat()), None))  # fmt: skip
+    bad.append(
+        (
+            topics.ledger.name,
+            b"team:b",
+            ledger_entry(
+                entry_id="adjust:big:0:adjust:team:b",
+                budget_id="team:b",
+                request_id="adjust:big",
+                kind="adjust",
+                period="2026-11",
+                amount_pico_usd=credit,
+                occurred_at=now.isoformat(),
+            ),
+            None,
+        )
+    )
     scenario.settled[("team:b", "2026-11")] += credit
     scenario.requests[("team:b", "2026-11")] += 1
     scenario.settles[("team:b", "2026-11")] = scenario.settles.get(("team:b", "2026-11"), 0) + 1

@@ -34,9 +34,13 @@ async def test_each_transition_is_posted_once_across_restarts(pipeline_factory: 
     await site.start()
     port = runner.addresses[0][1]
     try:
-        pipeline, scenario = await kit.start(pipeline_factory, extra_env={
-            "BUDGETFLOW_NOTIFY__WEBHOOK_URL": f"http://127.0.0.1:{port}/hook/T000-SECRET",
-            "BUDGETFLOW_NOTIFY__MAX_BACKOFF_S": "0.5"})  # fmt: skip
+        pipeline, scenario = await kit.start(
+            pipeline_factory,
+            extra_env={
+                "BUDGETFLOW_NOTIFY__WEBHOOK_URL": f"http://127.0.0.1:{port}/hook/T000-SECRET",
+                "BUDGETFLOW_NOTIFY__MAX_BACKOFF_S": "0.5",
+            },
+        )
         pipeline.start("enrich")
         aggregate = pipeline.start("aggregate")
         notifier = pipeline.start("notify", crash_at="notify.before_post:3")

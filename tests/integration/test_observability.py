@@ -76,10 +76,12 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
     keys = tmp_path / "keys.yaml"  # the gateway charges API_KEY's requests to team:a
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     keys.write_text(f'keys: [{{name: obs, sha256: "{digest}", budgets: [team:a]}}]\n')
-    gateway = subprocess.Popen([sys.executable, str(ROOT / "examples" / "gateway.py"), "--port", str(gateway_port),
-                                "--keys", str(keys)],
-                               env=dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gw")),
-                               stdout=gateway_log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    gateway = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "gateway.py"), "--port", str(gateway_port), "--keys", str(keys)],
+        env=dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gw")),
+        stdout=gateway_log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     prometheus_dir = tmp_path / "prometheus"
     prometheus_dir.mkdir()
     prometheus: subprocess.Popen[bytes] | None = None
@@ -94,31 +96,56 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
 
         aggregates = sorted(await wait_until(owners, 60, "both aggregate workers"))
         enrich_port = await wait_until(lambda: _async(enrich_metrics_port(enrich.log)), 30, "the enrich metrics port")
-        targets = {"aggregate": [u.removeprefix("http://") for u in aggregates],
-                   "enrich": [f"127.0.0.1:{enrich_port}"], "gateway": [f"127.0.0.1:{gateway_port}"]}  # fmt: skip
+        targets = {
+            "aggregate": [u.removeprefix("http://") for u in aggregates],
+            "enrich": [f"127.0.0.1:{enrich_port}"],
+            "gateway": [f"127.0.0.1:{gateway_port}"],
+        }
         # Traffic through the example gateway, with prompt text and an API key that must not leak anywhere.
         async with aiohttp.ClientSession() as http:
             await wait_until(lambda: _ok(http, f"http://127.0.0.1:{gateway_port}/healthz"), 60, "the gateway")
             for i in range(5):
-                async with http.post(f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-                                     headers={"Authorization": f"Bearer {API_KEY}", "X-Budget-Ids": "team:a"},
-                                     json={"model": "gpt-4o", "messages": [{"role": "user",
-                                           "content": f"{SECRET_PROMPT} question {i}"}]}) as response:  # fmt: skip
+                async with http.post(
+                    f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {API_KEY}", "X-Budget-Ids": "team:a"},
+                    json={
+                        "model": "gpt-4o",
+                        "messages": [{"role": "user", "content": f"{SECRET_PROMPT} question {i}"}],
+                    },
+                ) as response:
                     assert response.status in (200, 429)
-        unpriced = {"v": 1, "request_id": "unpriced-1", "occurred_at": kit.START.isoformat(), "budgets": ["team:a"],
-                    "model": "mystery-model", "provider": "testco", "backend": "cloud", "prompt": "hello"}  # fmt: skip
-        await pipeline.produce([
-            (pipeline.topics.requests.name, b"bad", json.dumps(
-                {"v": 1, "request_id": "leak", "messages": [{"role": "user", "content": SECRET_PROMPT}]}).encode()),
-            (pipeline.topics.requests.name, b"unpriced-1", json.dumps(unpriced).encode()),
-        ])  # fmt: skip
+        unpriced = {
+            "v": 1,
+            "request_id": "unpriced-1",
+            "occurred_at": kit.START.isoformat(),
+            "budgets": ["team:a"],
+            "model": "mystery-model",
+            "provider": "testco",
+            "backend": "cloud",
+            "prompt": "hello",
+        }
+        await pipeline.produce(
+            [
+                (
+                    pipeline.topics.requests.name,
+                    b"bad",
+                    json.dumps(
+                        {"v": 1, "request_id": "leak", "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+                    ).encode(),
+                ),
+                (pipeline.topics.requests.name, b"unpriced-1", json.dumps(unpriced).encode()),
+            ]
+        )
 
         # promtool check metrics on a scrape of each worker (and of the gateway).
         scrapes: dict[str, str] = {}
         async with aiohttp.ClientSession() as http:
             enrich_url = f"http://{targets['enrich'][0]}/metrics"
-            await wait_until(lambda: _contains(http, enrich_url, "budgetflow_unpriced_requests_total"), 60,
-                             "the unpriced request to be counted")  # fmt: skip
+            await wait_until(
+                lambda: _contains(http, enrich_url, "budgetflow_unpriced_requests_total"),
+                60,
+                "the unpriced request to be counted",
+            )
             for hosts in targets.values():
                 for host in hosts:
                     text = await fetch(http, f"http://{host}/metrics")
@@ -132,15 +159,23 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
 
         # A real Prometheus scraping them all.
         port = free_port()
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": role, "static_configs": [{"targets": hosts}]}
-                                     for role, hosts in targets.items()]}  # fmt: skip
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": role, "static_configs": [{"targets": hosts}]} for role, hosts in targets.items()
+            ],
+        }
         (prometheus_dir / "prometheus.yml").write_text(json.dumps(config))
         prometheus = subprocess.Popen(
-            [shutil.which("prometheus") or "prometheus", f"--config.file={prometheus_dir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={prometheus_dir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=(prometheus_dir / "log").open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={prometheus_dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={prometheus_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=(prometheus_dir / "log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         base = f"http://127.0.0.1:{port}"
         current = max(p for _, p in scenario.settled)
         expected = {b: s for (b, p), s in scenario.settled.items() if p == current}

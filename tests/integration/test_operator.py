@@ -50,8 +50,20 @@ async def test_audit_adjust_and_report(pipeline_factory: Any, kit: Any) -> None:
     # Adjustments: a debit that pushes team:a over its limit this month, run twice with one id (counted once),
     # and a credit to team:b in the closed-but-in-grace November.
     for _ in range(2):
-        proc = pipeline.cli("ledger", "adjust", "team:a", "1.00", "--period", "2026-12", "--reason", "late invoice",
-                            "--id", "inv-17", "--actor", "bob@finops")  # fmt: skip
+        proc = pipeline.cli(
+            "ledger",
+            "adjust",
+            "team:a",
+            "1.00",
+            "--period",
+            "2026-12",
+            "--reason",
+            "late invoice",
+            "--id",
+            "inv-17",
+            "--actor",
+            "bob@finops",
+        )
         assert proc.returncode == 0, proc.stderr
     proc = pipeline.cli("ledger", "adjust", "team:b", "-0.05", "--period", "2026-11", "--reason", "refund")
     assert proc.returncode == 0, proc.stderr

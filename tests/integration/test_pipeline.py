@@ -70,8 +70,14 @@ async def start_in_the_clocks_month(pipeline: Any, kit: Any) -> None:
     await producer.start()
     try:
         for p in range(pipeline.topics.ledger.partitions):
-            tick = LedgerEntry(entry_id=f"tick:{p}:{kit.START.timestamp():.6f}", kind="tick", request_id="tick",
-                               period=period_of(kit.START), amount_pico_usd=0, occurred_at=kit.START)  # fmt: skip
+            tick = LedgerEntry(
+                entry_id=f"tick:{p}:{kit.START.timestamp():.6f}",
+                kind="tick",
+                request_id="tick",
+                period=period_of(kit.START),
+                amount_pico_usd=0,
+                occurred_at=kit.START,
+            )
             await producer.send_and_wait(pipeline.topics.ledger.name, dumps(tick), key=b"tick", partition=p)
     finally:
         await producer.stop()
@@ -121,8 +127,11 @@ async def test_scenario_is_exact_ordered_and_rolls_over(pipeline_factory: Any, k
 async def test_a_lowered_limit_moves_the_status_without_a_restart(pipeline_factory: Any, kit: Any) -> None:
     # The clock stays in November, where team:b has spent something; the scenario's events are ten days ahead
     # of that clock, so the allowed clock skew is widened (else they are rightly `future`).
-    pipeline, scenario = await kit.start(pipeline_factory, start=kit.START - timedelta(days=10),
-                                         extra_env={"BUDGETFLOW_MAX_CLOCK_SKEW_S": str(30 * 86_400)})  # fmt: skip
+    pipeline, scenario = await kit.start(
+        pipeline_factory,
+        start=kit.START - timedelta(days=10),
+        extra_env={"BUDGETFLOW_MAX_CLOCK_SKEW_S": str(30 * 86_400)},
+    )
     pipeline.start("enrich")
     pipeline.start("aggregate")
     await pipeline.produce(scenario.records[:200])

@@ -27,8 +27,13 @@ async def test_a_price_change_prices_requests_by_their_time_and_a_reload_needs_n
     pipeline_factory: Any, kit: Any
 ) -> None:
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
-    pipeline, _ = await kit.start(pipeline_factory, n=10, speed=1.0, start=start + timedelta(hours=6),
-                                  extra_env={"BUDGETFLOW_PRICING__RELOAD_S": "0.5"})  # fmt: skip
+    pipeline, _ = await kit.start(
+        pipeline_factory,
+        n=10,
+        speed=1.0,
+        start=start + timedelta(hours=6),
+        extra_env={"BUDGETFLOW_PRICING__RELOAD_S": "0.5"},
+    )
     prices = pipeline.root / "prices.yaml"
     change_at = start + timedelta(hours=3)
     prices.write_text(kit.TEST_PRICES + CHANGE.format(at=change_at.isoformat().replace("+00:00", "Z")))
@@ -36,9 +41,19 @@ async def test_a_price_change_prices_requests_by_their_time_and_a_reload_needs_n
     pipeline.start("aggregate")
 
     def usage(i: int, at: datetime) -> tuple[str, bytes, bytes]:
-        event = {"v": 1, "request_id": f"p-{i}", "request_occurred_at": at.isoformat(), "occurred_at": at.isoformat(),
-                 "budgets": ["team:b"], "model": "test-small", "provider": "testco", "backend": "cloud",
-                 "outcome": "completed", "input_tokens": 1000 + i, "output_tokens": 100}  # fmt: skip
+        event = {
+            "v": 1,
+            "request_id": f"p-{i}",
+            "request_occurred_at": at.isoformat(),
+            "occurred_at": at.isoformat(),
+            "budgets": ["team:b"],
+            "model": "test-small",
+            "provider": "testco",
+            "backend": "cloud",
+            "outcome": "completed",
+            "input_tokens": 1000 + i,
+            "output_tokens": 100,
+        }
         return pipeline.topics.usage.name, event["request_id"].encode(), orjson.dumps(event)
 
     # Six hours of calls, one every ten minutes: the first half at the old price, the rest at the new one.

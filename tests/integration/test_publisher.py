@@ -30,13 +30,19 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
     bootstrap = await asyncio.to_thread(broker.start)
     try:
         now = datetime.now(UTC)
-        pipeline = pipeline_factory(bootstrap=bootstrap, clock_start=now.isoformat(), speed=1.0,
-                                    extra_env={"BUDGETFLOW_PUBLISHER__DELIVERY_TIMEOUT_MS": "3000",
-                                               "BUDGETFLOW_PUBLISHER__BUFFER_MAX": "50",
-                                               "BUDGETFLOW_PUBLISHER__REPLAY_INTERVAL_S": "0.5",
-                                               "BUDGETFLOW_HEARTBEAT_S": "0.5",
-                                               "BUDGETFLOW_VIEW__STALE_AFTER_S": "3",
-                                               "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": "600"})  # fmt: skip
+        pipeline = pipeline_factory(
+            bootstrap=bootstrap,
+            clock_start=now.isoformat(),
+            speed=1.0,
+            extra_env={
+                "BUDGETFLOW_PUBLISHER__DELIVERY_TIMEOUT_MS": "3000",
+                "BUDGETFLOW_PUBLISHER__BUFFER_MAX": "50",
+                "BUDGETFLOW_PUBLISHER__REPLAY_INTERVAL_S": "0.5",
+                "BUDGETFLOW_HEARTBEAT_S": "0.5",
+                "BUDGETFLOW_VIEW__STALE_AFTER_S": "3",
+                "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": "600",
+            },
+        )
         assert pipeline.cli("topics", "create").returncode == 0
         pipeline.start("enrich")
         pipeline.start("aggregate")
@@ -47,15 +53,34 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
 
             async def call(i: int) -> Any:
                 handle = await publisher.publish_request(
-                    request_id=f"p-{i}", model="test-small", provider="testco", backend="cloud", budgets=["team:a"],
-                    messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=100, occurred_at=now,
-                )  # fmt: skip
+                    request_id=f"p-{i}",
+                    model="test-small",
+                    provider="testco",
+                    backend="cloud",
+                    budgets=["team:a"],
+                    messages=[{"role": "user", "content": f"hello {i}"}],
+                    max_tokens=100,
+                    occurred_at=now,
+                )
                 usage = Usage(input_tokens=100 + i, output_tokens=50)
                 await publisher.publish_usage(handle, usage)
-                usages.append(("usage", {"request_id": f"p-{i}", "attempt": 0, "request_occurred_at": now.isoformat(),
-                                         "budgets": ["team:a"], "model": "test-small", "input_tokens": 100 + i,
-                                         "cached_input_tokens": 0, "cache_write_input_tokens": 0,
-                                         "output_tokens": 50, "reasoning_tokens": 0}))  # fmt: skip
+                usages.append(
+                    (
+                        "usage",
+                        {
+                            "request_id": f"p-{i}",
+                            "attempt": 0,
+                            "request_occurred_at": now.isoformat(),
+                            "budgets": ["team:a"],
+                            "model": "test-small",
+                            "input_tokens": 100 + i,
+                            "cached_input_tokens": 0,
+                            "cache_write_input_tokens": 0,
+                            "output_tokens": 50,
+                            "reasoning_tokens": 0,
+                        },
+                    )
+                )
                 return handle
 
             for i in range(100):

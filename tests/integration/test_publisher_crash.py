@@ -55,9 +55,18 @@ asyncio.run(main())
 
 def usage_event(i: int, occurred: str) -> dict[str, Any]:
     """What the gateway publishes for number ``i``, as the expectation reads it."""
-    return {"request_id": f"k-{i}", "attempt": 0, "request_occurred_at": occurred, "budgets": ["team:a"],
-            "model": "test-small", "input_tokens": 100 + i % 997, "cached_input_tokens": 0,
-            "cache_write_input_tokens": 0, "output_tokens": 50, "reasoning_tokens": 0}  # fmt: skip
+    return {
+        "request_id": f"k-{i}",
+        "attempt": 0,
+        "request_occurred_at": occurred,
+        "budgets": ["team:a"],
+        "model": "test-small",
+        "input_tokens": 100 + i % 997,
+        "cached_input_tokens": 0,
+        "cache_write_input_tokens": 0,
+        "output_tokens": 50,
+        "reasoning_tokens": 0,
+    }
 
 
 class Gateway:
@@ -83,8 +92,12 @@ class Gateway:
         self.generation += 1
         first = self.generation * 1_000_000
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", GATEWAY, str(first), str(self.report),
-                                          self.occurred.isoformat()], env=self.env, stdout=log, stderr=log)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", GATEWAY, str(first), str(self.report), self.occurred.isoformat()],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 60
         while not any(n >= first for n in self.accepted()):
             assert self.proc.poll() is None, f"the gateway died by itself:\n{self.log.read_text()[-3000:]}"
@@ -114,16 +127,23 @@ async def test_every_usage_event_counts_once_whenever_the_gateway_is_killed(
     gateway: Gateway | None = None
     try:
         now = datetime.now(UTC)
-        pipeline = pipeline_factory(bootstrap=bootstrap, clock_start=now.isoformat(), speed=1.0,
-                                    extra_env={"BUDGETFLOW_PUBLISHER__DELIVERY_TIMEOUT_MS": "3000",
-                                               "BUDGETFLOW_PUBLISHER__BUFFER_MAX": "50",
-                                               "BUDGETFLOW_PUBLISHER__REPLAY_INTERVAL_S": "0.2"})  # fmt: skip
+        pipeline = pipeline_factory(
+            bootstrap=bootstrap,
+            clock_start=now.isoformat(),
+            speed=1.0,
+            extra_env={
+                "BUDGETFLOW_PUBLISHER__DELIVERY_TIMEOUT_MS": "3000",
+                "BUDGETFLOW_PUBLISHER__BUFFER_MAX": "50",
+                "BUDGETFLOW_PUBLISHER__REPLAY_INTERVAL_S": "0.2",
+            },
+        )
         assert pipeline.cli("topics", "create").returncode == 0
         pipeline.start("enrich")
         pipeline.start("aggregate")
         spool = tmp_path / "gateway" / "spool"
-        gateway = Gateway({**pipeline.env_base, "BUDGETFLOW_DATA_DIR": str(tmp_path / "gateway")},
-                          tmp_path / "accepted.txt", now)  # fmt: skip
+        gateway = Gateway(
+            {**pipeline.env_base, "BUDGETFLOW_DATA_DIR": str(tmp_path / "gateway")}, tmp_path / "accepted.txt", now
+        )
 
         async def run_then_kill(low: float, high: float) -> None:
             await asyncio.sleep(rng.uniform(low, high))  # a random moment: this test's input, not a wait
@@ -168,8 +188,10 @@ async def test_every_usage_event_counts_once_whenever_the_gateway_is_killed(
             number = int(key.decode().removeprefix("k-"))
             assert (event["request_id"], event["input_tokens"]) == (f"k-{number}", 100 + number % 997)
             on_topic[number] = on_topic.get(number, 0) + 1
-        context = (f"seed {seed}: {len(accepted)} accepted ({during_outage} with the broker away), "
-                   f"{len(on_topic)} on the topic, {sum(on_topic.values())} records, {gateway.kills} kills")  # fmt: skip
+        context = (
+            f"seed {seed}: {len(accepted)} accepted ({during_outage} with the broker away), "
+            f"{len(on_topic)} on the topic, {sum(on_topic.values())} records, {gateway.kills} kills"
+        )
         assert accepted - on_topic.keys() == set(), f"accepted usage lost; {context}"
         assert during_outage > 0, context
 
@@ -186,8 +208,9 @@ async def test_every_usage_event_counts_once_whenever_the_gateway_is_killed(
         assert {k: s.settled for k, s in states.items()} == expected.settled, f"{context}\n{pipeline.logs()}"
         assert {k: s.settles for k, s in states.items()} == expected.settles, context
         assert {k: s.requests for k, s in states.items()} == expected.requests, context
-        sys.stderr.write(f"publisher crash test: {context}, {skipped} torn lines skipped, "
-                         f"{time.monotonic() - began:.0f} s\n")  # fmt: skip
+        sys.stderr.write(
+            f"publisher crash test: {context}, {skipped} torn lines skipped, {time.monotonic() - began:.0f} s\n"
+        )
     finally:
         if gateway is not None and gateway.proc is not None and gateway.proc.poll() is None:
             gateway.proc.kill()

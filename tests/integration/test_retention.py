@@ -25,9 +25,14 @@ pytestmark = pytest.mark.timeout(300)
 
 
 async def test_requests_topic_retention_deletes_old_records(pipeline_factory: Any) -> None:
-    pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0,
-                                extra_env={"BUDGETFLOW_TOPICS__REQUESTS_RETENTION_MS": "3000",
-                                           "BUDGETFLOW_TOPICS__REQUESTS_SEGMENT_MS": "1000"})  # fmt: skip
+    pipeline = pipeline_factory(
+        clock_start=datetime.now(UTC).isoformat(),
+        speed=1.0,
+        extra_env={
+            "BUDGETFLOW_TOPICS__REQUESTS_RETENTION_MS": "3000",
+            "BUDGETFLOW_TOPICS__REQUESTS_SEGMENT_MS": "1000",
+        },
+    )
     assert pipeline.cli("topics", "create").returncode == 0
     topic = pipeline.topics.requests.name
     options = client_options(pipeline.settings().kafka)
@@ -109,8 +114,9 @@ async def test_an_older_changelog_gets_its_tombstone_retention_raised_in_place(p
     pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
     options = client_options(pipeline.settings().kafka)
     state = pipeline.topics.state
-    await create_topic(options, state, {"cleanup.policy": "compact", "delete.retention.ms": "1000",
-                                        "min.cleanable.dirty.ratio": "0.3"})  # fmt: skip
+    await create_topic(
+        options, state, {"cleanup.policy": "compact", "delete.retention.ms": "1000", "min.cleanable.dirty.ratio": "0.3"}
+    )
     assert (await topic_configs(options, state.name))["delete.retention.ms"] == "1000"
     proc = pipeline.cli("topics", "create")
     assert proc.returncode == 0, proc.stderr
@@ -168,8 +174,15 @@ async def test_a_ledger_made_with_producer_timestamps_is_set_to_the_brokers(pipe
     pipeline = pipeline_factory(clock_start=datetime.now(UTC).isoformat(), speed=1.0)
     options = client_options(pipeline.settings().kafka)
     ledger = pipeline.topics.ledger
-    await create_topic(options, ledger, {"cleanup.policy": "delete", "retention.ms": ledger.config["retention.ms"],
-                                         "message.timestamp.type": "CreateTime"})  # fmt: skip
+    await create_topic(
+        options,
+        ledger,
+        {
+            "cleanup.policy": "delete",
+            "retention.ms": ledger.config["retention.ms"],
+            "message.timestamp.type": "CreateTime",
+        },
+    )
     proc = pipeline.cli("topics", "create")
     assert proc.returncode == 0, proc.stderr
     deadline = time.monotonic() + 30

@@ -36,9 +36,19 @@ TARGET = {
 
 
 def usage(budget: str, percent: int, now: datetime) -> tuple[str, bytes, bytes]:
-    event = {"v": 1, "request_id": f"fill-{budget}", "request_occurred_at": now.isoformat(), "occurred_at": now.isoformat(),
-             "budgets": [budget], "model": "test-small", "provider": "testco", "backend": "cloud",
-             "outcome": "completed", "input_tokens": 0, "output_tokens": 4_000 * percent}  # fmt: skip
+    event = {
+        "v": 1,
+        "request_id": f"fill-{budget}",
+        "request_occurred_at": now.isoformat(),
+        "occurred_at": now.isoformat(),
+        "budgets": [budget],
+        "model": "test-small",
+        "provider": "testco",
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": 0,
+        "output_tokens": 4_000 * percent,
+    }
     return ("usage", event["request_id"].encode(), orjson.dumps(event))
 
 
@@ -57,8 +67,11 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
     from budgetflow.streams import BudgetView, Candidate
 
     now = datetime.now(UTC)
-    pipeline = pipeline_factory(clock_start=now.isoformat(), speed=1.0,
-                                extra_env={"BUDGETFLOW_VIEW__STALE_AFTER_S": "3", "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": "8"})  # fmt: skip
+    pipeline = pipeline_factory(
+        clock_start=now.isoformat(),
+        speed=1.0,
+        extra_env={"BUDGETFLOW_VIEW__STALE_AFTER_S": "3", "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": "8"},
+    )
     (pipeline.root / "policies.yaml").write_text(POLICIES)
     assert pipeline.cli("policy", "apply", str(pipeline.root / "policies.yaml")).returncode == 0
     pipeline.start("enrich")
@@ -93,11 +106,24 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
         assert view.decide("r", ["r:hard-all"], [cloud], now=next_month).error is None
         # An older seq never overwrites a newer one, even written straight to the topic.
         current = view._statuses["r:hard-all"]
-        forged = BudgetStatus(budget_id="r:hard-all", period=current.period, status="normal", spend_usd=0,
-                              settled_usd=0, reserved_usd=0, limit_usd=current.limit, remaining_usd=current.limit,
-                              utilization_percent=0.0, soft_limit_percent=75, hard_limit_action="block_all",
-                              as_of=datetime.now(UTC), next_reset=next_month, reason="refresh",
-                              partition=current.partition, seq=current.seq - 1)  # fmt: skip
+        forged = BudgetStatus(
+            budget_id="r:hard-all",
+            period=current.period,
+            status="normal",
+            spend_usd=0,
+            settled_usd=0,
+            reserved_usd=0,
+            limit_usd=current.limit,
+            remaining_usd=current.limit,
+            utilization_percent=0.0,
+            soft_limit_percent=75,
+            hard_limit_action="block_all",
+            as_of=datetime.now(UTC),
+            next_reset=next_month,
+            reason="refresh",
+            partition=current.partition,
+            seq=current.seq - 1,
+        )
         await pipeline.produce([(topics.status.name, b"r:hard-all", dumps(forged))])
         await wait_for(lambda: view.stale_records > 0, what="the forged status to arrive")
         assert view.status("r:hard-all").status == "hard_limit"
@@ -120,8 +146,12 @@ async def _check_view_serve(pipeline: Any) -> None:
     from budgetflow.streams.localkafka import free_port
 
     port = free_port()
-    proc = subprocess.Popen(pipeline_cmd("view", "serve", "--port", str(port)), env=pipeline.env_base,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        pipeline_cmd("view", "serve", "--port", str(port)),
+        env=pipeline.env_base,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
@@ -136,15 +166,17 @@ async def _check_view_serve(pipeline: Any) -> None:
                 assert time.monotonic() < deadline, "view serve never became ready"
                 await asyncio.sleep(0.3)
             candidates = [{"name": "gpt-4o", "backend": "cloud", "score": 1}, {"name": "llama", "backend": "local"}]
-            async with http.post(f"{base}/v1/decide", json={"request_id": "r", "budgets": ["r:hard-all"],
-                                                            "candidates": candidates}) as response:  # fmt: skip
+            async with http.post(
+                f"{base}/v1/decide", json={"request_id": "r", "budgets": ["r:hard-all"], "candidates": candidates}
+            ) as response:
                 answer = await response.json()
             assert answer["candidates"] == []
             assert answer["error"]["status"] == 429
             assert answer["error"]["headers"]["x-should-retry"] == "false"
             assert answer["error"]["body"]["error"]["code"] == "budget_exceeded"
-            async with http.post(f"{base}/v1/decide", json={"request_id": "r", "budgets": ["r:hard-cloud"],
-                                                            "candidates": candidates}) as response:  # fmt: skip
+            async with http.post(
+                f"{base}/v1/decide", json={"request_id": "r", "budgets": ["r:hard-cloud"], "candidates": candidates}
+            ) as response:
                 answer = await response.json()
             assert [c["backend"] for c in answer["candidates"]] == ["local"]
             assert answer["headers"]["X-Budget-Status"] == "hard_limit"

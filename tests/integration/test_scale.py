@@ -33,8 +33,12 @@ async def owners(pipeline: Any, want: int) -> set[str]:
 async def budget_series(url: str, name: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
         text = await response.text()
-    return {sample.labels["budget"]: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == name}  # fmt: skip
+    return {
+        sample.labels["budget"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
 
 
 async def test_one_of_two_aggregates_stops_and_the_other_takes_over(pipeline_factory: Any, kit: Any) -> None:
@@ -90,8 +94,9 @@ async def test_partitions_cannot_change_in_place(pipeline_factory: Any, kit: Any
     pipeline, _ = await kit.start(pipeline_factory, n=10, partitions=4)
     env = {**pipeline.env_base, "BUDGETFLOW_TOPICS__PARTITIONS": "8"}
     script = str(Path(sys.executable).with_name("budgetflow"))
-    proc = await asyncio.to_thread(subprocess.run, [script, "topics", "create"], env=env, capture_output=True,
-                                   text=True, timeout=120, check=False)  # fmt: skip
+    proc = await asyncio.to_thread(
+        subprocess.run, [script, "topics", "create"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode != 0
     assert "has 4 partitions, budgetflow expects 8" in proc.stderr, proc.stderr
     assert "cannot change in place" in proc.stderr

@@ -76,14 +76,25 @@ async def test_scoped_and_parent_budgets_are_charged_without_the_gateway_naming_
 
 
 async def test_unknown_budget_ids_follow_the_setting(pipeline_factory: Any, kit: Any) -> None:
-    pipeline, _ = await kit.start(pipeline_factory, n=10, speed=1.0, start=datetime.now(UTC),
-                                  extra_env={"BUDGETFLOW_UNKNOWN_BUDGET": "dlq"})  # fmt: skip
+    pipeline, _ = await kit.start(
+        pipeline_factory, n=10, speed=1.0, start=datetime.now(UTC), extra_env={"BUDGETFLOW_UNKNOWN_BUDGET": "dlq"}
+    )
     now = datetime.now(UTC).isoformat()
 
     def usage(request_id: str, budgets: list[str]) -> tuple[str, bytes, bytes]:
-        event = {"v": 1, "request_id": request_id, "request_occurred_at": now, "occurred_at": now,
-                 "budgets": budgets, "model": "test-small", "provider": "testco", "backend": "cloud",
-                 "outcome": "completed", "input_tokens": 10, "output_tokens": 1}  # fmt: skip
+        event = {
+            "v": 1,
+            "request_id": request_id,
+            "request_occurred_at": now,
+            "occurred_at": now,
+            "budgets": budgets,
+            "model": "test-small",
+            "provider": "testco",
+            "backend": "cloud",
+            "outcome": "completed",
+            "input_tokens": 10,
+            "output_tokens": 1,
+        }
         return pipeline.topics.usage.name, request_id.encode(), orjson.dumps(event)
 
     pipeline.start("enrich")

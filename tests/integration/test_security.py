@@ -91,9 +91,13 @@ def secure_broker(
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
     env["BUDGETFLOW_TOPICS__PREFIX"] = PREFIX
     data, certs = root / "data", root / "certs"
-    proc = subprocess.Popen(budgetflow_cli("kafka", "start", "--data-dir", str(data), "--port", "0",
-                                           "--secure", str(certs)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        budgetflow_cli("kafka", "start", "--data-dir", str(data), "--port", "0", "--secure", str(certs)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     watcher = CommandLines(proc.pid)
     watcher.start()
     try:
@@ -173,15 +177,36 @@ async def test_a_client_without_valid_credentials_is_refused(secure_broker: tupl
     # plaintext SASL (the listener speaks only TLS).
     assert not await can_connect(kafka_settings(bootstrap))
     assert not await can_connect(kafka_settings(bootstrap, protocol="SSL", ssl_cafile=certs / "ca.pem"))
-    assert not await can_connect(kafka_settings(bootstrap, protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
-                                                sasl_username="router", sasl_password="not-the-password",
-                                                ssl_cafile=certs / "ca.pem"))  # fmt: skip
-    assert not await can_connect(kafka_settings(bootstrap, protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
-                                                sasl_username="router", sasl_password=password.get_secret_value()))  # fmt: skip
+    assert not await can_connect(
+        kafka_settings(
+            bootstrap,
+            protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="router",
+            sasl_password="not-the-password",
+            ssl_cafile=certs / "ca.pem",
+        )
+    )
+    assert not await can_connect(
+        kafka_settings(
+            bootstrap,
+            protocol="SASL_PLAINTEXT",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="router",
+            sasl_password=password.get_secret_value(),
+        )
+    )
     # A broker certificate signed by someone else is refused by the client: the default trust store does not
     # know our CA.
-    assert not await can_connect(kafka_settings(bootstrap, protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
-                                                sasl_username="router", sasl_password=password.get_secret_value()))  # fmt: skip
+    assert not await can_connect(
+        kafka_settings(
+            bootstrap,
+            protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="router",
+            sasl_password=password.get_secret_value(),
+        )
+    )
 
 
 async def test_the_pipeline_runs_over_tls_and_scram_and_each_role_does_only_its_part(
@@ -191,9 +216,16 @@ async def test_the_pipeline_runs_over_tls_and_scram_and_each_role_does_only_its_
 
     bootstrap, certs = secure_broker
     now = datetime.now(UTC)
-    pipeline = pipeline_factory(bootstrap=bootstrap, clock_start=now.isoformat(), speed=1.0,
-                                extra_env={**env_file(certs / "worker.env"), "BUDGETFLOW_TOPICS__PREFIX": PREFIX,
-                                           "BUDGETFLOW_WEB__BEARER_TOKEN": TOKEN})  # fmt: skip
+    pipeline = pipeline_factory(
+        bootstrap=bootstrap,
+        clock_start=now.isoformat(),
+        speed=1.0,
+        extra_env={
+            **env_file(certs / "worker.env"),
+            "BUDGETFLOW_TOPICS__PREFIX": PREFIX,
+            "BUDGETFLOW_WEB__BEARER_TOKEN": TOKEN,
+        },
+    )
     proc = pipeline.cli("topics", "create")
     assert proc.returncode == 0, proc.stderr
     policies = tmp_path / "policies.yaml"
@@ -210,9 +242,15 @@ async def test_the_pipeline_runs_over_tls_and_scram_and_each_role_does_only_its_
     async with BudgetPublisher(gateway_settings, spool_dir=tmp_path / "spool") as publisher:
         for i in range(50):
             handle = await publisher.publish_request(
-                request_id=f"s-{i}", model="test-small", provider="testco", backend="cloud", budgets=["team:a"],
-                messages=[{"role": "user", "content": f"secret prompt {i}"}], max_tokens=100, occurred_at=now,
-            )  # fmt: skip
+                request_id=f"s-{i}",
+                model="test-small",
+                provider="testco",
+                backend="cloud",
+                budgets=["team:a"],
+                messages=[{"role": "user", "content": f"secret prompt {i}"}],
+                max_tokens=100,
+                occurred_at=now,
+            )
             await publisher.publish_usage(handle, Usage(input_tokens=100 + i, output_tokens=20))
             expected += (100 + i) * 1_000_001 + 20 * 2_500_000  # TEST_PRICES for test-small, per token
         await publisher.flush()
@@ -298,8 +336,13 @@ def test_secrets_are_private_and_never_on_a_command_line(
         return stat.S_IMODE(path.lstat().st_mode)
 
     assert mode(certs) == 0o700
-    for name in ("credentials.json", "ca.key", "broker.key", "broker.pem", *(f"{r}.env" for r in
-                 ("admin", "worker", "router", "gateway"))):  # fmt: skip
+    for name in (
+        "credentials.json",
+        "ca.key",
+        "broker.key",
+        "broker.pem",
+        *(f"{r}.env" for r in ("admin", "worker", "router", "gateway")),
+    ):
         assert mode(certs / name) == 0o600, name
     home = certs.parent / "data" / "kafka"
     config = (home / "server.properties").read_text()

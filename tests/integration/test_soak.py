@@ -94,10 +94,22 @@ async def test_soak_above_capacity(pipeline_factory: Any, kit: Any) -> None:
     while time.monotonic() - began < SOAK_S:
         events: list[tuple[str, dict[str, Any]]] = []
         for _ in range(1000):
-            event = {"v": 1, "request_id": f"soak-{i}", "request_occurred_at": at, "occurred_at": at,
-                     "budgets": [f"team:{'ab'[i % 2]}"], "model": "test-small", "provider": "testco",
-                     "backend": "cloud", "outcome": "completed", "input_tokens": 100 + i % 7, "output_tokens": 10,
-                     "cached_input_tokens": 0, "cache_write_input_tokens": 0, "reasoning_tokens": 0}  # fmt: skip
+            event = {
+                "v": 1,
+                "request_id": f"soak-{i}",
+                "request_occurred_at": at,
+                "occurred_at": at,
+                "budgets": [f"team:{'ab'[i % 2]}"],
+                "model": "test-small",
+                "provider": "testco",
+                "backend": "cloud",
+                "outcome": "completed",
+                "input_tokens": 100 + i % 7,
+                "output_tokens": 10,
+                "cached_input_tokens": 0,
+                "cache_write_input_tokens": 0,
+                "reasoning_tokens": 0,
+            }
             await producer.send(topics.usage.name, key=event["request_id"].encode(), value=orjson.dumps(event))
             events.append(("usage", event))
             i += 1
@@ -121,10 +133,12 @@ async def test_soak_above_capacity(pipeline_factory: Any, kit: Any) -> None:
     drained_after = time.monotonic() - began - produced_for
     stop.set()
     await watcher
-    print(f"soak: {produced} events in {produced_for:.0f} s ({produced / produced_for:,.0f}/s), "
-          f"peak backlog {max(lags)} records (enrich + ledger), drained {drained_after:.0f} s after; RSS enrich "
-          f"{baseline['enrich'] >> 20} -> {peak['enrich'] >> 20} MiB, aggregate {baseline['aggregate'] >> 20} -> "
-          f"{peak['aggregate'] >> 20} MiB")  # fmt: skip
+    print(
+        f"soak: {produced} events in {produced_for:.0f} s ({produced / produced_for:,.0f}/s), "
+        f"peak backlog {max(lags)} records (enrich + ledger), drained {drained_after:.0f} s after; RSS enrich "
+        f"{baseline['enrich'] >> 20} -> {peak['enrich'] >> 20} MiB, aggregate {baseline['aggregate'] >> 20} -> "
+        f"{peak['aggregate'] >> 20} MiB"
+    )
     assert enrich.alive
     assert aggregate.alive
     # Nothing lost, nothing twice.

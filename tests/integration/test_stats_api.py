@@ -33,8 +33,11 @@ async def test_stats_api_is_right_on_either_worker(pipeline_factory: Any, kit: A
 
     ports = [free_port(), free_port()]
     peers = [f"http://127.0.0.1:{port}" for port in ports]
-    env = {"BUDGETFLOW_WEB__BEARER_TOKEN": TOKEN, "BUDGETFLOW_WEB__PEER_TOKEN": PEER_TOKEN,
-           "BUDGETFLOW_WEB__PEERS": "[" + ", ".join(f'"{p}"' for p in peers) + "]"}  # fmt: skip
+    env = {
+        "BUDGETFLOW_WEB__BEARER_TOKEN": TOKEN,
+        "BUDGETFLOW_WEB__PEER_TOKEN": PEER_TOKEN,
+        "BUDGETFLOW_WEB__PEERS": "[" + ", ".join(f'"{p}"' for p in peers) + "]",
+    }
     pipeline, scenario = await kit.start(pipeline_factory, n=400, extra_env=env)
     pipeline.start("enrich")
     for port, data in zip(ports, ("agg-a", "agg-b"), strict=True):
@@ -95,8 +98,7 @@ async def test_stats_api_is_right_on_either_worker(pipeline_factory: Any, kit: A
             for url in sorted(owners):
                 rows = {row["budget_id"]: row for row in (await ask(url, "/v1/budgets"))["budgets"]}
                 lists.append({b: {k: v for k, v in r.items() if k != "stale"} for b, r in rows.items()})
-            owned = {b: {k: v for k, v in first[b].items() if k in lists[0].get(b, {}) and k != "stale"}
-                     for b in first}  # fmt: skip
+            owned = {b: {k: v for k, v in first[b].items() if k in lists[0].get(b, {}) and k != "stale"} for b in first}
             if lists[0] == lists[1] and all(lists[0].get(b) == answer for b, answer in owned.items()):
                 break
             assert time.monotonic() < deadline, f"the lists never settled: {lists} against {owned}"

@@ -15,8 +15,9 @@ import pytest
 pytestmark = pytest.mark.timeout(400)
 
 
-async def test_month_boundary_out_of_order_with_the_aggregate_down_over_midnight(pipeline_factory: Any,
-                                                                                 kit: Any) -> None:  # fmt: skip
+async def test_month_boundary_out_of_order_with_the_aggregate_down_over_midnight(
+    pipeline_factory: Any, kit: Any
+) -> None:
     pipeline, scenario = await kit.start(pipeline_factory, n=900)
     pipeline.start("enrich")
     aggregate = pipeline.start("aggregate")
@@ -28,14 +29,46 @@ async def test_month_boundary_out_of_order_with_the_aggregate_down_over_midnight
     rng = random.Random(5)
     rng.shuffle(rest)  # both months, in no order at all
     topics = pipeline.topics
-    usage = {"v": 1, "outcome": "completed", "model": "test-small", "provider": "testco", "backend": "cloud",
-             "budgets": ["team:a"], "input_tokens": 10, "output_tokens": 10}  # fmt: skip
-    future = [(topics.usage.name, f"f{i}".encode(), orjson.dumps({
-        **usage, "request_id": f"future-{i}", "request_occurred_at": (kit.START + timedelta(days=20)).isoformat(),
-        "occurred_at": (kit.START + timedelta(days=20)).isoformat()})) for i in range(7)]  # fmt: skip
-    closed = [(topics.usage.name, f"c{i}".encode(), orjson.dumps({
-        **usage, "request_id": f"closed-{i}", "request_occurred_at": (kit.START - timedelta(days=40)).isoformat(),
-        "occurred_at": (kit.START - timedelta(days=40)).isoformat()})) for i in range(3)]  # fmt: skip
+    usage = {
+        "v": 1,
+        "outcome": "completed",
+        "model": "test-small",
+        "provider": "testco",
+        "backend": "cloud",
+        "budgets": ["team:a"],
+        "input_tokens": 10,
+        "output_tokens": 10,
+    }
+    future = [
+        (
+            topics.usage.name,
+            f"f{i}".encode(),
+            orjson.dumps(
+                {
+                    **usage,
+                    "request_id": f"future-{i}",
+                    "request_occurred_at": (kit.START + timedelta(days=20)).isoformat(),
+                    "occurred_at": (kit.START + timedelta(days=20)).isoformat(),
+                }
+            ),
+        )
+        for i in range(7)
+    ]
+    closed = [
+        (
+            topics.usage.name,
+            f"c{i}".encode(),
+            orjson.dumps(
+                {
+                    **usage,
+                    "request_id": f"closed-{i}",
+                    "request_occurred_at": (kit.START - timedelta(days=40)).isoformat(),
+                    "occurred_at": (kit.START - timedelta(days=40)).isoformat(),
+                }
+            ),
+        )
+        for i in range(3)
+    ]
     await pipeline.produce(rest + future)
     # Midnight passes (four simulated hours in) with no aggregate running; it comes back at about 06:00.
     while time.monotonic() - began < 10:

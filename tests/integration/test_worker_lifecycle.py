@@ -45,9 +45,13 @@ def held_port() -> Iterator[int]:
 
 def _spawn(pipeline: Any, role: str, env: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = pipeline.root / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
-                            env={**pipeline.env_base, "BUDGETFLOW_DATA_DIR": str(pipeline.root / name), **env},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
+        env={**pipeline.env_base, "BUDGETFLOW_DATA_DIR": str(pipeline.root / name), **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, log
 
 
@@ -87,8 +91,14 @@ def own_broker(tmp_path: Path, budgetflow_cli: Callable[..., list[str]]) -> Iter
     """A broker of this test's own (it will be frozen): (bootstrap, pid)."""
     data = tmp_path / "frozen-broker"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETFLOW_")}
-    proc = subprocess.run(budgetflow_cli("kafka", "start", "--data-dir", str(data), "--port", "0"),
-                          capture_output=True, text=True, env=env, check=False, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        budgetflow_cli("kafka", "start", "--data-dir", str(data), "--port", "0"),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     (pid_file,) = data.rglob("kafka.pid")
     pid = int(pid_file.read_text().strip())

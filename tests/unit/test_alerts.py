@@ -33,8 +33,12 @@ def test_promtool_check_rules(promtool: str) -> None:
 
 
 def test_promtool_test_rules(promtool: str) -> None:
-    proc = subprocess.run([promtool, "test", "rules", str(ROOT / "tests" / "promtool" / "alerts_test.yaml")],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [promtool, "test", "rules", str(ROOT / "tests" / "promtool" / "alerts_test.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

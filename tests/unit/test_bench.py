@@ -13,10 +13,23 @@ SCRIPT = str(Path(sys.executable).with_name("budgetflow"))
 def test_quick_bench_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [SCRIPT, "bench", "--quick", "--only", "tokenizers", "--only", "heuristic_error", "--only", "routing",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            SCRIPT,
+            "bench",
+            "--quick",
+            "--only",
+            "tokenizers",
+            "--only",
+            "heuristic_error",
+            "--only",
+            "routing",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     tokenizers = results["sections"]["tokenizers"]
@@ -33,7 +46,11 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
 
 
 def test_unknown_section_is_refused(tmp_path: Path) -> None:
-    proc = subprocess.run([SCRIPT, "bench", "--only", "nope", "--out", str(tmp_path / "x.json")],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [SCRIPT, "bench", "--only", "nope", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "unknown bench section" in proc.stderr

@@ -24,10 +24,25 @@ def test_plaintext_options() -> None:
 def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ca")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-         "-keyout", str(out / "ca.key"), "-out", str(out / "ca.pem")],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            str(out / "ca.key"),
+            "-out",
+            str(out / "ca.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out / "ca.pem"
 
 

@@ -19,9 +19,19 @@ NOW = datetime(2026, 11, 29, 12, tzinfo=UTC)
 
 
 def request(**overrides: object) -> bytes:
-    event = {"v": 1, "request_id": "r-1", "attempt": 2, "occurred_at": NOW.isoformat(), "budgets": ["team:a", "global"],
-             "model": "gpt-4o", "provider": "openai", "backend": "cloud", "max_tokens": 100,
-             "messages": [{"role": "user", "content": "the secret plan is X"}], **overrides}  # fmt: skip
+    event = {
+        "v": 1,
+        "request_id": "r-1",
+        "attempt": 2,
+        "occurred_at": NOW.isoformat(),
+        "budgets": ["team:a", "global"],
+        "model": "gpt-4o",
+        "provider": "openai",
+        "backend": "cloud",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "the secret plan is X"}],
+        **overrides,
+    }
     return dumps(event)
 
 
@@ -42,9 +52,18 @@ def test_the_fast_entry_json_is_what_the_model_would_write() -> None:
 
 
 def test_usage_becomes_a_settle_with_the_request_time() -> None:
-    usage = {"v": 1, "request_id": "r-1", "request_occurred_at": "2026-10-31T23:59:00Z",
-             "occurred_at": "2026-11-01T00:00:05Z", "model": "gpt-4o", "provider": "openai", "backend": "cloud",
-             "outcome": "completed", "input_tokens": 1000, "output_tokens": 100}  # fmt: skip
+    usage = {
+        "v": 1,
+        "request_id": "r-1",
+        "request_occurred_at": "2026-10-31T23:59:00Z",
+        "occurred_at": "2026-11-01T00:00:05Z",
+        "model": "gpt-4o",
+        "provider": "openai",
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": 1000,
+        "output_tokens": 100,
+    }
     result = ENRICHER.enrich(TOPICS.usage.name, 0, 1, b"r-1", dumps(usage))
     ((budget, raw),) = result.entries
     entry = decode_fast(LedgerEntry, raw)

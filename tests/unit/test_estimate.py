@@ -87,11 +87,22 @@ def test_estimates_are_deterministic() -> None:
 
 
 def test_price_usage_is_the_table_cost() -> None:
-    event = UsageEvent.model_validate({
-        "request_id": "r", "request_occurred_at": "2026-11-01T00:00:00Z", "occurred_at": "2026-11-01T00:00:01Z",
-        "model": "o3", "provider": "openai", "backend": "cloud", "outcome": "completed",
-        "input_tokens": 100, "cached_input_tokens": 20, "output_tokens": 300, "reasoning_tokens": 250,
-    })  # fmt: skip
+    event = UsageEvent.model_validate(
+        {
+            "request_id": "r",
+            "request_occurred_at": "2026-11-01T00:00:00Z",
+            "occurred_at": "2026-11-01T00:00:01Z",
+            "model": "o3",
+            "provider": "openai",
+            "backend": "cloud",
+            "outcome": "completed",
+            "input_tokens": 100,
+            "cached_input_tokens": 20,
+            "output_tokens": 300,
+            "reasoning_tokens": 250,
+        }
+    )
     cost = price_usage(event, TABLE)
-    assert cost == TABLE.cost("o3", input_tokens=100, cached_input_tokens=20, output_tokens=300,
-                              reasoning_tokens=250, provider="openai")  # fmt: skip
+    assert cost == TABLE.cost(
+        "o3", input_tokens=100, cached_input_tokens=20, output_tokens=300, reasoning_tokens=250, provider="openai"
+    )

@@ -35,9 +35,16 @@ def policy_for(budget: str) -> BudgetPolicy:
 
 
 def entry(kind: str, request: str, amount: int, *, at: datetime = T0, budget: str = "team:x", **kw: Any) -> LedgerEntry:
-    return LedgerEntry(entry_id=entry_id(request, 0, kind, budget), budget_id=None if kind == "tick" else budget,
-                       request_id=request, kind=kind, period=f"{at.year:04d}-{at.month:02d}",  # type: ignore[arg-type]
-                       amount_pico_usd=amount, occurred_at=at, **kw)  # fmt: skip
+    return LedgerEntry(
+        entry_id=entry_id(request, 0, kind, budget),
+        budget_id=None if kind == "tick" else budget,
+        request_id=request,
+        kind=kind,
+        period=f"{at.year:04d}-{at.month:02d}",  # type: ignore[arg-type]
+        amount_pico_usd=amount,
+        occurred_at=at,
+        **kw,
+    )
 
 
 def tick(at: datetime) -> LedgerEntry:
@@ -82,10 +89,21 @@ def test_a_dead_letter_of_a_megabyte_record_fits_in_one_produce_request() -> Non
 
 
 def test_redaction_keeps_known_safe_fields_and_nothing_else() -> None:
-    raw = dumps({"v": 1, "request_id": "r-1", "model": "gpt-4o", "input": "a Responses-API prompt",
-                 "instructions": "secret system prompt", "messages": [{"role": "user", "content": "hi secret"}],
-                 "metadata": {"team": "search"}, "max_tokens": 10, "budgets": ["team:a"],
-                 "extra": {"deep": ["secret in a list"]}, "model_long": "s" * 300})  # fmt: skip
+    raw = dumps(
+        {
+            "v": 1,
+            "request_id": "r-1",
+            "model": "gpt-4o",
+            "input": "a Responses-API prompt",
+            "instructions": "secret system prompt",
+            "messages": [{"role": "user", "content": "hi secret"}],
+            "metadata": {"team": "search"},
+            "max_tokens": 10,
+            "budgets": ["team:a"],
+            "extra": {"deep": ["secret in a list"]},
+            "model_long": "s" * 300,
+        }
+    )
     out = orjson.loads(redact(raw))
     assert b"secret" not in redact(raw)
     assert b"Responses-API" not in redact(raw)
@@ -141,9 +159,25 @@ def test_entries_past_the_bound_of_one_entry_are_out_of_range() -> None:
 
 
 def test_an_unpriced_model_asking_for_a_billion_tokens_reserves_at_most_the_cap() -> None:
-    result = ENRICHER.enrich(TOPICS.requests.name, 0, 1, b"r", dumps({
-        "v": 1, "request_id": "r", "occurred_at": T0.isoformat(), "model": "no-such-model", "provider": "acme",
-        "backend": "cloud", "max_tokens": MAX_TOKENS, "n": 128, "prompt": "hi"}))  # fmt: skip
+    result = ENRICHER.enrich(
+        TOPICS.requests.name,
+        0,
+        1,
+        b"r",
+        dumps(
+            {
+                "v": 1,
+                "request_id": "r",
+                "occurred_at": T0.isoformat(),
+                "model": "no-such-model",
+                "provider": "acme",
+                "backend": "cloud",
+                "max_tokens": MAX_TOKENS,
+                "n": 128,
+                "prompt": "hi",
+            }
+        ),
+    )
     assert result.dead is None
     for _, raw in result.entries:
         reserve = decode_fast(LedgerEntry, raw)  # a valid entry: nothing accepted here is dropped downstream
@@ -155,9 +189,19 @@ def test_an_unpriced_model_asking_for_a_billion_tokens_reserves_at_most_the_cap(
 
 
 def test_a_settle_costing_more_than_one_entry_holds_is_out_of_range_in_enrich() -> None:
-    usage = {"v": 1, "request_id": "r", "request_occurred_at": T0.isoformat(), "occurred_at": T0.isoformat(),
-             "model": "x", "provider": "router", "backend": "cloud", "outcome": "completed", "input_tokens": 1,
-             "output_tokens": 1, "reported_cost_usd": "2000000.00"}  # fmt: skip
+    usage = {
+        "v": 1,
+        "request_id": "r",
+        "request_occurred_at": T0.isoformat(),
+        "occurred_at": T0.isoformat(),
+        "model": "x",
+        "provider": "router",
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "reported_cost_usd": "2000000.00",
+    }
     pricing = PricingSettings(trust_reported_cost=["router"])
     enricher = Enricher(Estimator(TokenizerRegistry.default(), PriceTable.default(), pricing=pricing), TOPICS)
     result = enricher.enrich(TOPICS.usage.name, 0, 1, b"r", dumps(usage))
@@ -202,8 +246,14 @@ def test_a_tick_from_a_clock_forty_days_ahead_moves_stream_time_only_as_far_as_t
 
 # -- 9. one bound for input size and tokens ----------------------------------------------------------------------
 def test_input_bytes_past_the_token_bound_are_refused_at_the_door_and_the_bound_itself_makes_a_valid_entry() -> None:
-    base = {"v": 1, "request_id": "r", "occurred_at": T0.isoformat(), "model": "gpt-4o", "provider": "openai",
-            "backend": "cloud"}  # fmt: skip
+    base = {
+        "v": 1,
+        "request_id": "r",
+        "occurred_at": T0.isoformat(),
+        "model": "gpt-4o",
+        "provider": "openai",
+        "backend": "cloud",
+    }
     with pytest.raises(InvalidEvent) as info:
         decode(RequestEvent, dumps({**base, "input_bytes": 1 << 40}))
     assert info.value.reason == "out_of_range"
@@ -220,12 +270,33 @@ def test_every_field_at_its_longest_makes_entries_the_aggregate_accepts() -> Non
     budgets = [f"b{i:02d}" + "x" * 125 for i in range(63)]
     pricing = PricingSettings(trust_reported_cost=[long])
     enricher = Enricher(Estimator(TokenizerRegistry.default(), PriceTable.default(), pricing=pricing), TOPICS)
-    request = {"v": 1, "request_id": "r" * 256, "attempt": 10_000, "occurred_at": T0.isoformat(), "budgets": budgets,
-               "model": "m" * 256, "provider": long, "backend": "cloud", "prompt": "hi"}  # fmt: skip
-    usage = {"v": 1, "request_id": "r" * 256, "attempt": 10_000, "request_occurred_at": T0.isoformat(),
-             "occurred_at": T0.isoformat(), "budgets": budgets, "model": "m" * 256, "provider": long,
-             "request_model": "q" * 256, "backend": "cloud", "outcome": "completed", "input_tokens": MAX_TOKENS,
-             "output_tokens": MAX_TOKENS, "reported_cost_usd": "1.00"}  # fmt: skip
+    request = {
+        "v": 1,
+        "request_id": "r" * 256,
+        "attempt": 10_000,
+        "occurred_at": T0.isoformat(),
+        "budgets": budgets,
+        "model": "m" * 256,
+        "provider": long,
+        "backend": "cloud",
+        "prompt": "hi",
+    }
+    usage = {
+        "v": 1,
+        "request_id": "r" * 256,
+        "attempt": 10_000,
+        "request_occurred_at": T0.isoformat(),
+        "occurred_at": T0.isoformat(),
+        "budgets": budgets,
+        "model": "m" * 256,
+        "provider": long,
+        "request_model": "q" * 256,
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": MAX_TOKENS,
+        "output_tokens": MAX_TOKENS,
+        "reported_cost_usd": "1.00",
+    }
     for topic, event in ((TOPICS.requests.name, request), (TOPICS.usage.name, usage)):
         result = enricher.enrich(topic, 0, 1, b"r", dumps(event))
         assert result.dead is None
@@ -283,15 +354,34 @@ async def test_a_dead_letter_is_replaced_by_its_digest_only_when_the_broker_refu
 
 
 def test_redaction_digests_text_put_in_safe_fields_label_keys_and_nested_keys() -> None:
-    raw = dumps({"v": 1, "model": "the secret plan", "budgets": ["the secret plan"], "session_id": "secret-session",
-                 "metadata": {"the secret plan": "x", "team": "the secret plan"},
-                 "messages": [{"the secret plan": 1}]})  # fmt: skip
+    raw = dumps(
+        {
+            "v": 1,
+            "model": "the secret plan",
+            "budgets": ["the secret plan"],
+            "session_id": "secret-session",
+            "metadata": {"the secret plan": "x", "team": "the secret plan"},
+            "messages": [{"the secret plan": 1}],
+        }
+    )
     out = redact(raw)
     assert b"secret" not in out
     with pytest.raises(InvalidEvent) as info:
-        decode(RequestEvent, dumps({"v": 1, "request_id": "r", "occurred_at": T0.isoformat(), "model": "m",
-                                    "provider": "p", "backend": "cloud", "prompt": "x",
-                                    "metadata": {"the secret plan": "x"}}))  # fmt: skip
+        decode(
+            RequestEvent,
+            dumps(
+                {
+                    "v": 1,
+                    "request_id": "r",
+                    "occurred_at": T0.isoformat(),
+                    "model": "m",
+                    "provider": "p",
+                    "backend": "cloud",
+                    "prompt": "x",
+                    "metadata": {"the secret plan": "x"},
+                }
+            ),
+        )
     assert "secret" not in str(info.value)
 
 

@@ -28,8 +28,11 @@ HELM_VERSION = (ROOT / "helm" / "HELM_VERSION").read_text().strip()
 # Where the Makefile builds it (HELM there): the release-like build, whose default Kubernetes is its client-go's.
 HELM = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    / "budgetflow" / "tools" / f"helm-{HELM_VERSION}-release" / "helm"
-)  # fmt: skip
+    / "budgetflow"
+    / "tools"
+    / f"helm-{HELM_VERSION}-release"
+    / "helm"
+)
 
 
 def helm() -> str:
@@ -222,8 +225,9 @@ def test_bad_values_are_refused_with_the_key_named(args: list[str], complaint: s
 
 
 def test_values_schema_is_generated_from_the_settings() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "helm" / "values_schema.py")], capture_output=True, text=True,
-                          check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "helm" / "values_schema.py")], capture_output=True, text=True, check=True
+    )
     assert json.loads(proc.stdout) == json.loads((CHART / "values.schema.json").read_text()), (
         "regenerate: .venv/bin/python helm/values_schema.py > helm/budgetflow/values.schema.json"
     )

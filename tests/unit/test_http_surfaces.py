@@ -68,11 +68,24 @@ async def raw(base: str, request: bytes) -> tuple[int, bytes]:
 
 
 def status(budget: str, spend: int, state: str, *, as_of: datetime, partition: int) -> BudgetStatus:
-    return BudgetStatus(budget_id=budget, period=f"{as_of:%Y-%m}", status=state, spend_usd=spend, settled_usd=spend,  # type: ignore[arg-type]
-                        reserved_usd=0, limit_usd=LIMIT, remaining_usd=max(LIMIT - spend, 0),
-                        utilization_percent=spend * 100 / LIMIT, soft_limit_percent=75, hard_limit_action="block_cloud",
-                        as_of=as_of, next_reset=datetime(2100, 1, 1, tzinfo=UTC), reason="threshold",
-                        partition=partition, seq=10)  # fmt: skip
+    return BudgetStatus(
+        budget_id=budget,
+        period=f"{as_of:%Y-%m}",
+        status=state,
+        spend_usd=spend,
+        settled_usd=spend,  # type: ignore[arg-type]
+        reserved_usd=0,
+        limit_usd=LIMIT,
+        remaining_usd=max(LIMIT - spend, 0),
+        utilization_percent=spend * 100 / LIMIT,
+        soft_limit_percent=75,
+        hard_limit_action="block_cloud",
+        as_of=as_of,
+        next_reset=datetime(2100, 1, 1, tzinfo=UTC),
+        reason="threshold",
+        partition=partition,
+        seq=10,
+    )
 
 
 def beat(partition: int, as_of: datetime, owner: str | None = None) -> Heartbeat:
@@ -113,8 +126,12 @@ async def test_view_serve_admits_only_json_and_bounded_amounts(serve: Serve) -> 
         async with http.post(admit, json={"budgets": ["team:a"], "estimated_cost_usd": "1000"}) as r:
             assert r.status == 204, "the bound itself is allowed"
     assert view.status("team:a").spend_pico == 1000_500_000_000_000
-    decide = {"request_id": "r", "budgets": ["team:a"], "candidates": [{"name": "m", "backend": "cloud"}],
-              "estimated_cost_usd": "5000"}  # fmt: skip
+    decide = {
+        "request_id": "r",
+        "budgets": ["team:a"],
+        "candidates": [{"name": "m", "backend": "cloud"}],
+        "estimated_cost_usd": "5000",
+    }
     async with aiohttp.ClientSession() as http, http.post(base + "/v1/decide", json=decide) as r:
         assert r.status == 400
 
@@ -126,44 +143,72 @@ async def test_view_serve_without_a_token_answers_only_requests_addressed_to_thi
     body = b'{"budgets": ["team:a"], "estimated_cost_usd": "1.00"}'
     # A page at attacker.example whose name now resolves to 127.0.0.1 is same-origin and may post JSON.
     for host in (f"attacker.example:{port}", "attacker.example", "127.0.0.1.nip.io"):
-        request = (f"POST /v1/admit HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body  # fmt: skip
+        request = (
+            f"POST /v1/admit HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
         code, _ = await raw(base, request)
         assert code == 403, host
     assert view.status("team:a").spend_pico == 0
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]"):
-        request = (f"POST /v1/admit HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body  # fmt: skip
+        request = (
+            f"POST /v1/admit HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
         code, _ = await raw(base, request)
         assert code == 204, host
     # With a token, the token decides, whatever the name.
     guarded = await serve(view_app(view, "t0ken"))
-    request = (b"GET /v1/status/team:a HTTP/1.1\r\nHost: budgets.internal\r\nAuthorization: Bearer t0ken\r\n"
-               b"Connection: close\r\n\r\n")  # fmt: skip
+    request = (
+        b"GET /v1/status/team:a HTTP/1.1\r\nHost: budgets.internal\r\nAuthorization: Bearer t0ken\r\n"
+        b"Connection: close\r\n\r\n"
+    )
     assert (await raw(guarded, request))[0] == 200
 
 
 async def test_a_non_ascii_authorization_header_is_refused_not_a_crash(serve: Serve) -> None:
     view = BudgetView(Settings())
-    bases = [await serve(view_app(view, TOKEN)), await serve(stats_app(_worker(Settings(web={"bearer_token": TOKEN})),  # type: ignore[arg-type]
-                                                                          view))]  # fmt: skip
+    bases = [
+        await serve(view_app(view, TOKEN)),
+        await serve(
+            stats_app(
+                _worker(Settings(web={"bearer_token": TOKEN})),  # type: ignore[arg-type]
+                view,
+            )
+        ),
+    ]
     for base in bases:
         path = "/v1/status/team:a" if base == bases[0] else "/v1/budgets"
-        for credential in ("Bearer caf\u00e9".encode(), b"Bearer \xff\xfe", "Bearer stats-token-\u00e9t\u00e9x".encode(),
-                           b"Bearer stats-token-\xe9t\xe9"):  # fmt: skip
-            code, body = await raw(base, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
-                                   + b"Authorization: " + credential + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+        for credential in (
+            "Bearer caf\u00e9".encode(),
+            b"Bearer \xff\xfe",
+            "Bearer stats-token-\u00e9t\u00e9x".encode(),
+            b"Bearer stats-token-\xe9t\xe9",
+        ):
+            code, body = await raw(
+                base,
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+                + b"Authorization: "
+                + credential
+                + b"\r\nConnection: close\r\n\r\n",
+            )
             assert code == 401, (base, credential, body)
-        code, body = await raw(base, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
-                               + b"Authorization: " + f"Bearer {TOKEN}".encode() + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+        code, body = await raw(
+            base,
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+            + b"Authorization: "
+            + f"Bearer {TOKEN}".encode()
+            + b"\r\nConnection: close\r\n\r\n",
+        )
         assert code == 200, body
 
 
 # -- the stats API -----------------------------------------------------------------------------------------------------
 def _worker(settings: Settings) -> Any:
     """As much of an AggregateWorker as the stats API needs for budgets it does not hold."""
-    return types.SimpleNamespace(settings=settings, topics=Topics.from_settings(settings), ledgers={}, ready=True,
-                                 catching_up=[])  # fmt: skip
+    return types.SimpleNamespace(
+        settings=settings, topics=Topics.from_settings(settings), ledgers={}, ready=True, catching_up=[]
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,8 +274,11 @@ async def test_stats_api_forwards_only_to_configured_peers_with_the_peer_token(s
         assert not any("stats-token" in v for h in seen.values() for r in h for v in r.values())
         # The peer token opens forwarded budget requests only, and a forwarded request is never forwarded again.
         as_peer = {"Authorization": f"Bearer {PEER_TOKEN}"}
-        for path, headers in (("/v1/budgets", as_peer), ("/v1/budgets/team:x", as_peer),
-                              ("/v1/budgets", {**as_peer, "X-Budgetflow-Forwarded": "1"})):  # fmt: skip
+        for path, headers in (
+            ("/v1/budgets", as_peer),
+            ("/v1/budgets/team:x", as_peer),
+            ("/v1/budgets", {**as_peer, "X-Budgetflow-Forwarded": "1"}),
+        ):
             async with http.get(base + path, headers=headers) as r:
                 assert r.status == 401, (path, headers)
         async with http.get(f"{base}/v1/budgets/team:x", headers={**as_peer, "X-Budgetflow-Forwarded": "1"}) as r:
@@ -252,7 +300,11 @@ async def test_stats_api_lists_budgets_as_last_published_not_as_routed_without_n
     async with aiohttp.ClientSession() as http, http.get(f"{base}/v1/budgets") as r:
         (row,) = (await r.json())["budgets"]
     assert (row["status"], row["utilization_percent"], row["spend_usd"], row["stale"]) == (
-        "soft_limit", 80.0, "80.000000000000", True)  # fmt: skip
+        "soft_limit",
+        80.0,
+        "80.000000000000",
+        True,
+    )
     view.apply_heartbeat(beat(partition, now))
     async with aiohttp.ClientSession() as http, http.get(f"{base}/v1/budgets") as r:
         (fresh,) = (await r.json())["budgets"]
@@ -297,8 +349,12 @@ def test_the_chart_listens_on_all_interfaces_and_forwards_only_within_its_statef
     proc = subprocess.run(template, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in ("Deployment", "StatefulSet")]
-    env = {d["metadata"]["name"]: {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]
-                                   ["env"]} for d in docs}  # fmt: skip
+    env = {
+        d["metadata"]["name"]: {
+            e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        for d in docs
+    }
     assert env["bf-budgetflow-enrich"]["BUDGETFLOW_WEB__HOST"] == "0.0.0.0"
     aggregate = env["bf-budgetflow-aggregate"]
     assert aggregate["BUDGETFLOW_WEB__HOST"] == "0.0.0.0"
@@ -311,7 +367,12 @@ def test_the_chart_listens_on_all_interfaces_and_forwards_only_within_its_statef
     assert peer_origin(other, peers) == other
     assert peer_origin(other.replace(".budgets.svc", ".elsewhere.svc"), peers) is None
     # A stats token needs the workers' own token beside it.
-    proc = subprocess.run([*template, "--set", "aggregate.bearerTokenSecret.name=s"], capture_output=True, text=True,
-                          check=False, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [*template, "--set", "aggregate.bearerTokenSecret.name=s"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "peerTokenSecret" in proc.stderr

@@ -108,8 +108,11 @@ def test_an_expired_reservation_counts_its_estimate_until_usage_replaces_it() ->
 
 def test_one_tick_expires_several_reservations_of_one_budget() -> None:
     ledger = new_ledger(default_ttl_s=600)
-    run(ledger, [entry("reserve", "global", f"r{i}", 100 + i) for i in range(3)] + [tick(T0 + timedelta(hours=1))],
-        batch=10)  # fmt: skip
+    run(
+        ledger,
+        [entry("reserve", "global", f"r{i}", 100 + i) for i in range(3)] + [tick(T0 + timedelta(hours=1))],
+        batch=10,
+    )
     assert sums(ledger) == {("global", "2026-11"): (303, 0)}
 
 
@@ -196,8 +199,10 @@ def clean_run(entries: list[LedgerEntry], batch: int) -> PartitionLedger:
 
 
 def state_of(ledger: PartitionLedger) -> dict[Any, Any]:
-    periods = {k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.status, tuple(p.events))
-               for k, p in ledger.periods.items()}  # fmt: skip
+    periods = {
+        k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.status, tuple(p.events))
+        for k, p in ledger.periods.items()
+    }
     return {"periods": periods, "open": sorted(ledger._open)}
 
 

@@ -35,9 +35,14 @@ EXAMPLES = int(os.environ.get("BUDGETFLOW_MODEL_EXAMPLES", "300"))
 START = datetime(2026, 11, 29, 20, tzinfo=UTC).timestamp()  # close to a month boundary
 SKEW_S = 300.0
 CONFIG = LedgerConfig(
-    horizon_s=7200, grace_s=2 * 86400, default_ttl_s=600, sweep_keys_per_tick=3, sweep_interval_s=300,
-    rules=StatusRules(), max_period_pico=2 * MAX_ENTRY_PICO,
-)  # fmt: skip
+    horizon_s=7200,
+    grace_s=2 * 86400,
+    default_ttl_s=600,
+    sweep_keys_per_tick=3,
+    sweep_interval_s=300,
+    rules=StatusRules(),
+    max_period_pico=2 * MAX_ENTRY_PICO,
+)
 # Amounts anywhere in range, and often at its edges: months reach the period bound within a few entries.
 AMOUNTS = st.one_of(st.integers(0, MAX_ENTRY_PICO), st.sampled_from([0, 1, MAX_ENTRY_PICO - 1, MAX_ENTRY_PICO]))
 SIGNED = st.one_of(AMOUNTS, AMOUNTS.map(lambda a: -a))
@@ -204,26 +209,51 @@ class LedgerModel(RuleBasedStateMachine):
         return self.times.setdefault((request, attempt), self.clock - back_s)
 
     # -- what gateways and operators do ----------------------------------------------------------------------
-    @rule(budget=st.sampled_from(BUDGETS), request=st.sampled_from(REQUESTS), attempt=st.integers(0, 1),
-          kind=st.sampled_from(["reserve", "settle"]), amount=AMOUNTS,
-          ttl=st.sampled_from([None, 60, 600, 3600]), back=st.sampled_from([0, 60, 3000, 9000]),
-          priced=st.booleans())  # fmt: skip
-    def entry(self, budget: str, request: str, attempt: int, kind: str, amount: int, ttl: int | None, back: int,
-              priced: bool) -> None:  # fmt: skip
+    @rule(
+        budget=st.sampled_from(BUDGETS),
+        request=st.sampled_from(REQUESTS),
+        attempt=st.integers(0, 1),
+        kind=st.sampled_from(["reserve", "settle"]),
+        amount=AMOUNTS,
+        ttl=st.sampled_from([None, 60, 600, 3600]),
+        back=st.sampled_from([0, 60, 3000, 9000]),
+        priced=st.booleans(),
+    )
+    def entry(
+        self, budget: str, request: str, attempt: int, kind: str, amount: int, ttl: int | None, back: int, priced: bool
+    ) -> None:
         at = datetime.fromtimestamp(self._request_time(request, attempt, back), UTC)
-        self._append(LedgerEntry(
-            entry_id=entry_id(request, attempt, kind, budget), budget_id=budget, request_id=request, attempt=attempt,
-            kind=kind, period=period_of(at), amount_pico_usd=amount, occurred_at=at, ttl_s=ttl,  # type: ignore[arg-type]
-            priced=priced))  # fmt: skip
+        self._append(
+            LedgerEntry(
+                entry_id=entry_id(request, attempt, kind, budget),
+                budget_id=budget,
+                request_id=request,
+                attempt=attempt,
+                kind=kind,
+                period=period_of(at),
+                amount_pico_usd=amount,
+                occurred_at=at,
+                ttl_s=ttl,  # type: ignore[arg-type]
+                priced=priced,
+            )
+        )
 
     @rule(budget=st.sampled_from(BUDGETS), amount=SIGNED)
     def adjust(self, budget: str, amount: int) -> None:
         self.adjustments += 1
         at = datetime.fromtimestamp(self.clock, UTC)
         request = f"adjust:{self.adjustments}"
-        self._append(LedgerEntry(entry_id=entry_id(request, 0, "adjust", budget), budget_id=budget,
-                                 request_id=request, kind="adjust", period=period_of(at), amount_pico_usd=amount,
-                                 occurred_at=at))  # fmt: skip
+        self._append(
+            LedgerEntry(
+                entry_id=entry_id(request, 0, "adjust", budget),
+                budget_id=budget,
+                request_id=request,
+                kind="adjust",
+                period=period_of(at),
+                amount_pico_usd=amount,
+                occurred_at=at,
+            )
+        )
 
     @precondition(lambda self: bool(self.log))
     @rule(data=st.data())
@@ -231,14 +261,26 @@ class LedgerModel(RuleBasedStateMachine):
         e, _ = data.draw(st.sampled_from(self.log))
         self._append(e)
 
-    @rule(advance=st.sampled_from([0, 30, 600, 3600, 4 * 3600, 2 * 86400]),
-          ahead=st.sampled_from([0, 0, 0, 120, 40 * 86400]), expire=st.booleans())  # fmt: skip
+    @rule(
+        advance=st.sampled_from([0, 30, 600, 3600, 4 * 3600, 2 * 86400]),
+        ahead=st.sampled_from([0, 0, 0, 120, 40 * 86400]),
+        expire=st.booleans(),
+    )
     def tick(self, advance: int, ahead: int, expire: bool) -> None:
         """Time moves; a tick may come from a clock far ahead of the broker's (bounded by broker time + skew)."""
         self.clock += advance
         at = datetime.fromtimestamp(self.clock + ahead, UTC)
-        self._append(LedgerEntry(entry_id=f"tick:0:{self.clock + ahead}", kind="tick", request_id="tick",
-                                 period=period_of(at), amount_pico_usd=0, occurred_at=at, expire=expire))  # fmt: skip
+        self._append(
+            LedgerEntry(
+                entry_id=f"tick:0:{self.clock + ahead}",
+                kind="tick",
+                request_id="tick",
+                period=period_of(at),
+                amount_pico_usd=0,
+                occurred_at=at,
+                expire=expire,
+            )
+        )
 
     # Policies are not in the log: a status depends on when a worker read them. So they change where the ledger
     # and the reference have applied the same entries (statuses under hysteresis depend on the path).
@@ -287,10 +329,14 @@ class LedgerModel(RuleBasedStateMachine):
     def _compare(self) -> None:
         assert self.ledger.anomalies == 0
         assert self.ledger.meta.stream_time == self.reference.stream_time
-        got = {k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.adjusted, p.unpriced, p.status,
-                   p.events) for k, p in self.ledger.periods.items()}  # fmt: skip
-        want = {k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.adjusted, p.unpriced, p.status,
-                    p.events) for k, p in self.reference.periods.items()}  # fmt: skip
+        got = {
+            k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.adjusted, p.unpriced, p.status, p.events)
+            for k, p in self.ledger.periods.items()
+        }
+        want = {
+            k: (p.settled, p.reserved, p.requests, p.settles, p.expired, p.adjusted, p.unpriced, p.status, p.events)
+            for k, p in self.reference.periods.items()
+        }
         assert got == want
         opened = {k: r.est for k, r in self.reference.requests.items() if r.is_open}
         assert {k: r.est for k, r in self.ledger._open.items()} == opened
@@ -301,10 +347,19 @@ class LedgerModel(RuleBasedStateMachine):
         if not hasattr(self, "ledger"):
             return
         for (budget, period), state in self.ledger.periods.items():
-            build_status(budget_id=budget, period=period, status=state.status, previous_status=None,
-                         settled=state.settled, reserved=state.reserved, policy=self.policy_for(budget),
-                         as_of=datetime.fromtimestamp(self.clock, UTC), reason="refresh", partition=0,
-                         seq=max(self.ledger.meta.applied, -1)).model_dump_json()  # fmt: skip
+            build_status(
+                budget_id=budget,
+                period=period,
+                status=state.status,
+                previous_status=None,
+                settled=state.settled,
+                reserved=state.reserved,
+                policy=self.policy_for(budget),
+                as_of=datetime.fromtimestamp(self.clock, UTC),
+                reason="refresh",
+                partition=0,
+                seq=max(self.ledger.meta.applied, -1),
+            ).model_dump_json()
 
 
 LedgerModel.TestCase.settings = settings(

@@ -42,8 +42,16 @@ def test_bad_adjustments_are_refused(budget: str, usd: str, period: str, complai
 
 
 def _entry(**fields: object) -> bytes:
-    base = {"budget_id": "team:a", "attempt": 0, "period": "2026-12", "occurred_at": "2026-12-01T00:00:00Z",
-            "model": "m", "provider": "p", "backend": "cloud", "tier": "exact"}  # fmt: skip
+    base = {
+        "budget_id": "team:a",
+        "attempt": 0,
+        "period": "2026-12",
+        "occurred_at": "2026-12-01T00:00:00Z",
+        "model": "m",
+        "provider": "p",
+        "backend": "cloud",
+        "tier": "exact",
+    }
     entry = LedgerEntry.model_validate({**base, **fields, "entry_id": f"{fields['request_id']}:{fields['kind']}"})
     return dumps(entry.model_dump(mode="json"))
 
@@ -60,8 +68,11 @@ def test_the_report_attributes_each_change_to_its_request_and_skips_non_entries(
     rows, skipped = replay_report(records, LedgerConfig(), DefaultPolicySettings())
     assert skipped == 1
     got = {(r.budget, r.model, r.tier): (r.requests, r.settled, r.reserved) for r in rows}
-    assert got == {("team:a", "big", "exact"): (1, 300, 0), ("team:a", "small", "heuristic"): (1, 0, 70),
-                   ("team:a", "(adjustment)", "-"): (1, -20, 0)}  # fmt: skip
+    assert got == {
+        ("team:a", "big", "exact"): (1, 300, 0),
+        ("team:a", "small", "heuristic"): (1, 0, 70),
+        ("team:a", "(adjustment)", "-"): (1, -20, 0),
+    }
 
 
 def test_the_report_bounds_ticks_as_the_aggregate_does() -> None:
@@ -69,9 +80,18 @@ def test_the_report_bounds_ticks_as_the_aggregate_does() -> None:
     from datetime import UTC, datetime
 
     broker = datetime(2026, 12, 1, tzinfo=UTC).timestamp() + 30  # the broker's time of the tick, plus the skew
-    tick = _entry(request_id="tick", kind="tick", budget_id=None, period="2027-01", amount_pico_usd=0,
-                  occurred_at="2027-01-10T00:00:00Z", expire=True)  # fmt: skip
-    records = [(0, _entry(request_id="r1", kind="reserve", amount_pico_usd=500, ttl_s=60), 0, None),
-               (0, tick, 1, broker)]  # fmt: skip
+    tick = _entry(
+        request_id="tick",
+        kind="tick",
+        budget_id=None,
+        period="2027-01",
+        amount_pico_usd=0,
+        occurred_at="2027-01-10T00:00:00Z",
+        expire=True,
+    )
+    records = [
+        (0, _entry(request_id="r1", kind="reserve", amount_pico_usd=500, ttl_s=60), 0, None),
+        (0, tick, 1, broker),
+    ]
     rows, _ = replay_report(records, LedgerConfig(), DefaultPolicySettings())
     assert [(r.settled, r.reserved) for r in rows] == [(0, 500)]  # still reserved, not expired

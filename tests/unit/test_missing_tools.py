@@ -22,8 +22,15 @@ def test_missing_helm_and_promtool_are_one_line_per_file(tmp_path: Path) -> None
             (bin_dir / tool.name).symlink_to(tool)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BUDGETFLOW_"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{bin_dir}", HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FILES], cwd=ROOT,
-                          env=env, capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FILES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out  # it fails (CI must not pass without the tools), as a test run
     # The report of each failing test, by name.
@@ -37,8 +44,11 @@ def test_missing_helm_and_promtool_are_one_line_per_file(tmp_path: Path) -> None
             sections[name] = []
         elif name is not None:
             sections[name].append(line)
-    about_tools = {n: body for n, body in sections.items()
-                   if any("is not built" in line or "promtool is not installed" in line for line in body)}  # fmt: skip
+    about_tools = {
+        n: body
+        for n, body in sections.items()
+        if any("is not built" in line or "promtool is not installed" in line for line in body)
+    }
     assert set(about_tools) == {
         "test_helm_is_built",
         "test_promtool_is_installed",

@@ -40,9 +40,17 @@ def test_the_entry_in_force_at_the_request_time_prices_it() -> None:
 
 
 def usage(**fields: object) -> UsageEvent:
-    base = {"request_id": "r", "request_occurred_at": "2026-11-20T00:00:00Z", "occurred_at": "2026-11-20T00:00:05Z",
-            "model": "acme-1", "provider": "acme", "backend": "cloud", "outcome": "completed",
-            "input_tokens": 1000, "output_tokens": 100}  # fmt: skip
+    base = {
+        "request_id": "r",
+        "request_occurred_at": "2026-11-20T00:00:00Z",
+        "occurred_at": "2026-11-20T00:00:05Z",
+        "model": "acme-1",
+        "provider": "acme",
+        "backend": "cloud",
+        "outcome": "completed",
+        "input_tokens": 1000,
+        "output_tokens": 100,
+    }
     return UsageEvent.model_validate({**base, **fields})
 
 

@@ -65,9 +65,19 @@ def test_gpt_4o_cost_by_the_formula() -> None:
 def test_anthropic_cache_writes_and_reads_have_their_own_rates() -> None:
     price = TABLE.price("claude-sonnet-4-5-20250929", provider="anthropic")
     assert (price.input, price.cached_input, price.cache_write_input, price.output) == (
-        3_000_000, 300_000, 3_750_000, 15_000_000)  # fmt: skip
-    cost = TABLE.cost("claude-sonnet-4-5", input_tokens=1000, cached_input_tokens=600, cache_write_input_tokens=300,
-                      output_tokens=100, reasoning_tokens=40)  # fmt: skip
+        3_000_000,
+        300_000,
+        3_750_000,
+        15_000_000,
+    )
+    cost = TABLE.cost(
+        "claude-sonnet-4-5",
+        input_tokens=1000,
+        cached_input_tokens=600,
+        cache_write_input_tokens=300,
+        output_tokens=100,
+        reasoning_tokens=40,
+    )
     assert cost.pico_usd == 100 * 3_000_000 + 600 * 300_000 + 300 * 3_750_000 + 60 * 15_000_000 + 40 * 15_000_000
 
 
@@ -77,10 +87,16 @@ usage = st.tuples(*(st.integers(0, 10**7) for _ in range(5)))
 @given(a=usage, b=usage, model=st.sampled_from(["gpt-4o", "claude-haiku-4-5", "o3", "unknown-model", "llama3.1"]))
 def test_cost_is_exactly_additive_over_splits(a: tuple[int, ...], b: tuple[int, ...], model: str) -> None:
     def cost(plain_in: int, cached: int, write: int, plain_out: int, reasoning: int) -> int:
-        return TABLE.cost(model, input_tokens=plain_in + cached + write, cached_input_tokens=cached,
-                          cache_write_input_tokens=write, output_tokens=plain_out + reasoning,
-                          reasoning_tokens=reasoning, backend="local" if model == "llama3.1" else "cloud",
-                          provider="ollama").pico_usd  # fmt: skip
+        return TABLE.cost(
+            model,
+            input_tokens=plain_in + cached + write,
+            cached_input_tokens=cached,
+            cache_write_input_tokens=write,
+            output_tokens=plain_out + reasoning,
+            reasoning_tokens=reasoning,
+            backend="local" if model == "llama3.1" else "cloud",
+            provider="ollama",
+        ).pico_usd
 
     total = tuple(x + y for x, y in zip(a, b, strict=True))
     assert cost(*total) == cost(*a) + cost(*b)
@@ -173,10 +189,18 @@ def test_every_shipped_price_says_where_it_came_from() -> None:
 
 @pytest.mark.parametrize(
     ("model", "provider"),
-    [("gpt-4o", "openai"), ("gpt-4o-mini", "openai"), ("gpt-4.1", "openai"), ("o3", "openai"), ("gpt-5", "openai"),
-     ("claude-opus-4-5", "anthropic"), ("claude-sonnet-4-5", "anthropic"), ("claude-haiku-4-5", "anthropic"),
-     ("claude-3-5-haiku-20241022", "anthropic")],
-)  # fmt: skip
+    [
+        ("gpt-4o", "openai"),
+        ("gpt-4o-mini", "openai"),
+        ("gpt-4.1", "openai"),
+        ("o3", "openai"),
+        ("gpt-5", "openai"),
+        ("claude-opus-4-5", "anthropic"),
+        ("claude-sonnet-4-5", "anthropic"),
+        ("claude-haiku-4-5", "anthropic"),
+        ("claude-3-5-haiku-20241022", "anthropic"),
+    ],
+)
 def test_major_models_are_priced(model: str, provider: str) -> None:
     assert TABLE.price(model, provider=provider).priced
 

@@ -23,8 +23,14 @@ LOCAL = Candidate("llama3.1:8b", "local", 0.5)
 RESET = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def state(budget: str = "team:a", u: float | None = 0.0, status: str = "normal", action: str = "warn",
-          soft: int = 75, limit: int | None = 100 * 10**12) -> BudgetState:  # fmt: skip
+def state(
+    budget: str = "team:a",
+    u: float | None = 0.0,
+    status: str = "normal",
+    action: str = "warn",
+    soft: int = 75,
+    limit: int | None = 100 * 10**12,
+) -> BudgetState:
     spend = 0 if u is None or limit is None else int(limit * u / 100)
     return BudgetState(budget, "2026-11", status, spend, limit, u, soft, action, RESET)  # type: ignore[arg-type]
 
@@ -36,9 +42,21 @@ def test_affinity_vectors(key: str, prefix: str, h: float) -> None:
     assert affinity(key) == int(prefix, 16) / 2**64 == h
 
 
-@pytest.mark.parametrize(("u", "soft", "share"), [
-    (None, 75, 1.0), (0, 75, 1.0), (74.99, 75, 1.0), (75, 75, 1.0), (80, 75, 0.8), (90, 75, 0.4),
-    (99, 75, 0.04), (100, 75, 0.0), (250, 75, 0.0), (60, 50, 0.8)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("u", "soft", "share"),
+    [
+        (None, 75, 1.0),
+        (0, 75, 1.0),
+        (74.99, 75, 1.0),
+        (75, 75, 1.0),
+        (80, 75, 0.8),
+        (90, 75, 0.4),
+        (99, 75, 0.04),
+        (100, 75, 0.0),
+        (250, 75, 0.0),
+        (60, 50, 0.8),
+    ],
+)
 def test_cloud_share_rule(u: float | None, soft: int, share: float) -> None:
     assert cloud_share(u, soft) == pytest.approx(share)
 
@@ -67,11 +85,17 @@ def test_a_session_stays_on_one_side() -> None:
     assert len(sides) == 1
 
 
-@pytest.mark.parametrize(("action", "local", "outcome"), [
-    ("warn", True, "local"), ("warn", False, "cloud_flagged"),
-    ("block_cloud", True, "local"), ("block_cloud", False, "rejected"),
-    ("block_all", True, "rejected"), ("block_all", False, "rejected"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("action", "local", "outcome"),
+    [
+        ("warn", True, "local"),
+        ("warn", False, "cloud_flagged"),
+        ("block_cloud", True, "local"),
+        ("block_cloud", False, "rejected"),
+        ("block_all", True, "rejected"),
+        ("block_all", False, "rejected"),
+    ],
+)
 def test_hard_limit_per_action(action: str, local: bool, outcome: str) -> None:
     candidates = [CLOUD, LOCAL] if local else [CLOUD]
     decision = decide("r", [state(u=100.0, status="hard_limit", action=action)], candidates)

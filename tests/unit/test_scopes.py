@@ -8,18 +8,31 @@ from budgetflow.schemas.errors import ConfigError, InvalidEvent
 from budgetflow.schemas.policy import BudgetPolicy, parse_policy_file
 from budgetflow.streams.scopes import BudgetResolver
 
-POLICIES = {p.id: p for p in parse_policy_file({"budgets": [
-    {"id": "team:a", "parent": "org:eng"},
-    {"id": "org:eng", "parent": "company"},
-    {"id": "company"},
-    {"id": "gpt4-class", "applies_to": {"model": "gpt-4*", "provider": "OpenAI"}},
-    {"id": "proj:x", "applies_to": {"metadata": {"project": "x-*", "env": "prod"}}, "parent": "org:eng"},
-    {"id": "local-only", "applies_to": {"backend": "local"}},
-]}).budgets}  # fmt: skip
+POLICIES = {
+    p.id: p
+    for p in parse_policy_file(
+        {
+            "budgets": [
+                {"id": "team:a", "parent": "org:eng"},
+                {"id": "org:eng", "parent": "company"},
+                {"id": "company"},
+                {"id": "gpt4-class", "applies_to": {"model": "gpt-4*", "provider": "OpenAI"}},
+                {"id": "proj:x", "applies_to": {"metadata": {"project": "x-*", "env": "prod"}}, "parent": "org:eng"},
+                {"id": "local-only", "applies_to": {"backend": "local"}},
+            ]
+        }
+    ).budgets
+}
 
 
-def resolve(listed: list[str], model: str = "gpt-4o", provider: str = "openai", backend: str = "cloud",
-            metadata: dict[str, str] | None = None, unknown: str = "default") -> list[str]:  # fmt: skip
+def resolve(
+    listed: list[str],
+    model: str = "gpt-4o",
+    provider: str = "openai",
+    backend: str = "cloud",
+    metadata: dict[str, str] | None = None,
+    unknown: str = "default",
+) -> list[str]:
     resolver = BudgetResolver(lambda: POLICIES, unknown)  # type: ignore[arg-type]
     return resolver.resolve(listed, model=model, provider=provider, backend=backend, metadata=metadata or {})
 

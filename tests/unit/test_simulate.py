@@ -7,8 +7,10 @@ from budgetflow.streams.simulate import simulate_shift
 
 def test_the_shift_reduces_band_spend_by_at_least_40_percent() -> None:
     result = simulate_shift(requests=60_000, seed=3)
-    print(f"band spend without {result.without_band_spend}, with {result.with_band_spend}: "
-          f"{result.reduction_percent:.1f} % less")  # fmt: skip
+    print(
+        f"band spend without {result.without_band_spend}, with {result.with_band_spend}: "
+        f"{result.reduction_percent:.1f} % less"
+    )
     assert result.without_band_spend > 0
     assert result.reduction_percent >= 40.0
     # Without the shift the band is, by definition, a fifth of the limit (up to one request's cost).

@@ -107,8 +107,15 @@ def settings(tmp_path: Path, **publisher: Any) -> Settings:
 
 
 async def call(publisher: BudgetPublisher, request_id: str) -> None:
-    handle = await publisher.publish_request(request_id=request_id, model="gpt-4o", provider="openai",
-                                             backend="cloud", budgets=["team:a"], input_bytes=100, max_tokens=10)  # fmt: skip
+    handle = await publisher.publish_request(
+        request_id=request_id,
+        model="gpt-4o",
+        provider="openai",
+        backend="cloud",
+        budgets=["team:a"],
+        input_bytes=100,
+        max_tokens=10,
+    )
     await publisher.publish_usage(handle, Usage(input_tokens=10, output_tokens=5))
 
 
@@ -133,9 +140,11 @@ async def crash(publisher: BudgetPublisher) -> None:
 
 
 def spool_line(request_id: str, topic: str = "budgetflow.usage") -> bytes:
-    value = (f'{{"v":1,"request_id":"{request_id}","attempt":0,"request_occurred_at":"2026-11-02T10:00:00Z",'
-             f'"occurred_at":"2026-11-02T10:00:01Z","budgets":["team:a"],"model":"gpt-4o","provider":"openai",'
-             f'"backend":"cloud","input_tokens":10,"output_tokens":5}}')  # fmt: skip
+    value = (
+        f'{{"v":1,"request_id":"{request_id}","attempt":0,"request_occurred_at":"2026-11-02T10:00:00Z",'
+        f'"occurred_at":"2026-11-02T10:00:01Z","budgets":["team:a"],"model":"gpt-4o","provider":"openai",'
+        f'"backend":"cloud","input_tokens":10,"output_tokens":5}}'
+    )
     escaped = value.replace('"', '\\"')
     return f'{{"topic":"{topic}","key":"{request_id}","value":"{escaped}"}}\n'.encode()
 
@@ -255,8 +264,7 @@ async def test_usage_accepted_before_a_crash_is_sent_after_the_restart(tmp_path:
 async def test_spool_full_does_not_stop_the_send_loop(tmp_path: Path, broker: FakeBroker) -> None:
     """The broker stays away until the spool is full: SpoolFull reaches the caller, never the send loop; once
     the broker is back, every accepted event is delivered and ``on_full=block`` does not hang."""
-    publisher = BudgetPublisher(settings(tmp_path, spool_max_bytes=1 << 16), buffer_max=4,
-                                spool_dir=tmp_path / "spool")  # fmt: skip
+    publisher = BudgetPublisher(settings(tmp_path, spool_max_bytes=1 << 16), buffer_max=4, spool_dir=tmp_path / "spool")
     await publisher.start()
     try:
         broker.up = False
@@ -282,8 +290,17 @@ async def test_spool_full_does_not_stop_the_send_loop(tmp_path: Path, broker: Fa
         publisher.on_full = "block"  # each request waits for room in the buffer, which only a live send loop makes
         broker.up = True
         for j in range(10):
-            await asyncio.wait_for(publisher.publish_request(request_id=f"b-{j}", model="gpt-4o", provider="openai",
-                                                             backend="cloud", input_bytes=10, max_tokens=10), 10)  # fmt: skip
+            await asyncio.wait_for(
+                publisher.publish_request(
+                    request_id=f"b-{j}",
+                    model="gpt-4o",
+                    provider="openai",
+                    backend="cloud",
+                    input_bytes=10,
+                    max_tokens=10,
+                ),
+                10,
+            )
         await until(lambda: broker.usage_keys() >= set(accepted), what="every accepted event delivered")
         await until(lambda: publisher.spool_bytes() == 0, what="the spool emptied")
         for j in range(10):
@@ -341,8 +358,9 @@ def test_the_sync_publisher_writes_ahead_too(tmp_path: Path, broker: FakeBroker)
 
     broker.acks = False
     with SyncBudgetPublisher(settings(tmp_path), spool_dir=tmp_path / "spool") as publisher:
-        handle = publisher.publish_request(request_id="y-1", model="gpt-4o", provider="openai", backend="cloud",
-                                           input_bytes=10, max_tokens=10)  # fmt: skip
+        handle = publisher.publish_request(
+            request_id="y-1", model="gpt-4o", provider="openai", backend="cloud", input_bytes=10, max_tokens=10
+        )
         publisher.publish_usage(handle, Usage(input_tokens=10, output_tokens=5))
         assert any((tmp_path / "spool").glob("spool-*")), "not acknowledged yet: in the spool"
         publisher._loop.call_soon_threadsafe(broker.release)  # the broker acknowledges, on the publisher's loop

@@ -24,8 +24,12 @@ from budgetflow.tokenizers.registry import (
 REGISTRY = TokenizerRegistry.default()
 SUPPORTED = {"o200k_base": "o200k_base", "o200k_harmony": "o200k_base", "cl100k_base": "cl100k_base"}
 # One model per encoding and tier that the registry must count exactly like tiktoken.
-MODELS = [("gpt-4o", "o200k_base", "exact"), ("gpt-4", "cl100k_base", "exact"),
-          ("gpt-oss-120b", "o200k_base", "exact"), ("claude-sonnet-4-5", "cl100k_base", "approximate")]  # fmt: skip
+MODELS = [
+    ("gpt-4o", "o200k_base", "exact"),
+    ("gpt-4", "cl100k_base", "exact"),
+    ("gpt-oss-120b", "o200k_base", "exact"),
+    ("claude-sonnet-4-5", "cl100k_base", "approximate"),
+]
 
 SPECIALS = ["<|endoftext|>", "<|endofprompt|>", "<|fim_prefix|>", "<|im_start|>", "<|start|>", "<|return|>"]
 EMOJI = ["👩‍👩‍👧‍👦", "🏳️‍🌈", "👍🏽", "🇯🇵", "❤️", "🧑‍💻", "e\u0301", "\u200b", "\ufeff", "ﷺ", "𝔘𝔫𝔦"]
@@ -130,8 +134,9 @@ def test_routed_model_names_find_their_tokenizer() -> None:
 
 
 def test_extra_rules_come_first() -> None:
-    registry = TokenizerRegistry.default([TokenizerRule("gpt-4o*", "cl100k_base", "approximate"),
-                                          TokenizerRule("my-model", "o200k_base")])  # fmt: skip
+    registry = TokenizerRegistry.default(
+        [TokenizerRule("gpt-4o*", "cl100k_base", "approximate"), TokenizerRule("my-model", "o200k_base")]
+    )
     assert registry.tokenizer_for("gpt-4o-mini").name == "cl100k_base"
     assert registry.tokenizer_for("my-model").name == "o200k_base"
     assert registry.tokenizer_for("gpt-4").name == "cl100k_base"
@@ -200,8 +205,15 @@ def test_tool_calls_and_images_make_the_count_approximate(reference_tiktoken: di
     count = REGISTRY.count_chat("gpt-4o", messages)
     assert count.tier == "approximate"
     assert count.tokens == _chat_reference(reference_tiktoken["o200k_base"], messages)
-    image = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                          {"type": "image_url", "image_url": {"url": "data:..."}}]}]  # fmt: skip
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this"},
+                {"type": "image_url", "image_url": {"url": "data:..."}},
+            ],
+        }
+    ]
     assert REGISTRY.count_chat("gpt-4o", image).tier == "approximate"
     assert REGISTRY.count_chat("gpt-4o", [{"role": "user", "content": "hi"}]).tier == "exact"
 

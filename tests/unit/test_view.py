@@ -20,13 +20,35 @@ def view(**view_settings: Any) -> BudgetView:
     return BudgetView(Settings(view=view_settings))  # type: ignore[arg-type]
 
 
-def status(budget: str = "team:a", *, spend: int = 0, seq: int = 10, state: str = "normal", period: str = "2026-11",
-           as_of: datetime = NOW, action: str = "block_cloud", partition: int = 0) -> BudgetStatus:  # fmt: skip
-    return BudgetStatus(budget_id=budget, period=period, status=state, spend_usd=spend, settled_usd=spend,  # type: ignore[arg-type]
-                        reserved_usd=0, limit_usd=LIMIT, remaining_usd=max(LIMIT - spend, 0),
-                        utilization_percent=spend * 100 / LIMIT, soft_limit_percent=75, hard_limit_action=action,  # type: ignore[arg-type]
-                        as_of=as_of, next_reset=datetime(2026, 12, 1, tzinfo=UTC), reason="threshold",
-                        partition=partition, seq=seq)  # fmt: skip
+def status(
+    budget: str = "team:a",
+    *,
+    spend: int = 0,
+    seq: int = 10,
+    state: str = "normal",
+    period: str = "2026-11",
+    as_of: datetime = NOW,
+    action: str = "block_cloud",
+    partition: int = 0,
+) -> BudgetStatus:
+    return BudgetStatus(
+        budget_id=budget,
+        period=period,
+        status=state,
+        spend_usd=spend,
+        settled_usd=spend,  # type: ignore[arg-type]
+        reserved_usd=0,
+        limit_usd=LIMIT,
+        remaining_usd=max(LIMIT - spend, 0),
+        utilization_percent=spend * 100 / LIMIT,
+        soft_limit_percent=75,
+        hard_limit_action=action,  # type: ignore[arg-type]
+        as_of=as_of,
+        next_reset=datetime(2026, 12, 1, tzinfo=UTC),
+        reason="threshold",
+        partition=partition,
+        seq=seq,
+    )
 
 
 def beat(partition: int = 0, as_of: datetime = NOW, lag_s: float = 0.0) -> Heartbeat:
@@ -116,12 +138,19 @@ def test_headers_name_the_deciding_budget() -> None:
 def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
     from budgetflow.schemas.policy import parse_policy_file
 
-    policies = {p.id: p for p in parse_policy_file({"budgets": [
-        {"id": "models:big", "applies_to": {"model": "big-*"}, "hard_limit_action": "block_cloud"},
-        {"id": "team:a", "parent": "org:eng"},
-        {"id": "org:eng", "hard_limit_action": "block_all"},
-        {"id": "team:b"},
-    ]}).budgets}  # fmt: skip
+    policies = {
+        p.id: p
+        for p in parse_policy_file(
+            {
+                "budgets": [
+                    {"id": "models:big", "applies_to": {"model": "big-*"}, "hard_limit_action": "block_cloud"},
+                    {"id": "team:a", "parent": "org:eng"},
+                    {"id": "org:eng", "hard_limit_action": "block_all"},
+                    {"id": "team:b"},
+                ]
+            }
+        ).budgets
+    }
     v = view()
     v.use_policies(lambda: policies)
     v.apply_heartbeat(beat())
@@ -146,13 +175,19 @@ def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
 def test_a_budget_that_blocks_unpriced_models_refuses_them_for_cloud() -> None:
     from budgetflow.schemas.policy import parse_policy_file
 
-    policies = {p.id: p for p in parse_policy_file({"budgets": [{"id": "team:strict", "unpriced": "block"},
-                                                                {"id": "team:easy"}]}).budgets}  # fmt: skip
+    policies = {
+        p.id: p
+        for p in parse_policy_file(
+            {"budgets": [{"id": "team:strict", "unpriced": "block"}, {"id": "team:easy"}]}
+        ).budgets
+    }
     v = view()
     v.use_policies(lambda: policies)
     mystery, known = Candidate("mystery-1", "cloud", 2, priced=False), Candidate("gpt-4o", "cloud", 1)
-    assert [c.name for c in v.decide("r1", ["team:easy"], [mystery, known], now=NOW).candidates] == ["mystery-1",
-                                                                                                  "gpt-4o"]  # fmt: skip
+    assert [c.name for c in v.decide("r1", ["team:easy"], [mystery, known], now=NOW).candidates] == [
+        "mystery-1",
+        "gpt-4o",
+    ]
     strict = v.decide("r2", ["team:strict"], [mystery, known], now=NOW)
     assert [c.name for c in strict.candidates] == ["gpt-4o"]
     assert "unpriced_refused" in strict.flags
