@@ -46,7 +46,7 @@ setup: $(STAMP) $(HELM)  ## create .venv with budgetflow and its dev tools, fetc
 	    echo "installing Debian's prometheus package (promtool and a Prometheus server for the tests)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
-	$(BIN)/python -c 'from budgetflow.streams.localkafka import KafkaJars; from budgetflow.schemas import load_settings; print("kafka jars:", KafkaJars.from_settings(load_settings().local_kafka).ensure())'
+	$(BIN)/python -c 'from budgetflow.streams.dev.localkafka import KafkaJars; from budgetflow.schemas import load_settings; print("kafka jars:", KafkaJars.from_settings(load_settings().local_kafka).ensure())'
 
 .typecheck/budgetflow: 
 	mkdir -p .typecheck/budgetflow

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from budgetflow.schemas.settings import KafkaSettings
-from budgetflow.streams.clients import client_options
+from budgetflow.streams.kafka.clients import client_options
 
 pytestmark = pytest.mark.integration
 
@@ -280,7 +280,7 @@ class Pipeline:
 
     @property
     def topics(self) -> Any:
-        from budgetflow.streams.topics import Topics
+        from budgetflow.streams.kafka.topics import Topics
 
         return Topics.from_settings(self.settings())
 
@@ -305,7 +305,7 @@ class Pipeline:
         return subprocess.run(budgetflow_cmd(*args), env=self.env_base, capture_output=True, text=True, timeout=120)
 
     async def produce(self, records: list[tuple[str, bytes | None, bytes | None]]) -> None:
-        from budgetflow.streams.clients import client_options
+        from budgetflow.streams.kafka.clients import client_options
 
         producer = AIOKafkaProducer(**client_options(self.settings().kafka), enable_idempotence=True, linger_ms=5)
         await producer.start()
@@ -316,13 +316,13 @@ class Pipeline:
             await producer.stop()
 
     async def period_states(self) -> dict[tuple[str, str], Any]:
-        from budgetflow.streams.readback import read_period_states
+        from budgetflow.streams.ops.readback import read_period_states
 
         return await read_period_states(self.settings(), self.topics.state.name)
 
     async def dead_letters(self) -> list[tuple[dict[str, bytes], bytes | None, bytes | None]]:
         """Every DLQ record: (headers, key, value)."""
-        from budgetflow.streams.clients import client_options
+        from budgetflow.streams.kafka.clients import client_options
 
         consumer = AIOKafkaConsumer(
             self.topics.dlq.name,
@@ -343,7 +343,7 @@ class Pipeline:
             await consumer.stop()
 
     async def records(self, topic: str) -> list[tuple[int, bytes | None, bytes | None, int]]:
-        from budgetflow.streams.readback import read_topic
+        from budgetflow.streams.ops.readback import read_topic
 
         return await read_topic(self.settings(), topic)
 
@@ -454,8 +454,8 @@ def expected_of(events: list[tuple[str, dict[str, Any]]]) -> Scenario:
 
 
 def build_scenario(topics: Any, n: int = 1200, seed: int = 7) -> Scenario:
-    """Eight simulated hours across the month boundary (see budgetflow.streams.traffic)."""
-    from budgetflow.streams.traffic import Model, generate
+    """Eight simulated hours across the month boundary (see traffic)."""
+    from traffic import Model, generate
 
     models = [
         Model("test-small", "testco"),

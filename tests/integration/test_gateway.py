@@ -35,7 +35,7 @@ def key_file(path: Path, keys: dict[str, list[str]]) -> Path:
 
 
 def start_gateway(pipeline: Any, tmp_path: Path, keys: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
-    from budgetflow.streams.localkafka import free_port
+    from budgetflow.streams.dev.localkafka import free_port
 
     port = free_port()
     env = dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gateway"))

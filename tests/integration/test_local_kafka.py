@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from budgetflow.schemas.settings import LocalKafkaSettings
-from budgetflow.streams.localkafka import LocalKafka
+from budgetflow.streams.dev.localkafka import LocalKafka
 
 
 async def _produce(bootstrap: str, topic: str, n: int) -> None:

@@ -61,8 +61,8 @@ def promtool_check_metrics(text: str) -> None:
 
 
 async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, kit: Any, tmp_path: Path) -> None:
-    from budgetflow.streams.localkafka import free_port
-    from budgetflow.streams.readback import read_heartbeats
+    from budgetflow.streams.dev.localkafka import free_port
+    from budgetflow.streams.ops.readback import read_heartbeats
 
     pipeline, scenario = await kit.start(pipeline_factory, n=800)
     policies = pipeline.root / "policies.yaml"

@@ -124,7 +124,7 @@ async def test_audit_adjust_and_report(pipeline_factory: Any, kit: Any) -> None:
     # otherwise be deleted early.
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from budgetflow.streams.clients import client_options
+    from budgetflow.streams.kafka.clients import client_options
 
     settings = pipeline.settings()
     consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)

@@ -64,7 +64,7 @@ async def start_in_the_clocks_month(pipeline: Any, kit: Any) -> None:
 
     from budgetflow.schemas.events import LedgerEntry, period_of
     from budgetflow.schemas.serde import dumps
-    from budgetflow.streams.clients import client_options
+    from budgetflow.streams.kafka.clients import client_options
 
     producer = AIOKafkaProducer(**client_options(pipeline.settings().kafka), enable_idempotence=True)
     await producer.start()
@@ -112,8 +112,8 @@ async def test_scenario_is_exact_ordered_and_rolls_over(pipeline_factory: Any, k
         v.decode() for _, _, v, _ in await pipeline.records(pipeline.topics.events.name)
     )
     # Every changelog record lands on its budget's ledger partition.
-    from budgetflow.streams.ledger import decode_key
-    from budgetflow.streams.topics import partition_for
+    from budgetflow.streams.aggregate.ledger import decode_key
+    from budgetflow.streams.kafka.topics import partition_for
 
     changelog = await pipeline.records(pipeline.topics.state.name)
     assert changelog

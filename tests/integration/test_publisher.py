@@ -23,7 +23,7 @@ async def test_publisher_keeps_serving_while_the_broker_is_down(
 ) -> None:
     from budgetflow.schemas.settings import LocalKafkaSettings
     from budgetflow.streams import BudgetPublisher, BudgetView, Usage
-    from budgetflow.streams.localkafka import LocalKafka
+    from budgetflow.streams.dev.localkafka import LocalKafka
 
     # A broker of its own: this test stops it.
     broker = LocalKafka(tmp_path / "broker", LocalKafkaSettings(port=0))

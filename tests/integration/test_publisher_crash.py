@@ -117,7 +117,7 @@ async def test_every_usage_event_counts_once_whenever_the_gateway_is_killed(
 ) -> None:
     from budgetflow.schemas.settings import LocalKafkaSettings
     from budgetflow.streams import BudgetPublisher
-    from budgetflow.streams.localkafka import LocalKafka
+    from budgetflow.streams.dev.localkafka import LocalKafka
 
     seed = int(os.environ.get("BUDGETFLOW_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from budgetflow.streams.clients import client_options
+from budgetflow.streams.kafka.clients import client_options
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,7 +140,7 @@ async def test_a_checkpoint_older_than_the_tombstone_retention_must_restore_in_f
 ) -> None:
     """A store may resume from its checkpoint only if every changelog record after it is younger than
     delete.retention.ms (its tombstones cannot have been removed yet); else it restores from the start."""
-    from budgetflow.streams.topics import checkpoint_resumable
+    from budgetflow.streams.kafka.topics import checkpoint_resumable
 
     day_ms = 86_400_000
     topic = await topic_factory("changelog", partitions=2, config={"cleanup.policy": "compact"})

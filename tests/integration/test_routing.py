@@ -143,7 +143,7 @@ async def _check_view_serve(pipeline: Any) -> None:
 
     import aiohttp
 
-    from budgetflow.streams.localkafka import free_port
+    from budgetflow.streams.dev.localkafka import free_port
 
     port = free_port()
     proc = subprocess.Popen(

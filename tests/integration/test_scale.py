@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(400)
 
 
 async def owners(pipeline: Any, want: int) -> set[str]:
-    from budgetflow.streams.readback import read_heartbeats
+    from budgetflow.streams.ops.readback import read_heartbeats
 
     deadline = time.monotonic() + 60
     found: set[str] = set()

@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from budgetflow.schemas.settings import KafkaSettings, SecuritySettings
-from budgetflow.streams.clients import client_options
+from budgetflow.streams.kafka.clients import client_options
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -288,7 +288,7 @@ async def test_the_pipeline_runs_over_tls_and_scram_and_each_role_does_only_its_
         assert not await can_read(gateway, topic), topic
 
     # The stats API asks for the bearer token; health and metrics stay open for probes and Prometheus.
-    from budgetflow.streams.readback import read_heartbeats
+    from budgetflow.streams.ops.readback import read_heartbeats
 
     beats = await read_heartbeats(pipeline.settings(), topics.heartbeats.name)
     url = next(b.owner for b in beats.values() if b.owner)

@@ -31,8 +31,8 @@ async def group_lag(pipeline: Any, group: str, topics: list[str]) -> int:
     from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from budgetflow.streams.clients import client_options
-    from budgetflow.streams.topics import topic_partitions
+    from budgetflow.streams.kafka.clients import client_options
+    from budgetflow.streams.kafka.topics import topic_partitions
 
     settings = pipeline.settings()
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
@@ -64,7 +64,7 @@ async def test_soak_above_capacity(pipeline_factory: Any, kit: Any) -> None:
     baseline = {"enrich": rss(enrich.proc.pid), "aggregate": rss(aggregate.proc.pid)}
     from aiokafka import AIOKafkaProducer
 
-    from budgetflow.streams.clients import client_options
+    from budgetflow.streams.kafka.clients import client_options
 
     producer = AIOKafkaProducer(**client_options(pipeline.settings().kafka), linger_ms=20, max_batch_size=1 << 20)
     await producer.start()

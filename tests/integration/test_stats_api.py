@@ -28,8 +28,8 @@ def expected_status(budget: str, spend: int, kit: Any) -> str:
 async def test_stats_api_is_right_on_either_worker(pipeline_factory: Any, kit: Any) -> None:
     """Two workers, each asked about every budget: the same, exact answers, forwarded between configured peers
     with their own token, and the same again a moment later (the answer does not depend on when it is asked)."""
-    from budgetflow.streams.localkafka import free_port
-    from budgetflow.streams.readback import read_heartbeats
+    from budgetflow.streams.dev.localkafka import free_port
+    from budgetflow.streams.ops.readback import read_heartbeats
 
     ports = [free_port(), free_port()]
     peers = [f"http://127.0.0.1:{port}" for port in ports]

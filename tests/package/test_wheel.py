@@ -32,7 +32,7 @@ def test_wheel_maps_the_folders_under_the_namespace(wheel: Path) -> None:
     for package in ("streams", "schemas", "tokenizers"):
         assert f"budgetflow/{package}/__init__.py" in names
         assert f"budgetflow/{package}/py.typed" in names
-    assert "budgetflow/streams/kafka-local/pom.xml" in names
+    assert "budgetflow/streams/dev/kafka-local/pom.xml" in names
 
 
 def test_installed_wheel_imports_without_shadowing_tokenizers(wheel: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from budgetflow.schemas.settings import KafkaSettings, SecuritySettings
-from budgetflow.streams.clients import client_options
+from budgetflow.streams.kafka.clients import client_options
 
 
 def test_plaintext_options() -> None:

@@ -30,7 +30,7 @@ GENERATOR = ROOT / "helm" / "dashboard.py"
 DASHBOARD = ROOT / "helm" / "budgetflow" / "files" / "dashboard.json"
 PROMTOOL = shutil.which("promtool")
 
-# What budgetflow exports (streams/metrics.py, streams/enrich.py), by metric family.
+# What budgetflow exports (streams/service/metrics.py, streams/aggregate/metrics.py, streams/gateway/metrics.py, streams/enrich/worker.py), by metric family.
 GAUGES = {
     "budgetflow_budget_spend_usd",
     "budgetflow_budget_settled_usd",

@@ -9,8 +9,8 @@ import orjson
 from budgetflow.schemas.events import LedgerEntry
 from budgetflow.schemas.serde import decode_fast, dumps
 from budgetflow.schemas.settings import TopicSettings
-from budgetflow.streams.enrich import Enricher
-from budgetflow.streams.topics import Topics
+from budgetflow.streams.enrich.worker import Enricher
+from budgetflow.streams.kafka.topics import Topics
 from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
 
 TOPICS = Topics(TopicSettings())
@@ -86,7 +86,7 @@ def test_events_from_beyond_the_clock_skew_are_future_dead_letters() -> None:
     from datetime import timedelta
 
     from budgetflow.schemas.settings import ClockSettings
-    from budgetflow.streams.clock import Clock
+    from budgetflow.streams.rules.clock import Clock
 
     clock = Clock(ClockSettings(start=NOW, speed=1.0))
     enricher = Enricher(ENRICHER.estimator, TOPICS, clock=clock, max_clock_skew_s=300)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from budgetflow.streams.forecast import Forecaster
+from budgetflow.streams.rules.forecast import Forecaster
 
 START = 1_000_000.0
 END = START + 30 * 86_400

@@ -14,14 +14,14 @@ from budgetflow.schemas.money import MAX_ENTRY_PICO, MAX_PERIOD_PICO, PICO_PER_U
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode, decode_fast, dumps
 from budgetflow.schemas.settings import PricingSettings, ReservationSettings, TopicSettings
-from budgetflow.streams.dlq import MAX_KEY_BYTES, MAX_VALUE_BYTES, DeadLetter, redact
-from budgetflow.streams.enrich import Enricher
-from budgetflow.streams.ledger import LedgerConfig, PartitionLedger, PeriodState
-from budgetflow.streams.policies import _absorb
-from budgetflow.streams.publish import StatusPublisher
-from budgetflow.streams.status import StatusRules
-from budgetflow.streams.store import MemoryStore
-from budgetflow.streams.topics import Topics
+from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger, PeriodState
+from budgetflow.streams.aggregate.statuses import StatusPublisher
+from budgetflow.streams.aggregate.store import MemoryStore
+from budgetflow.streams.enrich.worker import Enricher
+from budgetflow.streams.kafka.dlq import MAX_KEY_BYTES, MAX_VALUE_BYTES, DeadLetter, redact
+from budgetflow.streams.kafka.topics import Topics
+from budgetflow.streams.rules.policies import _absorb
+from budgetflow.streams.rules.status import StatusRules
 from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
 
 T0 = datetime(2026, 11, 10, 12, tzinfo=UTC)
@@ -329,7 +329,7 @@ async def test_a_dead_letter_is_replaced_by_its_digest_only_when_the_broker_refu
 
     from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 
-    from budgetflow.streams.dlq import send_dead_letter
+    from budgetflow.streams.kafka.dlq import send_dead_letter
 
     class Producer:
         def __init__(self, error: type[Exception]) -> None:
@@ -397,7 +397,7 @@ def test_a_policy_record_whose_key_is_not_its_id_is_skipped() -> None:
 def test_a_passing_broker_error_while_checking_topics_is_retried_not_a_configuration_error() -> None:
     from aiokafka.errors import UnknownTopicOrPartitionError
 
-    from budgetflow.streams.topics import _retriable
+    from budgetflow.streams.kafka.topics import _retriable
 
     with pytest.raises(UnknownTopicOrPartitionError):  # a topic created a moment ago: the worker backs off
         _retriable(3, "not yet")

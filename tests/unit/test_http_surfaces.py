@@ -24,10 +24,10 @@ from aiohttp import web
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.events import BudgetStatus, Heartbeat
 from budgetflow.schemas.settings import Settings, load_settings
-from budgetflow.streams.topics import Topics, partition_for
-from budgetflow.streams.view import BudgetView
-from budgetflow.streams.viewserver import view_app
-from budgetflow.streams.web import peer_origin, stats_app
+from budgetflow.streams.aggregate.stats import peer_origin, stats_app
+from budgetflow.streams.gateway.view import BudgetView
+from budgetflow.streams.gateway.viewserver import view_app
+from budgetflow.streams.kafka.topics import Topics, partition_for
 
 TOKEN = "stats-token-\u00e9t\u00e9"  # not ASCII: compared as UTF-8 bytes
 PEER_TOKEN = "peer-token-8c1f"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from budgetflow.schemas.events import LedgerEntry, entry_id
 from budgetflow.schemas.policy import BudgetPolicy
-from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
-from budgetflow.streams.store import MemoryStore
+from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.aggregate.store import MemoryStore
 
 T0 = datetime(2026, 11, 10, 12, tzinfo=UTC)
 POLICIES = {

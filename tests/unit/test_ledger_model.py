@@ -27,9 +27,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from budgetflow.schemas.events import LedgerEntry, StatusName, entry_id, period_of
 from budgetflow.schemas.money import MAX_ENTRY_PICO
 from budgetflow.schemas.policy import BudgetPolicy
-from budgetflow.streams.ledger import LedgerConfig, PartitionLedger
-from budgetflow.streams.status import StatusRules, build_status
-from budgetflow.streams.store import MemoryStore
+from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.aggregate.store import MemoryStore
+from budgetflow.streams.rules.status import StatusRules, build_status
 
 EXAMPLES = int(os.environ.get("BUDGETFLOW_MODEL_EXAMPLES", "300"))
 START = datetime(2026, 11, 29, 20, tzinfo=UTC).timestamp()  # close to a month boundary

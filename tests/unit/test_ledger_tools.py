@@ -11,8 +11,8 @@ from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.events import LedgerEntry
 from budgetflow.schemas.serde import dumps
 from budgetflow.schemas.settings import DefaultPolicySettings
-from budgetflow.streams.ledger import LedgerConfig
-from budgetflow.streams.ledger_tools import adjustment_entry, replay_report
+from budgetflow.streams.aggregate.ledger import LedgerConfig
+from budgetflow.streams.ops.ledger_tools import adjustment_entry, replay_report
 
 NOW = datetime(2026, 12, 3, 12, tzinfo=UTC)
 WEEK = 7 * 86_400

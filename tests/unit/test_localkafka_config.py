@@ -10,7 +10,7 @@ import pytest
 
 from budgetflow.schemas.errors import LocalKafkaError
 from budgetflow.schemas.settings import LocalKafkaSettings
-from budgetflow.streams.localkafka import LocalKafka, free_port
+from budgetflow.streams.dev.localkafka import LocalKafka, free_port
 
 
 def test_cluster_ids_are_16_bytes_of_urlsafe_base64() -> None:
@@ -23,7 +23,7 @@ def test_cluster_ids_are_16_bytes_of_urlsafe_base64() -> None:
 
 def test_server_properties_are_safe_for_tests(tmp_path: Path) -> None:
     broker = LocalKafka(tmp_path, LocalKafkaSettings(port=0))
-    from budgetflow.streams.localkafka import _State
+    from budgetflow.streams.dev.localkafka import _State
 
     props = dict(line.split("=", 1) for line in broker._server_properties(_State("x" * 22, 1234, 1235)).splitlines())
     assert props["auto.create.topics.enable"] == "false"

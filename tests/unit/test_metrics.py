@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry
 
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.metrics import LabelLimiter, PipelineMetrics, RouterCollector, exposition
-from budgetflow.streams.routing import Candidate
-from budgetflow.streams.view import BudgetView
+from budgetflow.streams.gateway.routing import Candidate
+from budgetflow.streams.gateway.view import BudgetView
+from budgetflow.streams.service.metrics import LabelLimiter, PipelineMetrics, RouterCollector, exposition
 
 
 def test_label_limiter_bounds_a_label() -> None:

@@ -15,11 +15,11 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
 from budgetflow.schemas.settings import load_settings
-from budgetflow.streams.aggregate import AggregateWorker
-from budgetflow.streams.clock import Clock
-from budgetflow.streams.ledger import PeriodState
-from budgetflow.streams.store import RocksStore
-from budgetflow.streams.topics import Topics
+from budgetflow.streams.aggregate.ledger import PeriodState
+from budgetflow.streams.aggregate.store import RocksStore
+from budgetflow.streams.aggregate.worker import AggregateWorker
+from budgetflow.streams.kafka.topics import Topics
+from budgetflow.streams.rules.clock import Clock
 
 KEY = b"p|team:x\x1f2026-11"
 

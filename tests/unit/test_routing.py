@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from budgetflow.streams.routing import BudgetState, Candidate, affinity, cloud_share, decide, headers_for
+from budgetflow.streams.gateway.routing import BudgetState, Candidate, affinity, cloud_share, decide, headers_for
 
 # Published in the README for gateways in other languages.
 VECTORS = [

@@ -6,7 +6,7 @@ import pytest
 
 from budgetflow.schemas.errors import ConfigError, InvalidEvent
 from budgetflow.schemas.policy import BudgetPolicy, parse_policy_file
-from budgetflow.streams.scopes import BudgetResolver
+from budgetflow.streams.rules.scopes import BudgetResolver
 
 POLICIES = {
     p.id: p

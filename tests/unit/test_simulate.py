@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from budgetflow.streams.simulate import simulate_shift
+from budgetflow.streams.dev.simulate import simulate_shift
 
 
 def test_the_shift_reduces_band_spend_by_at_least_40_percent() -> None:

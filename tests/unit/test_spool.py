@@ -22,10 +22,10 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.settings import PublisherSettings, Settings
-from budgetflow.streams import publisher as publisher_module
-from budgetflow.streams.publisher import BudgetPublisher, RequestHandle, SpoolFull
-from budgetflow.streams.spool import Spool, parse_segment
-from budgetflow.streams.usage import Usage
+from budgetflow.streams.gateway import publisher as publisher_module
+from budgetflow.streams.gateway.publisher import BudgetPublisher, RequestHandle, SpoolFull
+from budgetflow.streams.gateway.spool import Spool, parse_segment
+from budgetflow.streams.gateway.usage import Usage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -354,7 +354,7 @@ async def test_the_publisher_starts_and_serves_while_the_broker_is_away(tmp_path
 
 
 def test_the_sync_publisher_writes_ahead_too(tmp_path: Path, broker: FakeBroker) -> None:
-    from budgetflow.streams.publisher import SyncBudgetPublisher
+    from budgetflow.streams.gateway.publisher import SyncBudgetPublisher
 
     broker.acks = False
     with SyncBudgetPublisher(settings(tmp_path), spool_dir=tmp_path / "spool") as publisher:

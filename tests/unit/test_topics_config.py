@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from budgetflow.schemas.settings import Settings, TopicSettings
-from budgetflow.streams.topics import Topics, state_delete_retention_ms
+from budgetflow.streams.kafka.topics import Topics, state_delete_retention_ms
 
 DAY_S = 86_400
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from budgetflow.streams.usage import Usage, from_anthropic, from_gemini, from_openai
+from budgetflow.streams.gateway.usage import Usage, from_anthropic, from_gemini, from_openai
 
 
 def test_openai_chat_completions() -> None:

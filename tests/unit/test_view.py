@@ -9,8 +9,8 @@ import pytest
 
 from budgetflow.schemas.events import BudgetStatus, Heartbeat
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.routing import Candidate
-from budgetflow.streams.view import BudgetView
+from budgetflow.streams.gateway.routing import Candidate
+from budgetflow.streams.gateway.view import BudgetView
 
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
 LIMIT = 100 * 10**12

@@ -1,0 +1,274 @@
+"""The aggregate's HTTP side: the stats API and the health check.
+
+``GET /v1/budgets`` lists every budget's last published status (from the status
+topic, so whichever worker answers sees them all); ``GET /v1/budgets/{id}``
+is answered from the exact state of the worker holding the budget's partition
+(its status fields, request counts and last 12 months): another worker
+forwards the request there, but only to an origin listed in ``WEB__PEERS``
+and with ``WEB__PEER_TOKEN``, never with the caller's token (the owner's URL
+comes from a heartbeat, and whoever can write the heartbeats topic names it).
+``GET /healthz`` is ready once the worker's partitions are restored and caught
+up. Amounts are decimal USD strings; nothing here carries prompt text.
+
+Neither listing answers as a router would past ``VIEW__EXPIRE_AFTER_S``
+(``VIEW__STALE_MODE``): a budget with old news keeps its last status, flagged
+``stale``, so two workers asked the same question give the same answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from budgetflow.schemas.events import BUDGET_ID_PATTERN
+from budgetflow.schemas.money import usd_string
+from budgetflow.schemas.serde import dumps
+from budgetflow.streams.gateway.routing import BudgetState
+from budgetflow.streams.kafka.topics import partition_for
+from budgetflow.streams.rules.clock import next_month_start
+
+if TYPE_CHECKING:
+    from budgetflow.streams.aggregate.ledger import PartitionLedger
+    from budgetflow.streams.aggregate.worker import AggregateWorker
+    from budgetflow.streams.gateway.view import BudgetView
+
+__all__ = ["bearer_guard", "credential_bytes", "peer_origin", "state_json", "stats_app"]
+
+log = logging.getLogger(__name__)
+_FORWARDED = "X-Budgetflow-Forwarded"
+_OPEN_PATHS = ("/healthz", "/metrics")
+_LABEL = re.compile(r"^[a-z0-9-]+$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(data), status=status, content_type="application/json")
+
+
+def credential_bytes(header: str) -> bytes:
+    """A header's bytes as they came over the wire (aiohttp decodes headers as UTF-8 with surrogateescape).
+
+    Tokens are compared as bytes: ``hmac.compare_digest`` refuses ``str`` with non-ASCII characters.
+    """
+    return header.encode("utf-8", "surrogateescape")
+
+
+def bearer_guard(token: str | None, *, peer_token: str | None = None) -> Any:
+    """Middleware: when a token is configured, every route but /healthz and /metrics requires it.
+
+    A stats request forwarded by another aggregate worker (``X-Budgetflow-Forwarded``, ``GET /v1/budgets/{id}``)
+    may present the peer token instead; the peer token opens nothing else.
+    """
+    expected = credential_bytes(f"Bearer {token}") if token else None
+    peer = credential_bytes(f"Bearer {peer_token}") if peer_token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is None or request.path in _OPEN_PATHS:
+            return await handler(request)
+        given = credential_bytes(request.headers.get("Authorization", ""))
+        if hmac.compare_digest(given, expected):
+            return await handler(request)
+        forwarded = (
+            request.method == "GET" and request.path.startswith("/v1/budgets/") and _FORWARDED in request.headers
+        )
+        if peer is not None and forwarded and hmac.compare_digest(given, peer):
+            return await handler(request)
+        return _json({"error": "unauthorized"}, status=401)
+
+    return guard
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a base URL with nothing else in it (no user, path, query or fragment)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host or parts.username is not None:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def peer_origin(url: str, peers: Sequence[str]) -> str | None:
+    """The origin to forward to when ``url`` (a heartbeat's owner) is one of ``peers``, else None.
+
+    A peer is an origin (``http://host:port``); a host written ``*.rest`` matches one DNS label before ``rest``
+    (a StatefulSet pod behind its headless Service).
+    """
+    owner = _origin(url)
+    if owner is None:
+        return None
+    scheme, host, port = owner
+    for peer in peers:
+        pattern = _origin(peer)
+        if pattern is None or pattern[0] != scheme or pattern[2] != port:
+            continue
+        wanted = pattern[1]
+        if wanted.startswith("*."):
+            label, _, rest = host.partition(".")
+            matched = bool(_LABEL.match(label)) and rest == wanted[2:]
+        else:
+            matched = host == wanted
+        if matched:
+            netloc = f"[{host}]" if ":" in host else host
+            return f"{scheme}://{netloc}:{port}"
+    return None
+
+
+def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
+    """The aiohttp application the aggregate worker serves."""
+    web_settings = worker.settings.web
+    token = web_settings.bearer_token.get_secret_value() if web_settings.bearer_token else None
+    peer_token = web_settings.peer_token.get_secret_value() if web_settings.peer_token else None
+    peers = list(web_settings.peers)
+    refused: set[str] = set()  # owners not in WEB__PEERS, logged once each
+    if token is not None and peer_token == token:
+        log.warning("WEB__PEER_TOKEN is the stats API's own token: give the workers a token of their own")
+    app = web.Application(middlewares=[bearer_guard(token, peer_token=peer_token)])
+
+    async def healthz(_: web.Request) -> web.Response:
+        ready = worker.ready
+        body = {"ready": ready, "partitions": sorted(worker.ledgers), "catching_up": sorted(worker.catching_up)}
+        return _json(body, status=200 if ready else 503)
+
+    async def budgets(_: web.Request) -> web.Response:
+        return _json({"budgets": [state_json(view.last_status(b)) for b in sorted(view.budgets())]})
+
+    async def budget(request: web.Request) -> web.Response:
+        budget_id = request.match_info["budget_id"]
+        if not re.match(BUDGET_ID_PATTERN, budget_id):
+            return _json({"error": "unknown budget"}, status=404)
+        partition = partition_for(budget_id, worker.topics.ledger.partitions)
+        ledger = worker.ledgers.get(partition)
+        if ledger is None:
+            if request.headers.get(_FORWARDED):
+                return _json({"error": f"partition {partition} is not held here"}, status=503)
+            owner = view.owner(partition)
+            if owner is None:
+                return _json({"error": f"no worker holds partition {partition} right now"}, status=503)
+            target = peer_origin(owner, peers)
+            if target is None:
+                if owner not in refused and len(refused) < 100:
+                    refused.add(owner)
+                    log.warning(
+                        "partition %d is held by %s, which is not in WEB__PEERS: not forwarding", partition, owner
+                    )
+                return _json(
+                    {"error": f"partition {partition} is held by a worker that is not a configured peer"}, status=503
+                )
+            return await _forward(f"{target}/v1/budgets/{quote(budget_id, safe=':')}", peer_token)
+        periods = sorted(
+            (p for (b, _), p in ledger.periods.items() if b == budget_id), key=lambda p: p.period, reverse=True
+        )[:12]
+        if not periods and budget_id not in worker.policies.policies and not view.last_status(budget_id).seen:
+            return _json({"error": f"unknown budget {budget_id}"}, status=404)
+        state = owned_state(worker, ledger, budget_id)
+        body = state_json(state)
+        body["partition"] = partition
+        body["periods"] = [
+            {
+                "period": p.period,
+                "status": p.status,
+                "spend_usd": usd_string(p.spend),
+                "settled_usd": usd_string(p.settled),
+                "reserved_usd": usd_string(p.reserved),
+                "requests": p.requests,
+                "settles": p.settles,
+                "expired": p.expired,
+                "adjusted": p.adjusted,
+                "unpriced": p.unpriced,
+            }
+            for p in periods
+        ]
+        current = next((p for p in periods if p.period == state.period), None)
+        body["requests"] = current.requests if current else 0
+        projection = worker.forecast(ledger, budget_id, state.period)
+        body["projected_month_end_usd"] = usd_string(projection.month_end_pico)
+        body["projected_hard_limit_at"] = (
+            None
+            if projection.hard_limit_at is None
+            else datetime.fromtimestamp(projection.hard_limit_at, UTC).isoformat()
+        )
+        return _json(body)
+
+    async def metrics(_: web.Request) -> web.Response:
+        from budgetflow.streams.service.metrics import exposition
+
+        return web.Response(
+            body=exposition(worker.metrics.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/budgets", budgets)
+    app.router.add_get("/v1/budgets/{budget_id}", budget)
+    return app
+
+
+def owned_state(worker: AggregateWorker, ledger: PartitionLedger, budget_id: str) -> BudgetState:
+    """A budget's current month from the exact state of the worker that holds it (not from the status topic).
+
+    The same status, spend and limit the worker would publish now; ``stale`` while its partition is catching up.
+    """
+    period = worker.publisher.current_period(ledger)
+    policy = worker.policies.policy_for(budget_id)
+    state = ledger.period_state(budget_id, period)
+    spend = state.spend if state is not None else 0
+    status = state.status if state is not None else worker.publisher.rules.next_status("normal", 0, policy)
+    limit = policy.monthly_limit_usd
+    return BudgetState(
+        budget_id=budget_id,
+        period=period,
+        status=status,
+        spend_pico=spend,
+        limit_pico=limit,
+        utilization=None if limit is None else (100.0 if limit == 0 else spend * 100 / limit),
+        soft_limit_percent=policy.soft_limit_percent,
+        hard_limit_action=policy.hard_limit_action,
+        next_reset=next_month_start(period),
+        stale=ledger.partition in worker.catching_up,
+    )
+
+
+def state_json(state: Any) -> dict[str, Any]:
+    return {
+        "budget_id": state.budget_id,
+        "period": state.period,
+        "status": state.status,
+        "spend_usd": usd_string(state.spend_pico),
+        "limit_usd": None if state.limit_pico is None else usd_string(state.limit_pico),
+        "remaining_usd": None if state.remaining_pico is None else usd_string(state.remaining_pico),
+        "utilization_percent": state.utilization,
+        "soft_limit_percent": state.soft_limit_percent,
+        "hard_limit_action": state.hard_limit_action,
+        "next_reset": state.next_reset.isoformat() if state.next_reset else None,
+        "stale": state.stale,
+    }
+
+
+async def _forward(url: str, peer_token: str | None) -> web.Response:
+    """Ask a configured peer, with the peer credential (never the caller's), and pass its answer on."""
+    headers = {_FORWARDED: "1"}
+    if peer_token:
+        headers["Authorization"] = f"Bearer {peer_token}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:  # noqa: SIM117
+            async with session.get(url, headers=headers, allow_redirects=False) as response:
+                return web.Response(body=await response.read(), status=response.status, content_type="application/json")
+    except aiohttp.ClientError as exc:
+        log.warning("forwarding to a peer failed: %s", exc.__class__.__name__)
+        return _json({"error": "the worker holding this budget did not answer"}, status=502)

@@ -1,0 +1,229 @@
+"""What the aggregate tells the world after a batch: statuses, transitions, heartbeats.
+
+Statuses are published for the current period only (the later of the clock and
+stream time): on a change of status, when utilization crosses a step, on a
+policy change, at rollover, and for a budget whose spend changed without a
+publish for ``refresh_s``. ``seq`` is the last ledger offset the partition has
+applied, so a view that keeps the highest seq per budget ignores a stale
+writer after a rebalance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from budgetflow.schemas.events import Heartbeat, StatusName, StatusReason, period_of
+from budgetflow.schemas.money import usd_string
+from budgetflow.schemas.policy import BudgetPolicy
+from budgetflow.schemas.serde import dumps
+from budgetflow.streams.aggregate.ledger import PartitionLedger, Transition
+from budgetflow.streams.rules.forecast import Forecast
+from budgetflow.streams.rules.status import StatusRules, build_status
+
+__all__ = ["Outgoing", "StatusPublisher"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record to send: topic role (``status``, ``events``, ``heartbeats``), key, value."""
+
+    role: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class _Published:
+    period: str
+    status: StatusName
+    step: int | None
+    spend: int
+    at: float
+
+
+class StatusPublisher:
+    """Decides which statuses to publish; remembers what it published (in memory only)."""
+
+    def __init__(
+        self,
+        rules: StatusRules,
+        policy_for: Callable[[str], BudgetPolicy],
+        now: Callable[[], datetime],
+        refresh_s: float,
+        forecast: Callable[[PartitionLedger, str, str], Forecast] | None = None,
+        on_publish: Callable[[StatusReason], None] | None = None,
+    ) -> None:
+        self.rules = rules
+        self.policy_for = policy_for
+        self.now = now
+        self.refresh_s = refresh_s
+        self.forecast = forecast
+        self.on_publish = on_publish
+        self._last: dict[str, _Published] = {}
+        self._dirty: set[str] = set()
+        self.published = 0
+
+    def current_period(self, ledger: PartitionLedger) -> str:
+        stream = datetime.fromtimestamp(ledger.meta.stream_time, UTC)
+        return period_of(max(self.now(), stream))
+
+    def _status(self, ledger: PartitionLedger, budget: str, period: str, reason: StatusReason) -> Outgoing:
+        state = ledger.period_state(budget, period)
+        policy = self.policy_for(budget)
+        if state is None:
+            settled = reserved = 0
+            status = self.rules.next_status("normal", 0, policy)
+        else:
+            settled, reserved, status = state.settled, state.reserved, state.status
+        last = self._last.get(budget)
+        previous = last.status if last is not None and last.period == period else None
+        record = build_status(
+            budget_id=budget,
+            period=period,
+            status=status,
+            previous_status=previous,
+            settled=settled,
+            reserved=reserved,
+            policy=policy,
+            as_of=self.now(),
+            reason=reason,
+            partition=ledger.partition,
+            seq=ledger.meta.applied if ledger.meta.applied >= 0 else -1,
+        )
+        if self.forecast is not None:
+            projection = self.forecast(ledger, budget, period)
+            hard_at = projection.hard_limit_at
+            record = record.model_copy(
+                update={
+                    "projected_month_end_usd": projection.month_end_pico,
+                    "projected_hard_limit_at": None if hard_at is None else datetime.fromtimestamp(hard_at, UTC),
+                }
+            )
+        if self.on_publish is not None:
+            self.on_publish(reason)
+        spend = settled + reserved
+        self._last[budget] = _Published(
+            period, status, self.rules.step_of(spend, policy.monthly_limit_usd), spend, time.monotonic()
+        )
+        self._dirty.discard(budget)
+        self.published += 1
+        return Outgoing("status", budget.encode(), dumps(record))
+
+    def after_batch(
+        self,
+        ledger: PartitionLedger,
+        transitions: list[Transition],
+        touched: set[tuple[str, str]],
+        rollover: str | None,
+        policy_changed: Iterable[str] = (),
+        known_budgets: Iterable[str] = (),
+    ) -> list[Outgoing]:
+        """Statuses and transition events for what one batch changed on one partition."""
+        out = [self._event(t) for t in transitions]
+        current = self.current_period(ledger)
+        done: set[str] = set()
+        if rollover is not None:
+            budgets = set(ledger.budgets()) | set(known_budgets)
+            for budget in sorted(budgets):
+                out.append(self._status(ledger, budget, current, "rollover"))
+                done.add(budget)
+        for budget in sorted(set(policy_changed) - done):
+            out.append(self._status(ledger, budget, current, "policy"))
+            done.add(budget)
+        for budget, period in sorted(touched):
+            if period != current or budget in done:
+                continue
+            out.extend(self._maybe(ledger, budget, period))
+            done.add(budget)
+        return out
+
+    def _maybe(self, ledger: PartitionLedger, budget: str, period: str) -> list[Outgoing]:
+        state = ledger.period_state(budget, period)
+        assert state is not None
+        last = self._last.get(budget)
+        policy = self.policy_for(budget)
+        step = self.rules.step_of(state.spend, policy.monthly_limit_usd)
+        if last is None or last.period != period:
+            return [self._status(ledger, budget, period, "refresh")]
+        if last.status != state.status:
+            return [self._status(ledger, budget, period, "threshold")]
+        if last.step != step:
+            return [self._status(ledger, budget, period, "step")]
+        if last.spend != state.spend:
+            self._dirty.add(budget)
+        return []
+
+    def refresh(self, ledger: PartitionLedger, budgets: Iterable[str] | None = None) -> list[Outgoing]:
+        """Publish budgets whose last value has not reached the topic for ``refresh_s`` (or the given ones)."""
+        current = self.current_period(ledger)
+        if budgets is not None:
+            return [self._status(ledger, b, current, "refresh") for b in sorted(set(budgets))]
+        now = time.monotonic()
+        due = [b for b in self._dirty if now - self._last[b].at >= self.refresh_s]
+        owned = set(ledger.budgets())
+        return [self._status(ledger, b, current, "refresh") for b in sorted(due) if b in owned]
+
+    def forget(self, budgets: Iterable[str]) -> None:
+        for budget in budgets:
+            self._last.pop(budget, None)
+            self._dirty.discard(budget)
+
+    @staticmethod
+    def _event(t: Transition) -> Outgoing:
+        value = {
+            "v": 1,
+            "budget_id": t.budget,
+            "period": t.period,
+            "event": t.event,
+            "previous_status": t.previous,
+            "spend_usd": usd_string(t.settled + t.reserved),
+            "settled_usd": usd_string(t.settled),
+            "reserved_usd": usd_string(t.reserved),
+            "seq": t.offset,
+        }
+        return Outgoing("events", f"{t.budget}:{t.period}:{t.event}".encode(), dumps(value))
+
+    def events_of(self, ledger: PartitionLedger, period: str, since_offset: int = 0) -> list[Outgoing]:
+        """Transitions recorded for a period by entries at or after ``since_offset`` (re-announced after a recovery)."""
+        out = []
+        for (budget, p), state in ledger.periods.items():
+            if p != period or state.o < since_offset:
+                continue
+            for event in state.events:
+                out.append(
+                    Outgoing(
+                        "events",
+                        f"{budget}:{p}:{event}".encode(),
+                        dumps(
+                            {
+                                "v": 1,
+                                "budget_id": budget,
+                                "period": p,
+                                "event": event,
+                                "previous_status": None,
+                                "spend_usd": usd_string(state.spend),
+                                "settled_usd": usd_string(state.settled),
+                                "reserved_usd": usd_string(state.reserved),
+                                "seq": state.o,
+                                "replayed": True,
+                            }
+                        ),
+                    )
+                )
+        return out
+
+    def heartbeat(
+        self, ledger: PartitionLedger, lag_s: float, enrich_lag_s: float | None, owner: str | None = None
+    ) -> Outgoing:
+        record = Heartbeat(
+            partition=ledger.partition,
+            as_of=self.now(),
+            stream_time=datetime.fromtimestamp(max(ledger.meta.stream_time, 946_684_800), UTC),
+            lag_s=max(lag_s, 0.0),
+            enrich_lag_s=enrich_lag_s,
+            owner=owner,
+        )
+        return Outgoing("heartbeats", str(ledger.partition).encode(), dumps(record))

@@ -1,0 +1,262 @@
+"""Routing decisions from budget statuses: the cloud share, the affinity hash, rejections, headers.
+
+Pure functions and small value types; :class:`~budgetflow.streams.gateway.view.BudgetView`
+feeds them the statuses it follows. Nothing here imports Kafka.
+
+The rule (design.md, Routing): a budget's cloud share is 1 below its soft
+limit, (100 − u) / (100 − soft) between the soft limit and 100 %, and 0 at
+100 % or more. A request may go to cloud iff h < the smallest share of its
+budgets, where h is the first 8 bytes of SHA-256 of the UTF-8 affinity key
+(the session id if given, else the request id) as a big-endian integer / 2^64:
+the same session keeps landing on the same side as the share moves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from budgetflow.schemas.money import format_usd
+
+__all__ = [
+    "BudgetExceeded",
+    "BudgetState",
+    "Candidate",
+    "Decision",
+    "affinity",
+    "cloud_share",
+    "decide",
+    "headers_for",
+]
+
+Backend = Literal["cloud", "local"]
+Action = Literal["warn", "block_cloud", "block_all"]
+_RANK = {"normal": 0, "soft_limit": 1, "hard_limit": 2}
+
+
+def affinity(key: str) -> float:
+    """h in [0, 1): the first 8 bytes of SHA-256 of the UTF-8 key, big-endian, / 2^64."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def cloud_share(utilization: float | None, soft_limit_percent: int, status: str = "normal") -> float:
+    """How much of a budget's traffic may still go to cloud."""
+    if status == "hard_limit" or (utilization is not None and utilization >= 100):
+        return 0.0
+    if utilization is None or utilization < soft_limit_percent:
+        # Unlimited, or below the soft limit (a soft status in the hysteresis band
+        # below it still has the full share).
+        return 1.0
+    return max(0.0, min(1.0, (100 - utilization) / (100 - soft_limit_percent)))
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A place a request may be sent: a model or deployment, on cloud or local, with a preference score."""
+
+    name: str
+    backend: Backend
+    score: float = 0.0
+    provider: str | None = None  # for budget scopes that name one (default: the request's)
+    priced: bool = True  # False: the price table has no price for it (budgets with `unpriced: block` refuse it)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """What a router knows of one budget right now (after staleness and rollover are applied)."""
+
+    budget_id: str
+    period: str
+    status: str = "normal"
+    spend_pico: int = 0
+    limit_pico: int | None = None
+    utilization: float | None = None
+    soft_limit_percent: int = 75
+    hard_limit_action: Action = "warn"
+    next_reset: datetime | None = None
+    stale: bool = False
+    seen: bool = True
+
+    @property
+    def remaining_pico(self) -> int | None:
+        return None if self.limit_pico is None else max(self.limit_pico - self.spend_pico, 0)
+
+    @property
+    def share(self) -> float:
+        return cloud_share(self.utilization, self.soft_limit_percent, self.status)
+
+
+@dataclass(frozen=True)
+class BudgetExceeded:
+    """Why a request is rejected: the budget, its month, its spend and limit, and when it resets."""
+
+    budget_id: str
+    period: str
+    spend_pico: int
+    limit_pico: int | None
+    next_reset: datetime | None
+    message: str
+    http_status: int = 429
+    budget_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def retry_after_s(self) -> int:
+        if self.next_reset is None:
+            return 3600
+        return max(1, int((self.next_reset - datetime.now(UTC)).total_seconds()))
+
+    def to_response(self) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body): an OpenAI-style 429 that the OpenAI and Anthropic SDKs do not retry."""
+        body = {
+            "error": {
+                "message": self.message,
+                "type": "insufficient_quota",
+                "param": None,
+                "code": "budget_exceeded",
+                "budget_id": self.budget_id,
+                "period": self.period,
+                "spend_usd": format_usd(self.spend_pico, 6),
+                "limit_usd": None if self.limit_pico is None else format_usd(self.limit_pico, 6),
+                "resets_at": None if self.next_reset is None else self.next_reset.isoformat(),
+            }
+        }
+        headers = {
+            "content-type": "application/json",
+            "x-should-retry": "false",
+            "retry-after": str(self.retry_after_s),
+            **self.budget_headers,
+        }
+        return self.http_status, headers, json.dumps(body).encode()
+
+
+@dataclass(slots=True)
+class Decision:
+    """Where a request may go: candidates in order, or the error that rejects it."""
+
+    candidates: tuple[Candidate, ...]
+    error: BudgetExceeded | None
+    cloud_allowed: bool
+    cloud_share: float
+    affinity: float
+    deciding: BudgetState | None = None
+    flags: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _strictest(states: Sequence[BudgetState], shares: Sequence[float]) -> BudgetState | None:
+    """The budget that decides: lowest share, then highest status, then least remaining."""
+    if not states:
+        return None
+    best = 0
+    for i in range(1, len(states)):
+        a, b = states[i], states[best]
+        key_a = (shares[i], -_RANK.get(a.status, 0), a.remaining_pico or 0)
+        key_b = (shares[best], -_RANK.get(b.status, 0), b.remaining_pico or 0)
+        if key_a < key_b:
+            best = i
+    return states[best]
+
+
+def decide(
+    request_id: str,
+    states: Sequence[BudgetState],
+    candidates: Sequence[Candidate],
+    *,
+    session_id: str | None = None,
+) -> Decision:
+    """design.md's routing rule over the request's budgets (pure; the view catches anything unexpected)."""
+    h = affinity(session_id if session_id else request_id)
+    shares = [cloud_share(s.utilization, s.soft_limit_percent, s.status) for s in states]
+    share = min(shares, default=1.0)
+    deciding = _strictest(states, shares)
+    ordered = sorted(candidates, key=lambda c: -c.score)
+    cloud = [c for c in ordered if c.backend == "cloud"]
+    local = [c for c in ordered if c.backend == "local"]
+    flags: list[str] = []
+    if any(s.stale for s in states):
+        flags.append("stale")
+    hard = [s for s in states if s.status == "hard_limit" or (s.utilization is not None and s.utilization >= 100)]
+    blocking_all = [s for s in hard if s.hard_limit_action == "block_all"]
+    if blocking_all:
+        return Decision(
+            (), _exceeded(blocking_all[0], "blocks all traffic"), False, share, h, blocking_all[0], tuple(flags)
+        )
+    cloud_allowed = h < share
+    if cloud_allowed:
+        return Decision(tuple(ordered), None, True, share, h, deciding, tuple(flags))
+    if local:
+        flags.append("shifted_to_local")
+        return Decision(tuple(local), None, False, share, h, deciding, tuple(flags))
+    # No local candidate: warn keeps cloud (flagged), and so does a soft limit; a hard block rejects.
+    blocking_cloud = [s for s in hard if s.hard_limit_action == "block_cloud"]
+    if blocking_cloud:
+        return Decision(
+            (),
+            _exceeded(blocking_cloud[0], "blocks cloud traffic and no local model is available"),
+            False,
+            share,
+            h,
+            blocking_cloud[0],
+            tuple(flags),
+        )
+    flags.append("over_budget_kept_cloud" if hard else "soft_limit_kept_cloud")
+    return Decision(tuple(cloud), None, True, share, h, deciding, tuple(flags))
+
+
+def _exceeded(state: BudgetState, what: str) -> BudgetExceeded:
+    limit = "unlimited" if state.limit_pico is None else f"${format_usd(state.limit_pico, 2)}"
+    message = (
+        f"Budget {state.budget_id} has reached its limit for {state.period} (spent "
+        f"${format_usd(state.spend_pico, 2)} of {limit}); its hard-limit action {what}."
+    )
+    return BudgetExceeded(
+        budget_id=state.budget_id,
+        period=state.period,
+        spend_pico=state.spend_pico,
+        limit_pico=state.limit_pico,
+        next_reset=state.next_reset,
+        message=message,
+        budget_headers=headers_for(state, None),
+    )
+
+
+def headers_for(state: BudgetState | None, estimated_cost_pico: int | None) -> dict[str, str]:
+    """design.md's X-Budget-* headers: the cost estimate always, the deciding budget when it is not normal."""
+    headers: dict[str, str] = {}
+    if estimated_cost_pico is not None:
+        headers["X-Budget-Cost-Estimated"] = format_usd(estimated_cost_pico, 6)
+    if state is None or state.status == "normal":
+        return headers
+    headers["X-Budget-Id"] = state.budget_id
+    headers["X-Budget-Status"] = state.status
+    if state.utilization is not None:
+        headers["X-Budget-Utilization"] = f"{state.utilization:.2f}"
+    remaining = state.remaining_pico
+    if remaining is not None:
+        headers["X-Budget-Remaining"] = format_usd(remaining, 2)
+    if state.next_reset is not None:
+        headers["X-Budget-Reset"] = state.next_reset.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return headers
+
+
+def merge_decisions(parts: Sequence[Decision], candidates: Sequence[Candidate]) -> Decision:
+    """One decision from the decisions over groups of candidates charged to different budgets (a model-scoped
+    budget binds only its model's candidates): every candidate some group allows, in score order; a rejection
+    only when every group rejects."""
+    allowed = {id(c) for part in parts for c in part.candidates}
+    ordered = tuple(c for c in sorted(candidates, key=lambda c: -c.score) if id(c) in allowed)
+    flags = tuple(dict.fromkeys(f for part in parts for f in part.flags))
+    strictest = min(parts, key=lambda part: part.cloud_share)
+    if not ordered:
+        rejected = next((part for part in parts if part.error is not None), strictest)
+        return Decision((), rejected.error, False, strictest.cloud_share, rejected.affinity, rejected.deciding, flags)
+    cloud = any(c.backend == "cloud" for c in ordered)
+    return Decision(ordered, None, cloud, strictest.cloud_share, strictest.affinity, strictest.deciding, flags)

@@ -1,0 +1,489 @@
+"""BudgetView: the router's picture of every budget, followed from the status and heartbeat topics.
+
+A gateway or router keeps one view per process::
+
+    async with BudgetView(settings) as view:
+        await view.ready()
+        decision = view.decide(request_id, ["team:search"], candidates, session_id=sid)
+
+It keeps the latest status per budget (highest ``seq``; on a tie the later
+record), reads a status of a past month as ``normal`` for the new one
+(rollover on read), marks budgets stale when their partition's heartbeat is
+old or reports lag, and counts what this router admitted since its last
+status, so that one router alone cannot overrun the remaining budget between
+two statuses. ``decide`` is pure and never raises. It imports no Faust and no
+RocksDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from budgetflow.schemas.errors import InvalidEvent
+from budgetflow.schemas.events import GLOBAL_BUDGET, BudgetStatus, Heartbeat, period_of
+from budgetflow.schemas.policy import BudgetPolicy
+from budgetflow.schemas.serde import decode
+from budgetflow.schemas.settings import Settings, load_settings
+from budgetflow.streams.gateway.routing import (
+    Action,
+    BudgetExceeded,
+    BudgetState,
+    Candidate,
+    Decision,
+    affinity,
+    decide,
+    headers_for,
+    merge_decisions,
+)
+from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.topics import Topics
+from budgetflow.streams.rules.clock import Clock, month_start, next_month_start
+from budgetflow.streams.rules.policies import PolicyBook
+from budgetflow.streams.rules.scopes import BudgetResolver
+
+__all__ = ["BudgetView"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Status:
+    """A status record kept compactly (a view holds one per budget)."""
+
+    seq: int
+    period: str
+    status: str
+    spend: int
+    limit: int | None
+    soft: int
+    action: Action
+    partition: int
+    as_of: float
+    reset_ts: float
+    base: BudgetState | None = None  # built on first use, then shared by every decision on the budget
+
+
+@dataclass(slots=True)
+class _Beat:
+    as_of: float
+    lag_s: float
+    owner: str | None = None
+
+
+class BudgetView:
+    """Follows statuses and heartbeats; answers ``status``, ``decide``, ``admit`` and ``headers``."""
+
+    def __init__(self, settings: Settings | None = None, *, clock: Clock | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.topics = Topics.from_settings(self.settings)
+        self.clock = clock or Clock(self.settings.clock)
+        self._statuses: dict[str, _Status] = {}
+        self._beats: dict[int, _Beat] = {}
+        self._admitted: dict[str, list[tuple[float, int]]] = {}
+        self._unseen: dict[str, tuple[float, float, BudgetState]] = {}  # budgets with no status: normal
+        self._ready = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.records_seen = 0
+        self.stale_records = 0
+        self.decisions: dict[str, int] = {}
+        # With the policies followed: the budgets enrich charges (scoped ones, parents) decide routing too.
+        self.resolver: BudgetResolver | None = None
+        self._policy_source: Callable[[], Mapping[str, BudgetPolicy]] = dict
+        self._policies: PolicyBook | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+    async def __aenter__(self) -> BudgetView:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        from budgetflow.streams.kafka.topics import topic_partitions
+
+        consumer = AIOKafkaConsumer(**client_options(self.settings.kafka), enable_auto_commit=False)
+        await consumer.start()
+        self._consumer = consumer
+        partitions = [
+            TopicPartition(self.topics.status.name, p)
+            for p in await topic_partitions(self.settings, self.topics.status.name)
+        ]
+        partitions += [
+            TopicPartition(self.topics.heartbeats.name, p)
+            for p in await topic_partitions(self.settings, self.topics.heartbeats.name)
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        if self.settings.view.follow_policies:
+            book = PolicyBook(self.settings, self.topics.policies.name, on_change=lambda _: self._policies_changed())
+            await book.start()
+            self._policies = book
+            self.use_policies(lambda: book.policies)
+        self._task = asyncio.create_task(self._follow(consumer, ends), name="budget-view")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._policies is not None:
+            await self._policies.stop()
+
+    async def ready(self, timeout_s: float | None = None) -> None:
+        """Wait until the view has read both topics up to where they were when it started."""
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def _follow(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
+        pending = {tp for tp, end in ends.items() if end > 0}
+        if not pending:
+            self._ready.set()
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            except Exception:  # the broker is away: keep the last picture, try again
+                log.warning("budget view could not fetch; retrying", exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
+            for tp, records in batch.items():
+                heartbeat = tp.topic == self.topics.heartbeats.name
+                for record in records:
+                    self._absorb(heartbeat, record.key, record.value)
+            if pending:
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+                if not pending:
+                    self._ready.set()
+
+    # -- feeding (also used by tests and `view serve`) ----------------------------------
+    def _absorb(self, heartbeat: bool, key: bytes | None, value: bytes | None) -> None:
+        self.records_seen += 1
+        if heartbeat:
+            try:
+                beat, _ = decode(Heartbeat, value)
+            except InvalidEvent:
+                return
+            self.apply_heartbeat(beat)
+            return
+        if value is None:
+            if key is not None:
+                self._statuses.pop(key.decode(errors="replace"), None)
+            return
+        try:
+            record, _ = decode(BudgetStatus, value)
+        except InvalidEvent:
+            return
+        self.apply_status(record)
+
+    def apply_status(self, record: BudgetStatus) -> bool:
+        """Keep a status unless an already known one has a higher ``seq``; True if kept."""
+        current = self._statuses.get(record.budget_id)
+        if current is not None and record.seq < current.seq:
+            self.stale_records += 1
+            return False
+        self._statuses[record.budget_id] = _Status(
+            seq=record.seq,
+            period=record.period,
+            status=record.status,
+            spend=record.spend_usd,
+            limit=record.limit_usd,
+            soft=record.soft_limit_percent,
+            action=record.hard_limit_action,
+            partition=record.partition,
+            as_of=record.as_of.timestamp(),
+            reset_ts=record.next_reset.timestamp(),
+        )
+        # What this router admitted before the status was taken is in it now.
+        admitted = self._admitted.get(record.budget_id)
+        if admitted:
+            grace = self.settings.view.admit_grace_s
+            self._admitted[record.budget_id] = [(t, a) for t, a in admitted if t + grace > record.as_of.timestamp()]
+        return True
+
+    def apply_heartbeat(self, beat: Heartbeat) -> None:
+        self._beats[beat.partition] = _Beat(beat.as_of.timestamp(), beat.lag_s, beat.owner)
+
+    def heartbeat_ages(self, now: datetime | None = None) -> dict[int, float]:
+        """Seconds since each partition's last heartbeat, on the view's clock."""
+        ts = (now or self.clock.now()).timestamp()
+        return {p: max(0.0, ts - beat.as_of) for p, beat in self._beats.items()}
+
+    def owner(self, partition: int) -> str | None:
+        """The URL of the aggregate worker that last sent this partition's heartbeat."""
+        beat = self._beats.get(partition)
+        return beat.owner if beat is not None else None
+
+    # -- answers --------------------------------------------------------------------------
+    def budgets(self) -> list[str]:
+        return list(self._statuses)
+
+    def status(self, budget_id: str, *, now: datetime | None = None) -> BudgetState:
+        """A budget as a router should treat it now: rollover, staleness and admissions applied."""
+        moment = now or self.clock.now()
+        ts = moment.timestamp()
+        record = self._statuses.get(budget_id)
+        if record is None:
+            cached = self._unseen.get(budget_id)
+            if cached is None or not cached[0] <= ts < cached[1]:
+                current = period_of(moment)
+                reset = next_month_start(current)
+                state = BudgetState(budget_id, current, next_reset=reset, seen=False)
+                cached = (month_start(current).timestamp(), reset.timestamp(), state)
+                if len(self._unseen) > 10_000:
+                    self._unseen.clear()
+                self._unseen[budget_id] = cached
+            return self._with_admitted(cached[2], ts) if budget_id in self._admitted else cached[2]
+        base = record.base
+        if base is None:
+            base = record.base = BudgetState(
+                budget_id=budget_id,
+                period=record.period,
+                status=record.status,
+                spend_pico=record.spend,
+                limit_pico=record.limit,
+                utilization=_utilization(record.spend, record.limit),
+                soft_limit_percent=record.soft,
+                hard_limit_action=record.action,
+                next_reset=next_month_start(record.period),
+            )
+        if ts >= record.reset_ts:
+            # Rollover on read: last month's status says nothing about this one.
+            current = period_of(moment)
+            fresh = replace(
+                base,
+                period=current,
+                status="normal",
+                spend_pico=0,
+                utilization=_utilization(0, record.limit),
+                next_reset=next_month_start(current),
+            )
+            return self._with_admitted(fresh, ts)
+        beat = self._beats.get(record.partition)
+        age = ts - (beat.as_of if beat is not None else record.as_of)
+        lag = beat.lag_s if beat is not None else 0.0
+        view = self.settings.view
+        if age > view.expire_after_s:
+            if view.stale_mode == "open":
+                return replace(base, status="normal", utilization=None, stale=True)
+            closed = replace(base, status="hard_limit", utilization=100.0, hard_limit_action="block_cloud")
+            return replace(closed, stale=True)
+        if age > view.stale_after_s or lag > view.stale_after_s:
+            base = replace(base, stale=True)
+        return self._with_admitted(base, ts) if budget_id in self._admitted else base
+
+    def last_status(self, budget_id: str, *, now: datetime | None = None) -> BudgetState:
+        """A budget as last published, rolled over on read and flagged stale, for reporting (the stats API).
+
+        Unlike :meth:`status` it neither applies ``VIEW__STALE_MODE`` (a router's choice of what to do without
+        fresh news, not a fact about the budget) nor this router's admissions.
+        """
+        moment = now or self.clock.now()
+        record = self._statuses.get(budget_id)
+        if record is None:
+            current = period_of(moment)
+            return BudgetState(budget_id, current, next_reset=next_month_start(current), seen=False)
+        state = BudgetState(
+            budget_id=budget_id,
+            period=record.period,
+            status=record.status,
+            spend_pico=record.spend,
+            limit_pico=record.limit,
+            utilization=_utilization(record.spend, record.limit),
+            soft_limit_percent=record.soft,
+            hard_limit_action=record.action,
+            next_reset=next_month_start(record.period),
+        )
+        ts = moment.timestamp()
+        if ts >= record.reset_ts:
+            current = period_of(moment)
+            return replace(
+                state,
+                period=current,
+                status="normal",
+                spend_pico=0,
+                utilization=_utilization(0, record.limit),
+                next_reset=next_month_start(current),
+            )
+        beat = self._beats.get(record.partition)
+        age = ts - (beat.as_of if beat is not None else record.as_of)
+        lag = beat.lag_s if beat is not None else 0.0
+        stale = max(age, lag) > self.settings.view.stale_after_s
+        return replace(state, stale=True) if stale else state
+
+    def _with_admitted(self, state: BudgetState, ts: float) -> BudgetState:
+        admitted = self._admitted.get(state.budget_id)
+        if not admitted:
+            return state
+        horizon = ts - self.settings.view.admit_max_age_s
+        extra = sum(a for t, a in admitted if t > horizon)
+        if not extra:
+            return state
+        spend = state.spend_pico + extra
+        u = _utilization(spend, state.limit_pico)
+        status = state.status
+        if u is not None and u >= 100:
+            status = "hard_limit"
+        elif u is not None and u >= state.soft_limit_percent and status == "normal":
+            status = "soft_limit"
+        return replace(state, status=status, spend_pico=spend, utilization=u)
+
+    def admit(self, budgets: Sequence[str], estimate_pico: int, *, now: datetime | None = None) -> None:
+        """Count a request this router let through, until a status that includes it arrives."""
+        ts = (now or self.clock.now()).timestamp()
+        horizon = ts - self.settings.view.admit_max_age_s
+        for budget in _with_global(budgets):
+            kept = [(t, a) for t, a in self._admitted.get(budget, ()) if t > horizon]
+            kept.append((ts, estimate_pico))
+            self._admitted[budget] = kept
+
+    def decide(
+        self,
+        request_id: str,
+        budgets: Sequence[str],
+        candidates: Sequence[Candidate],
+        *,
+        session_id: str | None = None,
+        now: datetime | None = None,
+        provider: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Decision:
+        """Where the request may go (design.md's rule over its budgets, ``global`` included). Never raises.
+
+        With the policies followed, each candidate is held to the budgets enrich would charge for it: those
+        named, the scoped budgets its model, provider, backend and the request's ``metadata`` match, and every
+        parent of those.
+        """
+        try:
+            moment = now or self.clock.now()
+            groups = self._budget_groups(budgets, candidates, provider, metadata or {})
+            parts = [
+                self._decide_group(request_id, group, members, session_id, moment) for group, members in groups.items()
+            ]
+            decision = parts[0] if len(parts) == 1 else merge_decisions(parts, candidates)
+        except Exception:  # a router must answer: fail open, and say so
+            log.exception("budget decision failed; letting the request through")
+            from budgetflow.streams.gateway.routing import affinity
+
+            decision = Decision(
+                tuple(candidates), None, True, 1.0, affinity(session_id or request_id), None, ("decision_error",)
+            )
+        outcome = "rejected" if decision.error else ("cloud" if decision.cloud_allowed else "local")
+        self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
+        return decision
+
+    def use_policies(self, source: Callable[[], Mapping[str, BudgetPolicy]]) -> None:
+        """Decide with these policies (``start`` does it with the policies topic when VIEW__FOLLOW_POLICIES)."""
+        self._policy_source = source
+        self.resolver = BudgetResolver(source)
+
+    def _policies_changed(self) -> None:
+        if self.resolver is not None:
+            self.resolver.invalidate()
+
+    def _decide_group(
+        self,
+        request_id: str,
+        budgets: tuple[str, ...],
+        candidates: list[Candidate],
+        session_id: str | None,
+        moment: datetime,
+    ) -> Decision:
+        states = [self.status(b, now=moment) for b in budgets]
+        policies = self._policy_source()
+        strict = [b for b in budgets if b in policies and policies[b].unpriced == "block"]
+        unpriced = [c for c in candidates if c.backend == "cloud" and not c.priced]
+        if strict and unpriced:
+            # A budget that refuses unpriced models: their cost could not be counted exactly.
+            kept = [c for c in candidates if c not in unpriced]
+            if not kept:
+                state = next(s for s in states if s.budget_id == strict[0])
+                error = BudgetExceeded(
+                    state.budget_id,
+                    state.period,
+                    state.spend_pico,
+                    state.limit_pico,
+                    None,
+                    f"Budget {state.budget_id} refuses models with no price "
+                    f"({', '.join(c.name for c in unpriced)}), and no priced model is offered.",
+                    http_status=403,
+                )
+                return Decision((), error, False, 0.0, affinity(session_id or request_id), state, ("unpriced",))
+            decision = decide(request_id, states, kept, session_id=session_id)
+            return replace(decision, flags=(*decision.flags, "unpriced_refused"))
+        return decide(request_id, states, candidates, session_id=session_id)
+
+    def _budget_groups(
+        self, budgets: Sequence[str], candidates: Sequence[Candidate], provider: str | None, metadata: Mapping[str, str]
+    ) -> dict[tuple[str, ...], list[Candidate]]:
+        """Candidates grouped by the budgets they are charged to (one group when no scope tells them apart)."""
+        if self.resolver is None:
+            return {tuple(_with_global(budgets)): list(candidates)}
+        if not self.resolver.has_scopes:  # only parents: every candidate is charged alike
+            charged = self.resolver.resolve(
+                budgets, model="", provider=provider or "", backend="cloud", metadata=metadata
+            )
+            return {tuple(charged): list(candidates)}
+        groups: dict[tuple[str, ...], list[Candidate]] = {}
+        for c in candidates:
+            key = tuple(
+                self.resolver.resolve(
+                    budgets, model=c.name, provider=c.provider or provider or "", backend=c.backend, metadata=metadata
+                )
+            )
+            groups.setdefault(key, []).append(c)
+        return groups or {tuple(_with_global(budgets)): []}
+
+    def headers(
+        self, budgets: Sequence[str], estimated_cost_pico: int | None, *, now: datetime | None = None
+    ) -> dict[str, str]:
+        """The X-Budget-* headers for a response: the deciding budget when it is not normal."""
+        states = [self.status(b, now=now) for b in _with_global(budgets)]
+        worst = max(
+            states,
+            key=lambda s: ({"normal": 0, "soft_limit": 1, "hard_limit": 2}.get(s.status, 0), -(s.remaining_pico or 0)),
+            default=None,
+        )
+        return headers_for(worst, estimated_cost_pico)
+
+    def snapshot(self) -> dict[str, Any]:
+        """How much the view holds (for `view serve` and the benchmarks)."""
+        return {
+            "budgets": len(self._statuses),
+            "partitions_with_heartbeat": len(self._beats),
+            "ready": self.is_ready,
+            "records_seen": self.records_seen,
+        }
+
+
+def _utilization(spend: int, limit: int | None) -> float | None:
+    if limit is None:
+        return None
+    if limit == 0:
+        return 100.0
+    return spend * 100 / limit
+
+
+def _with_global(budgets: Sequence[str]) -> Sequence[str]:
+    if GLOBAL_BUDGET not in budgets and len(set(budgets)) == len(budgets):
+        return [*budgets, GLOBAL_BUDGET]
+    return list(dict.fromkeys([*budgets, GLOBAL_BUDGET]))

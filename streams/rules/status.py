@@ -1,0 +1,111 @@
+"""The status rules: thresholds with hysteresis, utilization steps, the BudgetStatus record.
+
+All comparisons are exact (integers and fractions of pico-dollars); the
+utilization on the wire is a float for display and routing only.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from decimal import Decimal
+from fractions import Fraction
+from typing import Literal
+
+from budgetflow.schemas.events import BudgetStatus, StatusName, StatusReason
+from budgetflow.schemas.policy import BudgetPolicy
+from budgetflow.streams.rules.clock import next_month_start
+
+__all__ = ["StatusRules", "build_status", "utilization"]
+
+_RANK: dict[StatusName, int] = {"normal": 0, "soft_limit": 1, "hard_limit": 2}
+Transition = Literal["soft_limit", "hard_limit", "normal"]
+
+
+def utilization(spend: int, limit: int | None) -> Fraction | None:
+    """spend / limit × 100, exactly; None when unlimited; a limit of 0 reads as 100 %."""
+    if limit is None:
+        return None
+    if limit == 0:
+        return Fraction(100) if spend <= 0 else Fraction(100) + Fraction(spend)
+    return Fraction(100 * spend, limit)
+
+
+class StatusRules:
+    """design.md's status rules with the configured hysteresis and step, in exact integer arithmetic."""
+
+    # Thresholds in millionths of a percent point: hysteresis and step may have up to 6 decimals.
+    _SCALE = 1_000_000
+
+    def __init__(self, hysteresis_points: Decimal = Decimal(1), step_points: Decimal = Decimal(1)) -> None:
+        self.hysteresis = Fraction(hysteresis_points)
+        self.step = Fraction(step_points)
+        self._h = int(Fraction(hysteresis_points) * self._SCALE)
+        self._step = Fraction(step_points)
+
+    def next_status(self, previous: StatusName, spend: int, policy: BudgetPolicy) -> StatusName:
+        """hard at ≥ 100 %, soft at ≥ the soft limit; a status drops only below threshold − hysteresis."""
+        limit = policy.monthly_limit_usd
+        if limit is None:
+            return "normal"
+        if limit == 0:
+            return "hard_limit"
+        # u >= x  <=>  100 * SCALE * spend >= x * SCALE * limit, all in integers
+        scaled = 100 * self._SCALE * spend
+        hard = 100 * self._SCALE * limit
+        soft = policy.soft_limit_percent * self._SCALE * limit
+        band = self._h * limit
+        if scaled >= hard or (previous == "hard_limit" and scaled >= hard - band):
+            return "hard_limit"
+        if scaled >= soft or (_RANK[previous] >= 1 and scaled >= soft - band):
+            return "soft_limit"
+        return "normal"
+
+    def step_of(self, spend: int, limit: int | None) -> int | None:
+        """Which utilization step a spend is in (a publish happens when it changes)."""
+        u = utilization(spend, limit)
+        return None if u is None else math.floor(u / self._step)
+
+    @staticmethod
+    def rank(status: StatusName) -> int:
+        return _RANK[status]
+
+
+def build_status(
+    *,
+    budget_id: str,
+    period: str,
+    status: StatusName,
+    previous_status: StatusName | None,
+    settled: int,
+    reserved: int,
+    policy: BudgetPolicy,
+    as_of: datetime,
+    reason: StatusReason,
+    partition: int,
+    seq: int,
+) -> BudgetStatus:
+    """The record routers read, from a period's exact sums."""
+    spend = settled + reserved
+    limit = policy.monthly_limit_usd
+    u = utilization(spend, limit)
+    return BudgetStatus(
+        budget_id=budget_id,
+        period=period,
+        status=status,
+        previous_status=previous_status,
+        spend_usd=spend,
+        settled_usd=settled,
+        reserved_usd=reserved,
+        limit_usd=limit,
+        remaining_usd=None if limit is None else max(limit - spend, 0),
+        # Credits may take a month below zero: spend says so exactly, utilization stops at 0 %.
+        utilization_percent=None if u is None else round(float(u) if u > 0 else 0.0, 6),
+        soft_limit_percent=policy.soft_limit_percent,
+        hard_limit_action=policy.hard_limit_action,
+        as_of=as_of,
+        next_reset=next_month_start(period),
+        reason=reason,
+        partition=partition,
+        seq=seq,
+    )

@@ -1,0 +1,205 @@
+"""Running the workers: one role per process, or `all` as two supervised child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any, Literal
+
+from budgetflow.schemas.settings import Settings
+
+__all__ = ["Role", "run_role", "supervise"]
+
+Role = Literal["enrich", "aggregate", "notify"]
+log = logging.getLogger("budgetflow.worker")
+
+
+def configure_logging(settings: Settings, role: str) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiokafka is chatty about retries it handles itself.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+
+
+# Errors no restart can cure: the settings (or the credentials they name) are wrong. The worker exits with one line.
+_FATAL_KAFKA = (
+    "AuthenticationFailedError",
+    "SaslAuthenticationFailed",
+    "UnsupportedSaslMechanismError",
+    "IllegalSaslStateError",
+    "TopicAuthorizationFailedError",
+    "GroupAuthorizationFailedError",
+    "ClusterAuthorizationFailedError",
+    "KafkaConfigurationError",
+    "InvalidConfigurationError",
+    "UnsupportedVersionError",
+)
+EXIT_CONFIG = 2
+
+
+def _fatal(exc: BaseException) -> str | None:
+    """One line saying what is wrong, for an error that is the configuration's, not the broker's; else None."""
+    from budgetflow.schemas.errors import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if exc.__class__.__name__ in _FATAL_KAFKA:
+        return f"Kafka refused this worker's configuration or credentials: {exc.__class__.__name__}: {exc}"
+    return None
+
+
+async def _run(role: Role, settings: Settings) -> int:
+    """Run the role until a signal; if the broker goes away, tear down and start again with a backoff.
+
+    A restart is a recovery like any other: state comes back from the store and the changelog,
+    and the idempotent ledger absorbs whatever is replayed. A configuration error exits at once
+    (status 2); a stop takes at most ``worker.shutdown_timeout_s``, whatever the broker does.
+    """
+    from aiokafka.errors import KafkaError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    backoff = 1.0
+    while not stop.is_set():
+        began = loop.time()
+        try:
+            if not await _bounded(_run_once(role, settings, stop), stop, settings.worker.shutdown_timeout_s):
+                log.error(
+                    "%s worker did not stop within %.0f s (WORKER__SHUTDOWN_TIMEOUT_S); exiting without a "
+                    "clean close (nothing is committed before it is durable)",
+                    role,
+                    settings.worker.shutdown_timeout_s,
+                )
+                # Its tasks may hang on a broker that does not answer: leave them, do not wait for them.
+                logging.shutdown()
+                os._exit(1)
+        except Exception as exc:
+            fatal = _fatal(exc)
+            if fatal is not None:
+                log.error("%s worker cannot run: %s", role, fatal)
+                return EXIT_CONFIG
+            if not isinstance(exc, (KafkaError, OSError, TimeoutError)):
+                raise
+            if stop.is_set():
+                break
+            if loop.time() - began > 60:
+                backoff = 1.0  # it ran for a while: this is a new outage
+            log.warning(
+                "%s worker lost the broker (%s: %s); restarting in %.0f s", role, exc.__class__.__name__, exc, backoff
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, 30.0)
+    return 0
+
+
+async def _bounded(work: Coroutine[Any, Any, None], stop: asyncio.Event, timeout_s: float) -> bool:
+    """Run ``work``; once ``stop`` is set give it ``timeout_s`` to finish, then cancel it. False: it would not stop."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        await asyncio.wait({task}, timeout=timeout_s)
+    if task.done():
+        task.result()  # the worker's own error, if it failed
+        return True
+    task.cancel()
+    await asyncio.wait({task}, timeout=2.0)
+    if not task.done():
+        return False
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
+    return True
+
+
+async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None:
+    from budgetflow.streams.kafka.topics import Topics
+    from budgetflow.streams.rules.clock import Clock
+
+    topics = Topics.from_settings(settings)
+    if role == "enrich":
+        from budgetflow.streams.enrich.worker import Enricher, EnrichWorker
+        from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
+        from budgetflow.tokenizers.registry import TokenizerRule
+
+        registry = TokenizerRegistry.default(
+            [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
+        )
+        table = PriceTable.from_settings(settings.pricing)
+        estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
+        enricher = Enricher(
+            estimator,
+            topics,
+            keep_raw=settings.dlq.keep_raw,
+            clock=Clock(settings.clock),
+            max_clock_skew_s=settings.max_clock_skew_s,
+        )
+        await EnrichWorker(settings, enricher, topics).run(stop)
+    elif role == "notify":
+        from budgetflow.streams.ops.notify import Notifier
+
+        await Notifier(settings, topics).run(stop)
+    else:
+        from budgetflow.streams.aggregate.worker import AggregateWorker
+
+        await AggregateWorker(settings, topics, Clock(settings.clock)).run(stop)
+
+
+def run_role(role: Role, settings: Settings) -> int:
+    """Run one role in this process until SIGTERM or SIGINT; the exit status (2: a configuration error)."""
+    configure_logging(settings, role)
+    return asyncio.run(_run(role, settings))
+
+
+def supervise(roles: list[Role]) -> int:
+    """Run each role as a child process; stop all when one exits or on SIGTERM/SIGINT."""
+    from budgetflow.streams.service.launch import die_with_parent
+
+    children = {
+        role: subprocess.Popen(
+            [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
+            preexec_fn=die_with_parent(),  # noqa: PLW1509  # the supervisor runs no threads
+        )
+        for role in roles
+    }
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while any(child.poll() is None for child in children.values()):
+        for role, child in children.items():
+            if child.poll() is not None and not stopping:
+                log.error("%s worker exited with %s; stopping the others", role, child.returncode)
+                code = child.returncode or 1
+                stop()
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.kill(child.pid, signal.SIGKILL)
+    return code
