@@ -48,8 +48,9 @@ from budgetflow.schemas.events import MAX_TOKENS, BudgetId
 from budgetflow.schemas.serde import dumps, loads, validation_message
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, from_openai
-from budgetflow.streams.aggregate.stats import credential_bytes
-from budgetflow.streams.service.metrics import RouterCollector, exposition
+from budgetflow.streams.gateway.metrics import RouterCollector
+from budgetflow.streams.service.http import credential_bytes
+from budgetflow.streams.service.metrics import exposition
 from budgetflow.tokenizers import PriceTable, quick_estimate
 from budgetflow.tokenizers.registry import utf8_len
 

@@ -17,115 +17,30 @@ Neither listing answers as a router would past ``VIEW__EXPIRE_AFTER_S``
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 
 from budgetflow.schemas.events import BUDGET_ID_PATTERN
 from budgetflow.schemas.money import usd_string
-from budgetflow.schemas.serde import dumps
-from budgetflow.streams.gateway.routing import BudgetState
+from budgetflow.streams.gateway.routing import BudgetState, state_json
 from budgetflow.streams.kafka.topics import partition_for
 from budgetflow.streams.rules.clock import next_month_start
+from budgetflow.streams.service.http import FORWARDED, bearer_guard, json_response, peer_origin, worker_app
 
 if TYPE_CHECKING:
     from budgetflow.streams.aggregate.ledger import PartitionLedger
     from budgetflow.streams.aggregate.worker import AggregateWorker
     from budgetflow.streams.gateway.view import BudgetView
 
-__all__ = ["bearer_guard", "credential_bytes", "peer_origin", "state_json", "stats_app"]
+__all__ = ["owned_state", "stats_app"]
 
 log = logging.getLogger(__name__)
-_FORWARDED = "X-Budgetflow-Forwarded"
-_OPEN_PATHS = ("/healthz", "/metrics")
-_LABEL = re.compile(r"^[a-z0-9-]+$")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=dumps(data), status=status, content_type="application/json")
-
-
-def credential_bytes(header: str) -> bytes:
-    """A header's bytes as they came over the wire (aiohttp decodes headers as UTF-8 with surrogateescape).
-
-    Tokens are compared as bytes: ``hmac.compare_digest`` refuses ``str`` with non-ASCII characters.
-    """
-    return header.encode("utf-8", "surrogateescape")
-
-
-def bearer_guard(token: str | None, *, peer_token: str | None = None) -> Any:
-    """Middleware: when a token is configured, every route but /healthz and /metrics requires it.
-
-    A stats request forwarded by another aggregate worker (``X-Budgetflow-Forwarded``, ``GET /v1/budgets/{id}``)
-    may present the peer token instead; the peer token opens nothing else.
-    """
-    expected = credential_bytes(f"Bearer {token}") if token else None
-    peer = credential_bytes(f"Bearer {peer_token}") if peer_token else None
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is None or request.path in _OPEN_PATHS:
-            return await handler(request)
-        given = credential_bytes(request.headers.get("Authorization", ""))
-        if hmac.compare_digest(given, expected):
-            return await handler(request)
-        forwarded = (
-            request.method == "GET" and request.path.startswith("/v1/budgets/") and _FORWARDED in request.headers
-        )
-        if peer is not None and forwarded and hmac.compare_digest(given, peer):
-            return await handler(request)
-        return _json({"error": "unauthorized"}, status=401)
-
-    return guard
-
-
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of a base URL with nothing else in it (no user, path, query or fragment)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    host = parts.hostname
-    if parts.scheme not in ("http", "https") or not host or parts.username is not None:
-        return None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return None
-    return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
-
-
-def peer_origin(url: str, peers: Sequence[str]) -> str | None:
-    """The origin to forward to when ``url`` (a heartbeat's owner) is one of ``peers``, else None.
-
-    A peer is an origin (``http://host:port``); a host written ``*.rest`` matches one DNS label before ``rest``
-    (a StatefulSet pod behind its headless Service).
-    """
-    owner = _origin(url)
-    if owner is None:
-        return None
-    scheme, host, port = owner
-    for peer in peers:
-        pattern = _origin(peer)
-        if pattern is None or pattern[0] != scheme or pattern[2] != port:
-            continue
-        wanted = pattern[1]
-        if wanted.startswith("*."):
-            label, _, rest = host.partition(".")
-            matched = bool(_LABEL.match(label)) and rest == wanted[2:]
-        else:
-            matched = host == wanted
-        if matched:
-            netloc = f"[{host}]" if ":" in host else host
-            return f"{scheme}://{netloc}:{port}"
-    return None
 
 
 def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
@@ -137,28 +52,28 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
     refused: set[str] = set()  # owners not in WEB__PEERS, logged once each
     if token is not None and peer_token == token:
         log.warning("WEB__PEER_TOKEN is the stats API's own token: give the workers a token of their own")
-    app = web.Application(middlewares=[bearer_guard(token, peer_token=peer_token)])
 
-    async def healthz(_: web.Request) -> web.Response:
+    def health() -> tuple[bool, dict[str, Any]]:
         ready = worker.ready
-        body = {"ready": ready, "partitions": sorted(worker.ledgers), "catching_up": sorted(worker.catching_up)}
-        return _json(body, status=200 if ready else 503)
+        return ready, {"ready": ready, "partitions": sorted(worker.ledgers), "catching_up": sorted(worker.catching_up)}
+
+    app = worker_app(worker.metrics.registry, health, [bearer_guard(token, peer_token=peer_token)])
 
     async def budgets(_: web.Request) -> web.Response:
-        return _json({"budgets": [state_json(view.last_status(b)) for b in sorted(view.budgets())]})
+        return json_response({"budgets": [state_json(view.last_status(b)) for b in sorted(view.budgets())]})
 
     async def budget(request: web.Request) -> web.Response:
         budget_id = request.match_info["budget_id"]
         if not re.match(BUDGET_ID_PATTERN, budget_id):
-            return _json({"error": "unknown budget"}, status=404)
+            return json_response({"error": "unknown budget"}, status=404)
         partition = partition_for(budget_id, worker.topics.ledger.partitions)
         ledger = worker.ledgers.get(partition)
         if ledger is None:
-            if request.headers.get(_FORWARDED):
-                return _json({"error": f"partition {partition} is not held here"}, status=503)
+            if request.headers.get(FORWARDED):
+                return json_response({"error": f"partition {partition} is not held here"}, status=503)
             owner = view.owner(partition)
             if owner is None:
-                return _json({"error": f"no worker holds partition {partition} right now"}, status=503)
+                return json_response({"error": f"no worker holds partition {partition} right now"}, status=503)
             target = peer_origin(owner, peers)
             if target is None:
                 if owner not in refused and len(refused) < 100:
@@ -166,7 +81,7 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
                     log.warning(
                         "partition %d is held by %s, which is not in WEB__PEERS: not forwarding", partition, owner
                     )
-                return _json(
+                return json_response(
                     {"error": f"partition {partition} is held by a worker that is not a configured peer"}, status=503
                 )
             return await _forward(f"{target}/v1/budgets/{quote(budget_id, safe=':')}", peer_token)
@@ -174,7 +89,7 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
             (p for (b, _), p in ledger.periods.items() if b == budget_id), key=lambda p: p.period, reverse=True
         )[:12]
         if not periods and budget_id not in worker.policies.policies and not view.last_status(budget_id).seen:
-            return _json({"error": f"unknown budget {budget_id}"}, status=404)
+            return json_response({"error": f"unknown budget {budget_id}"}, status=404)
         state = owned_state(worker, ledger, budget_id)
         body = state_json(state)
         body["partition"] = partition
@@ -202,18 +117,8 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
             if projection.hard_limit_at is None
             else datetime.fromtimestamp(projection.hard_limit_at, UTC).isoformat()
         )
-        return _json(body)
+        return json_response(body)
 
-    async def metrics(_: web.Request) -> web.Response:
-        from budgetflow.streams.service.metrics import exposition
-
-        return web.Response(
-            body=exposition(worker.metrics.registry),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/budgets", budgets)
     app.router.add_get("/v1/budgets/{budget_id}", budget)
     return app
@@ -244,25 +149,9 @@ def owned_state(worker: AggregateWorker, ledger: PartitionLedger, budget_id: str
     )
 
 
-def state_json(state: Any) -> dict[str, Any]:
-    return {
-        "budget_id": state.budget_id,
-        "period": state.period,
-        "status": state.status,
-        "spend_usd": usd_string(state.spend_pico),
-        "limit_usd": None if state.limit_pico is None else usd_string(state.limit_pico),
-        "remaining_usd": None if state.remaining_pico is None else usd_string(state.remaining_pico),
-        "utilization_percent": state.utilization,
-        "soft_limit_percent": state.soft_limit_percent,
-        "hard_limit_action": state.hard_limit_action,
-        "next_reset": state.next_reset.isoformat() if state.next_reset else None,
-        "stale": state.stale,
-    }
-
-
 async def _forward(url: str, peer_token: str | None) -> web.Response:
     """Ask a configured peer, with the peer credential (never the caller's), and pass its answer on."""
-    headers = {_FORWARDED: "1"}
+    headers = {FORWARDED: "1"}
     if peer_token:
         headers["Authorization"] = f"Bearer {peer_token}"
     try:
@@ -271,4 +160,4 @@ async def _forward(url: str, peer_token: str | None) -> web.Response:
                 return web.Response(body=await response.read(), status=response.status, content_type="application/json")
     except aiohttp.ClientError as exc:
         log.warning("forwarding to a peer failed: %s", exc.__class__.__name__)
-        return _json({"error": "the worker holding this budget did not answer"}, status=502)
+        return json_response({"error": "the worker holding this budget did not answer"}, status=502)

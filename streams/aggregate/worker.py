@@ -28,6 +28,7 @@ from budgetflow.schemas.events import LedgerEntry, period_of
 from budgetflow.schemas.serde import decode_fast, dumps
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.aggregate.metrics import AggregateCollector
 from budgetflow.streams.aggregate.statuses import Outgoing, StatusPublisher
 from budgetflow.streams.aggregate.store import MemoryStore, RocksStore, Store
 from budgetflow.streams.gateway.view import BudgetView
@@ -38,10 +39,10 @@ from budgetflow.streams.rules.clock import Clock, month_start, next_month_start
 from budgetflow.streams.rules.forecast import Forecast, Forecaster
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.service.crash import crash_due, crash_now, crash_point
-from budgetflow.streams.service.http import listen
-from budgetflow.streams.service.metrics import AggregateCollector, PipelineMetrics
+from budgetflow.streams.service.http import serve
+from budgetflow.streams.service.metrics import PipelineMetrics
 
-__all__ = ["AggregateWorker"]
+__all__ = ["AggregateWorker", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,11 @@ class AggregateWorker:
                     await self._cycle(batch)
 
     async def _serve_web(self, view: BudgetView) -> Any:
-        from aiohttp import web
-
         from budgetflow.streams.aggregate.stats import stats_app
 
-        runner = web.AppRunner(stats_app(self, view), access_log=None)
-        await runner.setup()
-        await listen(runner, self.settings.web.host, self.settings.web.port, "BUDGETFLOW_WEB__PORT")
+        runner = await serve(
+            stats_app(self, view), self.settings.web.host, self.settings.web.port, "BUDGETFLOW_WEB__PORT"
+        )
         port = runner.addresses[0][1]
         template = self.settings.web.advertised_url or "http://127.0.0.1:{port}"
         self.url = template.replace("{port}", str(port))
@@ -559,3 +558,8 @@ class AggregateWorker:
                     await self._producer.send(self.topics.ledger.name, key=b"tick", value=dumps(tick), partition=p)
                 except KafkaError as exc:
                     log.warning("tick for partition %d not sent (%s)", p, exc.__class__.__name__)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """The aggregate role, run until ``stop``."""
+    await AggregateWorker(settings, Topics.from_settings(settings), Clock(settings.clock)).run(stop)

@@ -123,7 +123,7 @@ def worker(ctx: _Context, role: str) -> None:
 
     if role == "all":
         sys.exit(supervise(["enrich", "aggregate"]))
-    sys.exit(run_role(role, settings))  # type: ignore[arg-type]  # click.Choice guarantees the value
+    sys.exit(run_role(role, settings, _role_start(role)))
 
 
 @cli.command("notify")
@@ -135,7 +135,22 @@ def notify(ctx: _Context) -> None:
         raise click.UsageError("set BUDGETFLOW_NOTIFY__WEBHOOK_URL to the webhook to post to")
     from budgetflow.streams.service.process import run_role
 
-    sys.exit(run_role("notify", settings))
+    sys.exit(run_role("notify", settings, _role_start("notify")))
+
+
+def _role_start(role: str) -> Any:
+    """The work of a role, imported only when that role runs."""
+    if role == "enrich":
+        from budgetflow.streams.enrich.worker import run as enrich
+
+        return enrich
+    if role == "notify":
+        from budgetflow.streams.ops.notify import run as notify
+
+        return notify
+    from budgetflow.streams.aggregate.worker import run as aggregate
+
+    return aggregate
 
 
 @cli.group()

@@ -36,11 +36,11 @@ from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver
 from budgetflow.streams.service.crash import crash_point
-from budgetflow.streams.service.http import listen
+from budgetflow.streams.service.http import serve, worker_app
 from budgetflow.streams.service.metrics import PipelineMetrics
 from budgetflow.tokenizers.estimate import Estimator
 
-__all__ = ["EnrichResult", "EnrichWorker", "Enricher"]
+__all__ = ["EnrichResult", "EnrichWorker", "Enricher", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -251,26 +251,12 @@ class EnrichWorker:
         self.metrics.registry.register(_LagCollector(self))
 
     async def _serve_metrics(self) -> Any:
-        from aiohttp import web
-
-        from budgetflow.streams.service.metrics import exposition
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(
-                body=exposition(self.metrics.registry),
-                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-            )
-
-        async def healthz(_: web.Request) -> web.Response:
+        def health() -> tuple[bool, dict[str, Any]]:
             ready = self._consumer is not None and bool(self._consumer.assignment())
-            return web.json_response({"ready": ready}, status=200 if ready else 503)
+            return ready, {"ready": ready}
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await listen(runner, self.settings.web.host, self.settings.metrics.port, "BUDGETFLOW_METRICS__PORT")
+        app = worker_app(self.metrics.registry, health)
+        runner = await serve(app, self.settings.web.host, self.settings.metrics.port, "BUDGETFLOW_METRICS__PORT")
         self.metrics_port = runner.addresses[0][1]
         log.info("enrich metrics on port %d", self.metrics_port)
         return runner
@@ -454,3 +440,24 @@ class _LagCollector(Collector):
         for partition, behind in sorted(self.worker.lag().items()):
             family.add_metric(["enrich", partition], behind)
         yield family
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """The enrich role: its estimator from the settings, run until ``stop``."""
+    from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
+    from budgetflow.tokenizers.registry import TokenizerRule
+
+    topics = Topics.from_settings(settings)
+    registry = TokenizerRegistry.default(
+        [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
+    )
+    table = PriceTable.from_settings(settings.pricing)
+    estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
+    enricher = Enricher(
+        estimator,
+        topics,
+        keep_raw=settings.dlq.keep_raw,
+        clock=Clock(settings.clock),
+        max_clock_skew_s=settings.max_clock_skew_s,
+    )
+    await EnrichWorker(settings, enricher, topics).run(stop)

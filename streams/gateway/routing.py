@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from budgetflow.schemas.money import format_usd
 
@@ -31,6 +31,7 @@ __all__ = [
     "cloud_share",
     "decide",
     "headers_for",
+    "state_json",
 ]
 
 Backend = Literal["cloud", "local"]
@@ -260,3 +261,22 @@ def merge_decisions(parts: Sequence[Decision], candidates: Sequence[Candidate]) 
         return Decision((), rejected.error, False, strictest.cloud_share, rejected.affinity, rejected.deciding, flags)
     cloud = any(c.backend == "cloud" for c in ordered)
     return Decision(ordered, None, cloud, strictest.cloud_share, strictest.affinity, strictest.deciding, flags)
+
+
+def state_json(state: BudgetState) -> dict[str, Any]:
+    """A budget as a router sees it, for JSON answers (amounts as decimal USD strings)."""
+    from budgetflow.schemas.money import usd_string
+
+    return {
+        "budget_id": state.budget_id,
+        "period": state.period,
+        "status": state.status,
+        "spend_usd": usd_string(state.spend_pico),
+        "limit_usd": None if state.limit_pico is None else usd_string(state.limit_pico),
+        "remaining_usd": None if state.remaining_pico is None else usd_string(state.remaining_pico),
+        "utilization_percent": state.utilization,
+        "soft_limit_percent": state.soft_limit_percent,
+        "hard_limit_action": state.hard_limit_action,
+        "next_reset": state.next_reset.isoformat() if state.next_reset else None,
+        "stale": state.stale,
+    }

@@ -25,10 +25,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetId, Metadata
 from budgetflow.schemas.money import PICO_PER_USD, NonNegativeUsdAmount
-from budgetflow.schemas.serde import dumps, loads, validation_message
-from budgetflow.streams.aggregate.stats import bearer_guard, state_json
-from budgetflow.streams.gateway.routing import Candidate
+from budgetflow.schemas.serde import loads, validation_message
+from budgetflow.streams.gateway.routing import Candidate, state_json
 from budgetflow.streams.gateway.view import BudgetView
+from budgetflow.streams.service.http import bearer_guard, json_response
 
 __all__ = ["MAX_ESTIMATE_USD", "view_app"]
 
@@ -72,10 +72,6 @@ class _AdmitIn(BaseModel):
     estimated_cost_usd: Estimate
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=dumps(data), status=status, content_type="application/json")
-
-
 async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="the body must be application/json", content_type="text/plain")
@@ -105,7 +101,7 @@ def _addressed_locally(host: str) -> bool:
 async def _local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Without a token, refuse requests addressed by a DNS name (DNS rebinding: a page's own name at 127.0.0.1)."""
     if not _addressed_locally(request.headers.get("Host", "")):
-        return _json({"error": "addressed by name: set WEB__BEARER_TOKEN to serve other than localhost"}, 403)
+        return json_response({"error": "addressed by name: set WEB__BEARER_TOKEN to serve other than localhost"}, 403)
     return await handler(request)
 
 
@@ -138,7 +134,7 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
         if decision.error is not None:
             status, headers, payload = decision.error.to_response()
             answer["error"] = {"status": status, "headers": headers, "body": loads(payload)}
-        return _json(answer)
+        return json_response(answer)
 
     async def admit(request: web.Request) -> web.Response:
         body: _AdmitIn = await _parse(request, _AdmitIn)
@@ -146,11 +142,11 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
         return web.Response(status=204)
 
     async def status(request: web.Request) -> web.Response:
-        return _json(state_json(view.status(request.match_info["budget_id"])))
+        return json_response(state_json(view.status(request.match_info["budget_id"])))
 
     async def healthz(_: web.Request) -> web.Response:
         snapshot = view.snapshot()
-        return _json(snapshot, status=200 if snapshot["ready"] else 503)
+        return json_response(snapshot, status=200 if snapshot["ready"] else 503)
 
     app.router.add_post("/v1/decide", decide)
     app.router.add_post("/v1/admit", admit)

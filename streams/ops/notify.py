@@ -38,7 +38,7 @@ from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
 from budgetflow.streams.ops.readback import read_topic
 from budgetflow.streams.service.crash import crash_point
 
-__all__ = ["Notifier", "message_of"]
+__all__ = ["Notifier", "message_of", "run"]
 
 log = logging.getLogger("budgetflow.notify")
 
@@ -168,3 +168,8 @@ class Notifier:
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, self.settings.notify.max_backoff_s)
         return None
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """The notify role, run until ``stop``."""
+    await Notifier(settings, Topics.from_settings(settings)).run(stop)

@@ -12,28 +12,12 @@ here. No prompt text, message content or API key ever becomes a label.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from budgetflow.schemas.money import pico_to_float_usd
-
-if TYPE_CHECKING:
-    from budgetflow.streams.aggregate.worker import AggregateWorker
-    from budgetflow.streams.gateway.publisher import BudgetPublisher
-    from budgetflow.streams.gateway.view import BudgetView
-
-__all__ = [
-    "AggregateCollector",
-    "LabelLimiter",
-    "PipelineMetrics",
-    "RouterCollector",
-    "exposition",
-]
+__all__ = ["PREFIX", "STATUS_VALUE", "Families", "LabelLimiter", "PipelineMetrics", "exposition"]
 
 PREFIX = "budgetflow"
 COST_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -151,7 +135,9 @@ class PipelineMetrics:
                 self.statuses.labels(reason)
 
 
-class _Families:
+class Families:
+    """Gauge families built at scrape time, one per name."""
+
     def __init__(self) -> None:
         self.families: dict[str, GaugeMetricFamily] = {}
 
@@ -161,139 +147,6 @@ class _Families:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
             self.families[name] = family
         return family
-
-
-class AggregateCollector(Collector):
-    """Per-budget and per-partition gauges of one aggregate worker, computed at scrape time."""
-
-    def __init__(self, worker: AggregateWorker, max_budgets: int) -> None:
-        self.worker = worker
-        self.max_budgets = max_budgets
-
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return []
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        worker = self.worker
-        f = _Families()
-        spend = f.gauge("budget_spend_usd", "Spend this month (settled + reserved).", ["budget"])
-        settled = f.gauge("budget_settled_usd", "Settled spend this month.", ["budget"])
-        reserved = f.gauge("budget_reserved_usd", "Reserved (in flight) spend this month.", ["budget"])
-        limit = f.gauge("budget_limit_usd", "Monthly limit (absent when unlimited).", ["budget"])
-        soft = f.gauge("budget_soft_limit_usd", "The soft limit in USD (absent when unlimited).", ["budget"])
-        util = f.gauge("budget_utilization_percent", "Spend over limit, percent.", ["budget"])
-        status = f.gauge(
-            "budget_status", "0 normal, 1 soft limit, 2 hard limit (owner: the policy's).", ["budget", "owner"]
-        )
-        reset = f.gauge("budget_reset_seconds", "Seconds until the monthly reset.", ["budget"])
-        projected = f.gauge(
-            "budget_projected_spend_usd", "Projected spend at the end of the month.", ["budget", "owner"]
-        )
-        hard_in = f.gauge(
-            "budget_projected_hard_limit_seconds",
-            "Seconds until the projected hard limit (absent if not this month).",
-            ["budget"],
-        )
-        requests = f.gauge("budget_requests", "Requests counted this month.", ["budget"])
-        open_res = f.gauge("reservations_open", "Reservations not yet settled.", ["partition"])
-        lag = f.gauge(
-            "consumer_lag_records", "Records behind the end of the input, per partition.", ["stage", "partition"]
-        )
-        age = f.gauge("heartbeat_age_seconds", "Age of each ledger partition's last heartbeat.", ["partition"])
-        exported = set(self._exported_budgets())
-        now = worker.clock.now()
-        for p, ledger in sorted(worker.ledgers.items()):
-            open_res.add_metric([str(p)], ledger.open_reservations)
-            behind = worker.lag_records(p)
-            if behind is not None:
-                lag.add_metric(["aggregate", str(p)], behind)
-            current = worker.publisher.current_period(ledger)
-            for budget in sorted(set(ledger.budgets()) & exported):
-                state = ledger.period_state(budget, current)
-                policy = worker.policies.policy_for(budget)
-                s = state.settled if state else 0
-                r = state.reserved if state else 0
-                label = [budget]
-                owned = [budget, policy.owner or ""]
-                spend.add_metric(label, pico_to_float_usd(s + r))
-                settled.add_metric(label, pico_to_float_usd(s))
-                reserved.add_metric(label, pico_to_float_usd(r))
-                status.add_metric(owned, STATUS_VALUE[state.status if state else "normal"])
-                requests.add_metric(label, state.requests if state else 0)
-                reset.add_metric(label, max(0.0, worker.period_end(current) - now.timestamp()))
-                if policy.monthly_limit_usd is not None:
-                    limit.add_metric(label, pico_to_float_usd(policy.monthly_limit_usd))
-                    soft.add_metric(
-                        label, pico_to_float_usd(policy.monthly_limit_usd * policy.soft_limit_percent // 100)
-                    )
-                    if policy.monthly_limit_usd:
-                        util.add_metric(label, (s + r) * 100 / policy.monthly_limit_usd)
-                forecast = worker.forecast(ledger, budget, current)
-                projected.add_metric(owned, pico_to_float_usd(forecast.month_end_pico))
-                if forecast.hard_limit_at is not None:
-                    hard_in.add_metric(label, max(0.0, forecast.hard_limit_at - now.timestamp()))
-        if worker.view is not None:
-            for partition, seconds in worker.view.heartbeat_ages(now).items():
-                age.add_metric([str(partition)], seconds)
-        yield from f.families.values()
-
-    def _exported_budgets(self) -> list[str]:
-        budgets = sorted({"global", *self.worker.policies.budgets()})
-        return budgets[: self.max_budgets]
-
-
-class RouterCollector(Collector):
-    """A gateway's view of budgetflow: decisions, staleness, the publisher's buffer and spool."""
-
-    def __init__(
-        self,
-        view: BudgetView | None = None,
-        publisher: BudgetPublisher | None = None,
-        now: Callable[[], datetime] | None = None,
-    ) -> None:
-        self.view = view
-        self.publisher = publisher
-        self.now = now or (lambda: datetime.now(UTC))
-
-    def describe(self) -> Iterable[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
-
-        if self.view is not None:
-            decisions = CounterMetricFamily(
-                f"{PREFIX}_router_decisions", "Routing decisions by outcome.", labels=["outcome"]
-            )
-            for outcome in ("cloud", "local", "rejected"):
-                decisions.add_metric([outcome], self.view.decisions.get(outcome, 0))
-            yield decisions
-            yield GaugeMetricFamily(
-                f"{PREFIX}_router_budgets", "Budgets the view knows.", value=len(self.view.budgets())
-            )
-            now = self.now()
-            stale = sum(1 for b in self.view.budgets() if self.view.status(b, now=now).stale)
-            yield GaugeMetricFamily(f"{PREFIX}_router_stale_budgets", "Budgets whose status is stale.", value=stale)
-            yield GaugeMetricFamily(
-                f"{PREFIX}_router_view_ready", "1 once the view has caught up.", value=1 if self.view.is_ready else 0
-            )
-        if self.publisher is not None:
-            events = CounterMetricFamily(
-                f"{PREFIX}_publisher_events", "Publisher events by what became of them.", labels=["result"]
-            )
-            for result, count in sorted(self.publisher.counts.items()):
-                events.add_metric([result], count)
-            yield events
-            yield GaugeMetricFamily(
-                f"{PREFIX}_publisher_buffered",
-                "Events in the publisher's memory buffer.",
-                value=self.publisher.buffered,
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_publisher_spool_bytes",
-                "Bytes of usage waiting in the spool.",
-                value=self.publisher.spool_bytes(),
-            )
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

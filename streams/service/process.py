@@ -10,14 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from budgetflow.schemas.settings import Settings
 
-__all__ = ["Role", "run_role", "supervise"]
+__all__ = ["Start", "run_role", "supervise"]
 
-Role = Literal["enrich", "aggregate", "notify"]
+Start = Callable[[Settings, asyncio.Event], Awaitable[None]]
+"""A role's work: build it from the settings and run it until the event is set (each role's package offers one)."""
 log = logging.getLogger("budgetflow.worker")
 
 
@@ -58,7 +59,7 @@ def _fatal(exc: BaseException) -> str | None:
     return None
 
 
-async def _run(role: Role, settings: Settings) -> int:
+async def _run(role: str, settings: Settings, start: Start) -> int:
     """Run the role until a signal; if the broker goes away, tear down and start again with a backoff.
 
     A restart is a recovery like any other: state comes back from the store and the changelog,
@@ -75,7 +76,7 @@ async def _run(role: Role, settings: Settings) -> int:
     while not stop.is_set():
         began = loop.time()
         try:
-            if not await _bounded(_run_once(role, settings, stop), stop, settings.worker.shutdown_timeout_s):
+            if not await _bounded(_once(start, settings, stop), stop, settings.worker.shutdown_timeout_s):
                 log.error(
                     "%s worker did not stop within %.0f s (WORKER__SHUTDOWN_TIMEOUT_S); exiting without a "
                     "clean close (nothing is committed before it is durable)",
@@ -127,46 +128,18 @@ async def _bounded(work: Coroutine[Any, Any, None], stop: asyncio.Event, timeout
     return True
 
 
-async def _run_once(role: Role, settings: Settings, stop: asyncio.Event) -> None:
-    from budgetflow.streams.kafka.topics import Topics
-    from budgetflow.streams.rules.clock import Clock
-
-    topics = Topics.from_settings(settings)
-    if role == "enrich":
-        from budgetflow.streams.enrich.worker import Enricher, EnrichWorker
-        from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
-        from budgetflow.tokenizers.registry import TokenizerRule
-
-        registry = TokenizerRegistry.default(
-            [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
-        )
-        table = PriceTable.from_settings(settings.pricing)
-        estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
-        enricher = Enricher(
-            estimator,
-            topics,
-            keep_raw=settings.dlq.keep_raw,
-            clock=Clock(settings.clock),
-            max_clock_skew_s=settings.max_clock_skew_s,
-        )
-        await EnrichWorker(settings, enricher, topics).run(stop)
-    elif role == "notify":
-        from budgetflow.streams.ops.notify import Notifier
-
-        await Notifier(settings, topics).run(stop)
-    else:
-        from budgetflow.streams.aggregate.worker import AggregateWorker
-
-        await AggregateWorker(settings, topics, Clock(settings.clock)).run(stop)
+async def _once(start: Start, settings: Settings, stop: asyncio.Event) -> None:
+    await start(settings, stop)
 
 
-def run_role(role: Role, settings: Settings) -> int:
-    """Run one role in this process until SIGTERM or SIGINT; the exit status (2: a configuration error)."""
+def run_role(role: str, settings: Settings, start: Start) -> int:
+    """Run one role (``start``) in this process until SIGTERM or SIGINT; the exit status (2: a configuration
+    error)."""
     configure_logging(settings, role)
-    return asyncio.run(_run(role, settings))
+    return asyncio.run(_run(role, settings, start))
 
 
-def supervise(roles: list[Role]) -> int:
+def supervise(roles: list[str]) -> int:
     """Run each role as a child process; stop all when one exits or on SIGTERM/SIGINT."""
     from budgetflow.streams.service.launch import die_with_parent
 

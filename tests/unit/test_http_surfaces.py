@@ -24,10 +24,12 @@ from aiohttp import web
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.events import BudgetStatus, Heartbeat
 from budgetflow.schemas.settings import Settings, load_settings
-from budgetflow.streams.aggregate.stats import peer_origin, stats_app
+from budgetflow.streams.aggregate.stats import stats_app
 from budgetflow.streams.gateway.view import BudgetView
 from budgetflow.streams.gateway.viewserver import view_app
 from budgetflow.streams.kafka.topics import Topics, partition_for
+from budgetflow.streams.service.http import peer_origin
+from budgetflow.streams.service.metrics import PipelineMetrics
 
 TOKEN = "stats-token-\u00e9t\u00e9"  # not ASCII: compared as UTF-8 bytes
 PEER_TOKEN = "peer-token-8c1f"
@@ -207,7 +209,12 @@ async def test_a_non_ascii_authorization_header_is_refused_not_a_crash(serve: Se
 def _worker(settings: Settings) -> Any:
     """As much of an AggregateWorker as the stats API needs for budgets it does not hold."""
     return types.SimpleNamespace(
-        settings=settings, topics=Topics.from_settings(settings), ledgers={}, ready=True, catching_up=[]
+        settings=settings,
+        topics=Topics.from_settings(settings),
+        ledgers={},
+        ready=True,
+        catching_up=[],
+        metrics=PipelineMetrics(),
     )
 
 

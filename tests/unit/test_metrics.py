@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry
 
 from budgetflow.schemas.settings import Settings
+from budgetflow.streams.gateway.metrics import RouterCollector
 from budgetflow.streams.gateway.routing import Candidate
 from budgetflow.streams.gateway.view import BudgetView
-from budgetflow.streams.service.metrics import LabelLimiter, PipelineMetrics, RouterCollector, exposition
+from budgetflow.streams.service.metrics import LabelLimiter, PipelineMetrics, exposition
 
 
 def test_label_limiter_bounds_a_label() -> None:
