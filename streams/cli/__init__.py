@@ -194,8 +194,8 @@ def policy_apply(ctx: _Context, file: Path, prune: bool, dry_run: bool, actor: s
     from budgetflow.schemas.money import format_usd
     from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
     from budgetflow.streams.ops.audit import default_actor
+    from budgetflow.streams.ops.policy_admin import apply_policy_file
     from budgetflow.streams.rules.clock import Clock
-    from budgetflow.streams.rules.policies import apply_policy_file
 
     settings = ctx.settings()
     specs = Topics.from_settings(settings)

@@ -57,7 +57,7 @@ def _env(bootstrap: str, prefix: str, root: Path, **extra: str) -> dict[str, str
 
 
 async def _policies(settings: Settings, topics: Topics, root: Path, lines: list[str]) -> None:
-    from budgetflow.streams.rules.policies import apply_policy_file
+    from budgetflow.streams.ops.policy_admin import apply_policy_file
 
     path = root / "policies.yaml"
     path.write_text("budgets:\n" + "".join(lines))

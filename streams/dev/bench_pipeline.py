@@ -163,7 +163,7 @@ def bench_aggregate(quick: bool, bootstrap: str) -> dict[str, Any]:
 
 def bench_latency(quick: bool, bootstrap: str) -> dict[str, Any]:
     """From publishing the usage that crosses a threshold to its status on the topic, idle pipeline."""
-    from budgetflow.streams.rules.policies import apply_policy_file
+    from budgetflow.streams.ops.policy_admin import apply_policy_file
     from budgetflow.streams.service.launch import WorkerProcess, worker_env
 
     trials = 5 if quick else 60

@@ -245,7 +245,7 @@ class Demo:
 
     async def start_pipeline(self) -> None:
         from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
-        from budgetflow.streams.rules.policies import apply_policy_file
+        from budgetflow.streams.ops.policy_admin import apply_policy_file
 
         settings = self.child_settings()
         topics = Topics.from_settings(settings)

@@ -17,10 +17,9 @@ from pydantic import ValidationError
 
 from budgetflow.schemas.events import AuditRecord
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.ops.readback import read_topic
 
-__all__ = ["default_actor", "read_audit", "send_audit", "write_audit"]
+__all__ = ["default_actor", "read_audit", "send_audit"]
 
 
 def default_actor() -> str:
@@ -36,16 +35,6 @@ async def send_audit(producer: AIOKafkaProducer, topic: str, records: Iterable[A
     """Queue records on a producer the caller flushes (with the change they describe)."""
     for record in records:
         await producer.send(topic, key=record.budget_id.encode(), value=dumps(record.model_dump(mode="json")))
-
-
-async def write_audit(settings: Settings, topic: str, records: list[AuditRecord]) -> None:
-    producer = AIOKafkaProducer(**client_options(settings.kafka), enable_idempotence=True, acks="all")
-    await producer.start()
-    try:
-        await send_audit(producer, topic, records)
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def read_audit(settings: Settings, topic: str, budget: str | None = None) -> list[AuditRecord]:

@@ -1,4 +1,5 @@
-"""Budget policies on their compacted topic: following them in a worker, applying a file to them.
+"""Budget policies on their compacted topic: reading and following them (``budgetflow policy apply`` writes them:
+:mod:`budgetflow.streams.ops.policy_admin`).
 
 Every aggregate worker follows the whole policies topic (it is small), so a
 policy change takes effect without a restart wherever the budget's ledger
@@ -12,25 +13,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
-import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
-from budgetflow.schemas.errors import ConfigError, InvalidEvent
-from budgetflow.schemas.events import AuditRecord
-from budgetflow.schemas.policy import BudgetPolicy, parse_policy_file
-from budgetflow.schemas.serde import dumps, loads
+from budgetflow.schemas.errors import InvalidEvent
+from budgetflow.schemas.policy import BudgetPolicy
+from budgetflow.schemas.serde import loads
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import topic_partitions
-from budgetflow.streams.ops.audit import send_audit
 
-__all__ = ["PolicyBook", "PolicyChange", "apply_policy_file", "default_policy", "read_policies"]
+__all__ = ["PolicyBook", "default_policy", "read_policies"]
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +95,6 @@ def _absorb(
     return policy.id
 
 
-@dataclass(frozen=True)
-class PolicyChange:
-    budget_id: str
-
-
 class PolicyBook:
     """Follows the policies topic in the background; ``policy_for`` never blocks."""
 
@@ -169,81 +158,3 @@ class PolicyBook:
                 await self._task
         if self._consumer is not None:
             await self._consumer.stop()
-
-
-@dataclass(frozen=True)
-class PolicyPlan:
-    """What `policy apply` will do."""
-
-    added: list[BudgetPolicy]
-    changed: list[tuple[BudgetPolicy, BudgetPolicy]]
-    removed: list[str]
-    unchanged: list[str]
-
-
-def plan(current: dict[str, BudgetPolicy], wanted: list[BudgetPolicy], prune: bool) -> PolicyPlan:
-    added = [p for p in wanted if p.id not in current]
-    changed = [(current[p.id], p) for p in wanted if p.id in current and current[p.id] != p]
-    unchanged = [p.id for p in wanted if p.id in current and current[p.id] == p]
-    wanted_ids = {p.id for p in wanted}
-    removed = sorted(b for b in current if b not in wanted_ids) if prune else []
-    return PolicyPlan(added, changed, removed, unchanged)
-
-
-async def apply_policy_file(
-    settings: Settings,
-    topic: str,
-    path: Path,
-    *,
-    prune: bool,
-    dry_run: bool = False,
-    audit_topic: str | None = None,
-    actor: str = "unknown",
-    now: datetime | None = None,
-) -> PolicyPlan:
-    """Validate every entry of the file, then publish what changed (tombstones only with ``prune``).
-
-    Each change is also appended to ``audit_topic``: who, when, the policy before and after, and the
-    revision (the new record's offset on the policies topic).
-    """
-    try:
-        data = yaml.safe_load(await asyncio.to_thread(path.read_text))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    wanted = parse_policy_file(data, source=str(path)).budgets
-    current = await read_policies(settings, topic)
-    result = plan(current, wanted, prune)
-    if dry_run:
-        return result
-    producer = AIOKafkaProducer(**client_options(settings.kafka), enable_idempotence=True, acks="all")
-    await producer.start()
-    try:
-        changes: list[tuple[str, BudgetPolicy | None, BudgetPolicy | None, Any]] = []
-        for old, new in [(None, p) for p in result.added] + list(result.changed):
-            sent = await producer.send(topic, key=new.id.encode(), value=dumps(new.model_dump(mode="json")))
-            changes.append((new.id, old, new, sent))
-        for budget in result.removed:
-            changes.append((budget, current[budget], None, await producer.send(topic, key=budget.encode(), value=None)))
-        if audit_topic is not None:
-            at = now or datetime.now(UTC)
-            principal = settings.kafka.security.sasl_username
-            records = [
-                AuditRecord(
-                    kind="policy",
-                    budget_id=budget,
-                    at=at,
-                    actor=actor,
-                    principal=principal,
-                    revision=(await sent).offset,
-                    old=old.model_dump(mode="json") if old else None,
-                    new=new.model_dump(mode="json") if new else None,
-                )
-                for budget, old, new, sent in changes
-            ]
-            await send_audit(producer, audit_topic, records)
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return result
