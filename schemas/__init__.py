@@ -12,10 +12,10 @@ from budgetflow.schemas.events import (
     RequestEvent,
     UsageEvent,
     entry_id,
-    period_of,
 )
 from budgetflow.schemas.jsonschema import export_json_schemas
 from budgetflow.schemas.money import PICO_PER_USD, format_usd, parse_usd, pico_to_float_usd, usd_string
+from budgetflow.schemas.periods import period_of
 from budgetflow.schemas.policy import BudgetPolicy, PolicyFile, parse_policy_file
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.schemas.settings import Settings, load_settings

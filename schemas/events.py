@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from budgetflow.schemas.money import MAX_ENTRY_PICO, NonNegativeUsdAmount, PicoUsd
+from budgetflow.schemas.periods import period_of
 
 __all__ = [
     "BUDGET_ID_PATTERN",
@@ -72,12 +73,6 @@ def _utc(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
-
-
-def period_of(moment: datetime) -> str:
-    """The budget period (UTC calendar month) of an instant: ``YYYY-MM``."""
-    moment = moment.astimezone(UTC)
-    return f"{moment.year:04d}-{moment.month:02d}"
 
 
 def entry_id(request_id: str, attempt: int, kind: str, budget_id: str) -> str:

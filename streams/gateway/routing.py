@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from budgetflow.schemas.money import format_usd
+from budgetflow.streams.rules.status import STATUS_RANK
 
 __all__ = [
     "BudgetExceeded",
@@ -36,7 +37,6 @@ __all__ = [
 
 Backend = Literal["cloud", "local"]
 Action = Literal["warn", "block_cloud", "block_all"]
-_RANK = {"normal": 0, "soft_limit": 1, "hard_limit": 2}
 
 
 def affinity(key: str) -> float:
@@ -159,8 +159,8 @@ def _strictest(states: Sequence[BudgetState], shares: Sequence[float]) -> Budget
     best = 0
     for i in range(1, len(states)):
         a, b = states[i], states[best]
-        key_a = (shares[i], -_RANK.get(a.status, 0), a.remaining_pico or 0)
-        key_b = (shares[best], -_RANK.get(b.status, 0), b.remaining_pico or 0)
+        key_a = (shares[i], -STATUS_RANK.get(a.status, 0), a.remaining_pico or 0)
+        key_b = (shares[best], -STATUS_RANK.get(b.status, 0), b.remaining_pico or 0)
         if key_a < key_b:
             best = i
     return states[best]

@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import GLOBAL_BUDGET, BudgetStatus, Heartbeat, period_of
+from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
@@ -46,9 +47,10 @@ from budgetflow.streams.gateway.routing import (
 )
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics
-from budgetflow.streams.rules.clock import Clock, month_start, next_month_start
+from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver
+from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
 
 __all__ = ["BudgetView"]
 
@@ -261,7 +263,7 @@ class BudgetView:
                 status=record.status,
                 spend_pico=record.spend,
                 limit_pico=record.limit,
-                utilization=_utilization(record.spend, record.limit),
+                utilization=utilization_percent(record.spend, record.limit),
                 soft_limit_percent=record.soft,
                 hard_limit_action=record.action,
                 next_reset=next_month_start(record.period),
@@ -274,7 +276,7 @@ class BudgetView:
                 period=current,
                 status="normal",
                 spend_pico=0,
-                utilization=_utilization(0, record.limit),
+                utilization=utilization_percent(0, record.limit),
                 next_reset=next_month_start(current),
             )
             return self._with_admitted(fresh, ts)
@@ -308,7 +310,7 @@ class BudgetView:
             status=record.status,
             spend_pico=record.spend,
             limit_pico=record.limit,
-            utilization=_utilization(record.spend, record.limit),
+            utilization=utilization_percent(record.spend, record.limit),
             soft_limit_percent=record.soft,
             hard_limit_action=record.action,
             next_reset=next_month_start(record.period),
@@ -321,7 +323,7 @@ class BudgetView:
                 period=current,
                 status="normal",
                 spend_pico=0,
-                utilization=_utilization(0, record.limit),
+                utilization=utilization_percent(0, record.limit),
                 next_reset=next_month_start(current),
             )
         beat = self._beats.get(record.partition)
@@ -339,7 +341,7 @@ class BudgetView:
         if not extra:
             return state
         spend = state.spend_pico + extra
-        u = _utilization(spend, state.limit_pico)
+        u = utilization_percent(spend, state.limit_pico)
         status = state.status
         if u is not None and u >= 100:
             status = "hard_limit"
@@ -460,7 +462,7 @@ class BudgetView:
         states = [self.status(b, now=now) for b in _with_global(budgets)]
         worst = max(
             states,
-            key=lambda s: ({"normal": 0, "soft_limit": 1, "hard_limit": 2}.get(s.status, 0), -(s.remaining_pico or 0)),
+            key=lambda s: (STATUS_RANK.get(s.status, 0), -(s.remaining_pico or 0)),
             default=None,
         )
         return headers_for(worst, estimated_cost_pico)
@@ -473,14 +475,6 @@ class BudgetView:
             "ready": self.is_ready,
             "records_seen": self.records_seen,
         }
-
-
-def _utilization(spend: int, limit: int | None) -> float | None:
-    if limit is None:
-        return None
-    if limit == 0:
-        return 100.0
-    return spend * 100 / limit
 
 
 def _with_global(budgets: Sequence[str]) -> Sequence[str]:

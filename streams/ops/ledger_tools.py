@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.events import AuditRecord, LedgerEntry, entry_id, period_of
 from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, parse_usd, usd_string
+from budgetflow.schemas.periods import next_month_start
 from budgetflow.schemas.serde import dumps
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
 from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger, RequestState
@@ -31,7 +32,7 @@ from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now, partition_for
 from budgetflow.streams.ops.audit import send_audit
 from budgetflow.streams.ops.readback import read_records
-from budgetflow.streams.rules.clock import Clock, next_month_start
+from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import default_policy
 
 __all__ = ["ReportRow", "adjust", "adjustment_entry", "render_report", "replay_report", "report"]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.settings import ClockSettings
 
-__all__ = ["Clock", "month_start", "next_month_start"]
+__all__ = ["Clock", "month_start", "next_month_start"]  # the month arithmetic is budgetflow.schemas.periods'
 
 
 class Clock:
@@ -44,19 +45,3 @@ class Clock:
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.timestamp(), UTC)
-
-    def wall_seconds(self, simulated_seconds: float) -> float:
-        """How long, on the wall clock, a simulated duration lasts."""
-        return simulated_seconds / self.speed
-
-
-def month_start(period: str) -> datetime:
-    """The first instant of a ``YYYY-MM`` period, UTC."""
-    year, month = int(period[:4]), int(period[5:7])
-    return datetime(year, month, 1, tzinfo=UTC)
-
-
-def next_month_start(period: str) -> datetime:
-    """The first instant after a ``YYYY-MM`` period, UTC: when its budgets reset."""
-    year, month = int(period[:4]), int(period[5:7])
-    return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)

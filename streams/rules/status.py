@@ -10,20 +10,20 @@ import math
 from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
-from typing import Literal
 
 from budgetflow.schemas.events import BudgetStatus, StatusName, StatusReason
+from budgetflow.schemas.periods import next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
-from budgetflow.streams.rules.clock import next_month_start
 
-__all__ = ["StatusRules", "build_status", "utilization"]
+__all__ = ["STATUS_RANK", "StatusRules", "build_status", "utilization", "utilization_percent"]
 
-_RANK: dict[StatusName, int] = {"normal": 0, "soft_limit": 1, "hard_limit": 2}
-Transition = Literal["soft_limit", "hard_limit", "normal"]
+STATUS_RANK: dict[str, int] = {"normal": 0, "soft_limit": 1, "hard_limit": 2}
+"""How severe a status is: the order routers prefer budgets in, and the value of the status gauge."""
 
 
 def utilization(spend: int, limit: int | None) -> Fraction | None:
-    """spend / limit × 100, exactly; None when unlimited; a limit of 0 reads as 100 %."""
+    """spend / limit × 100, exactly, for the step rule; None when unlimited; a limit of 0 reads as 100 % (and
+    grows with any spend, so that each step past it is still seen)."""
     if limit is None:
         return None
     if limit == 0:
@@ -31,15 +31,24 @@ def utilization(spend: int, limit: int | None) -> Fraction | None:
     return Fraction(100 * spend, limit)
 
 
+def utilization_percent(spend: int, limit: int | None) -> float | None:
+    """The utilization shown to people and routers: None when unlimited, 100 for a limit of 0, never below 0 (a
+    credit may take a month's spend below zero; spend says so exactly)."""
+    if limit is None:
+        return None
+    if limit == 0:
+        return 100.0
+    return max(0.0, spend * 100 / limit)
+
+
 class StatusRules:
-    """design.md's status rules with the configured hysteresis and step, in exact integer arithmetic."""
+    """The status rules (docs/architecture.md, "Statuses") with the configured hysteresis and step, in exact integer
+    arithmetic."""
 
     # Thresholds in millionths of a percent point: hysteresis and step may have up to 6 decimals.
     _SCALE = 1_000_000
 
     def __init__(self, hysteresis_points: Decimal = Decimal(1), step_points: Decimal = Decimal(1)) -> None:
-        self.hysteresis = Fraction(hysteresis_points)
-        self.step = Fraction(step_points)
         self._h = int(Fraction(hysteresis_points) * self._SCALE)
         self._step = Fraction(step_points)
 
@@ -57,7 +66,7 @@ class StatusRules:
         band = self._h * limit
         if scaled >= hard or (previous == "hard_limit" and scaled >= hard - band):
             return "hard_limit"
-        if scaled >= soft or (_RANK[previous] >= 1 and scaled >= soft - band):
+        if scaled >= soft or (STATUS_RANK[previous] >= 1 and scaled >= soft - band):
             return "soft_limit"
         return "normal"
 
@@ -65,10 +74,6 @@ class StatusRules:
         """Which utilization step a spend is in (a publish happens when it changes)."""
         u = utilization(spend, limit)
         return None if u is None else math.floor(u / self._step)
-
-    @staticmethod
-    def rank(status: StatusName) -> int:
-        return _RANK[status]
 
 
 def build_status(
@@ -88,7 +93,7 @@ def build_status(
     """The record routers read, from a period's exact sums."""
     spend = settled + reserved
     limit = policy.monthly_limit_usd
-    u = utilization(spend, limit)
+    u = utilization_percent(spend, limit)
     return BudgetStatus(
         budget_id=budget_id,
         period=period,
@@ -99,8 +104,7 @@ def build_status(
         reserved_usd=reserved,
         limit_usd=limit,
         remaining_usd=None if limit is None else max(limit - spend, 0),
-        # Credits may take a month below zero: spend says so exactly, utilization stops at 0 %.
-        utilization_percent=None if u is None else round(float(u) if u > 0 else 0.0, 6),
+        utilization_percent=None if u is None else round(u, 6),
         soft_limit_percent=policy.soft_limit_percent,
         hard_limit_action=policy.hard_limit_action,
         as_of=as_of,
