@@ -1,6 +1,6 @@
 """Generator of helm/budgetflow/values.schema.json, the JSON Schema Helm validates every values file against.
 
-Regenerate after changing the chart's values or budgetflow's settings (tests/unit/test_helm_schema.py
+Regenerate after changing the chart's values or budgetflow's settings (tests/unit/test_helm_chart.py
 checks the checked-in file agrees)::
 
     .venv/bin/python helm/values_schema.py > helm/budgetflow/values.schema.json

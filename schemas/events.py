@@ -1,6 +1,6 @@
 """The wire events: what gateways publish, what the pipeline writes, what routers read.
 
-Field names are a contract with other programs (see design.md). Every event
+Field names are a contract with other programs (docs/architecture.md, "Topics and keys"). Every event
 carries ``"v": 1``; events ignore unknown fields (the decoder counts them);
 USD amounts are exact decimal strings on the wire and int pico-dollars here.
 """

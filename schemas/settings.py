@@ -2,7 +2,7 @@
 
 Every field is read from the environment with the prefix ``BUDGETFLOW_`` and
 ``__`` between nested sections: ``kafka.bootstrap_servers`` is
-``BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS``. Units are in the names. The README
+``BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS``. Units are in the names. docs/operations.md
 table and the Helm values are generated from :func:`setting_rows`.
 """
 
@@ -471,7 +471,7 @@ class ForecastSettings(_Section):
 
 
 class Settings(BaseSettings):
-    """budgetflow's settings; see the README for the table of environment variables."""
+    """budgetflow's settings; docs/operations.md ("Settings") has the table of environment variables."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,

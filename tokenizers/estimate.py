@@ -103,7 +103,7 @@ class Estimator:
         return total
 
     def estimate(self, event: RequestEvent) -> Estimate:
-        """The reservation of a request, by design.md's rule."""
+        """The reservation of a request (docs/architecture.md, "Reservations")."""
         price = self.table.price(event.model, backend=event.backend, provider=event.provider, at=event.occurred_at)
         count = self.input_tokens(event)
         requested = next(
@@ -166,7 +166,7 @@ def estimate_request(
 
 
 def price_usage(event: UsageEvent, table: PriceTable) -> Cost:
-    """The actual cost of a finished call, by design.md's formula."""
+    """The actual cost of a finished call (docs/architecture.md, "Prices")."""
     return Estimator(TokenizerRegistry([]), table).price_usage(event)
 
 

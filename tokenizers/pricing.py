@@ -129,7 +129,7 @@ class Price:
         cache_write_input_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> int:
-        """design.md's formula, in integer pico-dollars."""
+        """The cost formula (docs/architecture.md, "Prices"), in integer pico-dollars."""
         plain_input = input_tokens - cached_input_tokens - cache_write_input_tokens
         plain_output = output_tokens - reasoning_tokens
         if (
@@ -288,7 +288,7 @@ class PriceTable:
         provider: str | None = None,
         at: datetime | None = None,
     ) -> Cost:
-        """design.md's cost formula in integer pico-dollars; unpriced cloud models use the fallback."""
+        """The cost formula (docs/architecture.md, "Prices") in integer pico-dollars; unpriced cloud models use the fallback."""
         price = self.price(model, backend=backend, provider=provider, at=at)
         pico = price.cost(
             input_tokens=input_tokens,

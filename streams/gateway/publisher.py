@@ -19,9 +19,7 @@ makes a redelivery harmless). The publisher starts, and serves, while the
 broker is away. A request follows ``on_full``: ``block`` waits for room,
 ``drop_request`` publishes nothing (the usage still settles it),
 ``reject_cloud`` (default) publishes nothing and tells the gateway not to send
-it to a cloud model, whose spend could then not be reserved. It imports no
-Faust and no RocksDB.
-"""
+it to a cloud model, whose spend could then not be reserved."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Pure functions and small value types; :class:`~budgetflow.streams.gateway.view.BudgetView`
 feeds them the statuses it follows. Nothing here imports Kafka.
 
-The rule (design.md, Routing): a budget's cloud share is 1 below its soft
+The rule (docs/architecture.md, "The routing rule"): a budget's cloud share is 1 below its soft
 limit, (100 − u) / (100 − soft) between the soft limit and 100 %, and 0 at
 100 % or more. A request may go to cloud iff h < the smallest share of its
 budgets, where h is the first 8 bytes of SHA-256 of the UTF-8 affinity key
@@ -173,7 +173,7 @@ def decide(
     *,
     session_id: str | None = None,
 ) -> Decision:
-    """design.md's routing rule over the request's budgets (pure; the view catches anything unexpected)."""
+    """The routing rule over the request's budgets (pure; the view catches anything unexpected)."""
     h = affinity(session_id if session_id else request_id)
     shares = [cloud_share(s.utilization, s.soft_limit_percent, s.status) for s in states]
     share = min(shares, default=1.0)
@@ -230,7 +230,7 @@ def _exceeded(state: BudgetState, what: str) -> BudgetExceeded:
 
 
 def headers_for(state: BudgetState | None, estimated_cost_pico: int | None) -> dict[str, str]:
-    """design.md's X-Budget-* headers: the cost estimate always, the deciding budget when it is not normal."""
+    """The X-Budget-* headers (docs/gateways.md): the cost estimate always, the deciding budget when it is not normal."""
     headers: dict[str, str] = {}
     if estimated_cost_pico is not None:
         headers["X-Budget-Cost-Estimated"] = format_usd(estimated_cost_pico, 6)

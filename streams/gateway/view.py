@@ -11,8 +11,7 @@ record), reads a status of a past month as ``normal`` for the new one
 (rollover on read), marks budgets stale when their partition's heartbeat is
 old or reports lag, and counts what this router admitted since its last
 status, so that one router alone cannot overrun the remaining budget between
-two statuses. ``decide`` is pure and never raises. It imports no Faust and no
-RocksDB.
+two statuses. ``decide`` is pure and never raises.
 """
 
 from __future__ import annotations
@@ -369,7 +368,7 @@ class BudgetView:
         provider: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> Decision:
-        """Where the request may go (design.md's rule over its budgets, ``global`` included). Never raises.
+        """Where the request may go (the routing rule over its budgets, ``global`` included). Never raises.
 
         With the policies followed, each candidate is held to the budgets enrich would charge for it: those
         named, the scoped budgets its model, provider, backend and the request's ``metadata`` match, and every

@@ -1,4 +1,4 @@
-"""The topics of design.md: names (a prefix renames them all), partitions and configs.
+"""The topics (docs/architecture.md, "Topics and keys"): names (a prefix renames them all), partitions and configs.
 
 Workers create what is missing with the admin client and refuse to run on a
 topic whose partitions or cleanup policy are wrong: an auto-created compacted
@@ -208,7 +208,7 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
         if have is None or (spec.partitions > 1 and have != spec.partitions):
             raise ConfigError(
                 f"topic {spec.name} has {have} partitions, budgetflow expects {spec.partitions} "
-                "(BUDGETFLOW_TOPICS__PARTITIONS); partitions cannot change in place, see the README's migration"
+                "(BUDGETFLOW_TOPICS__PARTITIONS); partitions cannot change in place, see docs/operations.md, Sizing"
             )
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 

@@ -1,4 +1,4 @@
-"""Reservations follow design.md's rule exactly and deterministically."""
+"""Reservations follow the rule of docs/architecture.md ("Reservations") exactly and deterministically."""
 
 from __future__ import annotations
 

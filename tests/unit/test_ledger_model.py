@@ -9,8 +9,8 @@ building a status from any period never raises.
 
 CI runs a fixed set of histories (derandomized); a long run draws new ones:
 ``BUDGETFLOW_MODEL_EXAMPLES=20000 .venv/bin/pytest tests/unit/test_ledger_model.py --timeout=0
---hypothesis-show-statistics`` (the statistics show how often each outcome and a comparison came up; the README
-says what long runs found).
+--hypothesis-show-statistics`` (the statistics show how often each outcome and a comparison came up; docs/operations.md,
+"Reliability and security", says what long runs found).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 
 from budgetflow.streams.gateway.routing import BudgetState, Candidate, affinity, cloud_share, decide, headers_for
 
-# Published in the README for gateways in other languages.
+# Published in docs/architecture.md ("The routing rule") for gateways in other languages.
 VECTORS = [
     ("request-0001", "c78de4e5dea7d4d0", 0.7795088826375428),
     ("session:alice", "e7966db1f3aa245e", 0.9046391066982912),
