@@ -497,7 +497,8 @@ def demo(
 )
 def bench(only: tuple[str, ...], quick: bool, out: Path) -> None:
     """Measure budgetflow beside its baselines in the same run; print a table, write JSON."""
-    from budgetflow.streams.dev.bench import render, run_bench
+    from budgetflow.streams.dev.bench import run_bench
+    from budgetflow.streams.dev.bench_report import render
 
     try:
         results = run_bench(list(only) or None, quick, out)

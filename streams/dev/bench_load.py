@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings, settings_from_env
+from budgetflow.streams.dev.bench_common import bench_env, fill, ledger_entries, quantiles_ms, wait_heartbeats
 from budgetflow.streams.dev.localkafka import free_port
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
-from budgetflow.streams.service.launch import WorkerProcess, worker_env
+from budgetflow.streams.service.launch import WorkerProcess
+
+if TYPE_CHECKING:
+    from budgetflow.streams.gateway.publisher import BudgetPublisher
+    from budgetflow.streams.gateway.view import BudgetView
 
 __all__ = ["bench_load", "bench_recovery"]
 
@@ -38,22 +42,6 @@ LOAD_USAGE = {
     "output_tokens": 200,
 }
 LOAD_COST_PICO = 1000 * 150_000 + 200 * 600_000
-
-
-def _env(bootstrap: str, prefix: str, root: Path, **extra: str) -> dict[str, str]:
-    return worker_env(
-        {
-            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "BUDGETFLOW_TOPICS__PREFIX": prefix,
-            "BUDGETFLOW_TOPICS__PARTITIONS": "8",
-            "BUDGETFLOW_DATA_DIR": str(root),
-            "BUDGETFLOW_HEARTBEAT_S": "0.5",
-            "BUDGETFLOW_LOG_LEVEL": "WARNING",
-            "BUDGETFLOW_WEB__PORT": "0",
-            "BUDGETFLOW_METRICS__PORT": "0",
-            **extra,
-        }
-    )
 
 
 async def _policies(settings: Settings, topics: Topics, root: Path, lines: list[str]) -> None:
@@ -72,18 +60,6 @@ async def _pipeline(env: dict[str, str], root: Path, roles: tuple[str, ...]) -> 
     finally:
         for worker in workers:
             worker.stop()
-
-
-async def _wait_heartbeats(settings: Settings, topics: Topics, timeout_s: float = 90) -> None:
-    from budgetflow.streams.ops.readback import read_heartbeats
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(await read_heartbeats(settings, topics.heartbeats.name)) >= topics.ledger.partitions:
-            await asyncio.sleep(1.0)
-            return
-        await asyncio.sleep(0.5)
-    raise TimeoutError("workers did not come up")
 
 
 def _usage(request_id: str, budgets: list[str], **overrides: Any) -> bytes:
@@ -116,16 +92,6 @@ async def _steady_load(
         await asyncio.sleep(0.005)
 
 
-def _quantiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_ms": statistics.median(ordered),
-        "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-        "max_ms": ordered[-1],
-    }
-
-
 def bench_load(quick: bool, bootstrap: str) -> dict[str, Any]:
     """Threshold latency while 1,000 usage events/s flow; and how far a cap is overshot at 1,000 requests/s."""
     rate = 200.0 if quick else 1000.0
@@ -133,7 +99,7 @@ def bench_load(quick: bool, bootstrap: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prefix = f"load{uuid.uuid4().hex[:6]}."
-        env = _env(bootstrap, prefix, root)
+        env = bench_env(bootstrap, prefix, root)
         settings = settings_from_env(env)
         topics = Topics.from_settings(settings)
         return asyncio.run(_load(settings, topics, root, env, rate, trials, quick))
@@ -150,7 +116,7 @@ async def _load(
     await _policies(settings, topics, root, lines)
     options = client_options(settings.kafka)
     async with _pipeline(env, root, ("enrich", "aggregate")):
-        await _wait_heartbeats(settings, topics)
+        await wait_heartbeats(settings, topics)
         producer = AIOKafkaProducer(**options, enable_idempotence=True, linger_ms=2)
         await producer.start()
         consumer = AIOKafkaConsumer(**options, enable_auto_commit=False)
@@ -159,25 +125,7 @@ async def _load(
         sent = [0]
         load = asyncio.create_task(_steady_load(producer, topics.usage.name, rate, stop, sent))
         try:
-            tp = TopicPartition(topics.status.name, 0)
-            consumer.assign([tp])
-            await asyncio.sleep(3)  # the load settles in
-            await consumer.seek_to_end(tp)
-            samples = []
-            for index, budget in enumerate(lat):
-                # 240,000 input tokens of gpt-4o: $0.60, over the soft limit of $0.50
-                value = _usage(f"x-{budget}", [budget], model="gpt-4o", input_tokens=240_000, output_tokens=0)
-                began = time.perf_counter()
-                await producer.send_and_wait(topics.usage.name, key=f"x-{budget}".encode(), value=value)
-                while True:
-                    batch = await consumer.getmany(tp, timeout_ms=10_000)
-                    if not batch:
-                        raise TimeoutError(f"no status for {budget} under load")
-                    if any(r.key == budget.encode() and loads(r.value)["status"] == "soft_limit" for r in batch[tp]):
-                        if index:
-                            samples.append((time.perf_counter() - began) * 1000)
-                        break
-                await asyncio.sleep(0.1)
+            samples = await _crossings(producer, consumer, topics, lat)
             window_began, window_sent = time.perf_counter(), sent[0]
             await asyncio.sleep(2)
             achieved = (sent[0] - window_sent) / (time.perf_counter() - window_began)
@@ -191,15 +139,43 @@ async def _load(
         "rate_per_s": rate,
         "achieved_per_s": achieved,
         "trials": trials,
-        "latency": _quantiles(samples),
+        "latency": quantiles_ms(samples),
         **overshoot,
     }
+
+
+async def _crossings(
+    producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, topics: Topics, budgets: list[str]
+) -> list[float]:
+    """Milliseconds from the usage that takes each budget over its soft limit to its status on the topic
+    (the first budget only warms up)."""
+    tp = TopicPartition(topics.status.name, 0)
+    consumer.assign([tp])
+    await asyncio.sleep(3)  # the load settles in
+    await consumer.seek_to_end(tp)
+    samples = []
+    for index, budget in enumerate(budgets):
+        # 240,000 input tokens of gpt-4o: $0.60, over the soft limit of $0.50
+        value = _usage(f"x-{budget}", [budget], model="gpt-4o", input_tokens=240_000, output_tokens=0)
+        began = time.perf_counter()
+        await producer.send_and_wait(topics.usage.name, key=f"x-{budget}".encode(), value=value)
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=10_000)
+            if not batch:
+                raise TimeoutError(f"no status for {budget} under load")
+            if any(r.key == budget.encode() and loads(r.value)["status"] == "soft_limit" for r in batch[tp]):
+                if index:
+                    samples.append((time.perf_counter() - began) * 1000)
+                break
+        await asyncio.sleep(0.1)
+    return samples
 
 
 async def _overshoot(settings: Settings, topics: Topics, rate: float, quick: bool) -> dict[str, Any]:
     """A router (BudgetView + publisher, as the example gateway does) sends ``rate`` requests/s at a $1 budget
     whose hard limit blocks cloud; each request costs what it was estimated at. How far does spend pass $1?"""
-    from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, Usage
+    from budgetflow.streams.gateway.publisher import BudgetPublisher
+    from budgetflow.streams.gateway.view import BudgetView
     from budgetflow.streams.ops.readback import read_period_states
 
     out: dict[str, Any] = {}
@@ -207,32 +183,7 @@ async def _overshoot(settings: Settings, topics: Topics, rate: float, quick: boo
     async with BudgetView(settings) as view, BudgetPublisher(settings, buffer_max=100_000) as publisher:
         await view.ready(timeout_s=60)
         for budget, admit in (("cap:bounded", False), ("cap:admitted", True)):
-            cloud = [Candidate("gpt-4o-mini", "cloud", 1.0)]
-            allowed = 0
-            began = time.perf_counter()
-            n = 0
-            deadline = began + (5 if quick else 10)
-            while time.perf_counter() < deadline:
-                due = int((time.perf_counter() - began) * rate)
-                while n < due:
-                    decision = view.decide(f"{budget}-{n}", [budget], cloud)
-                    n += 1
-                    if decision.error is not None:
-                        continue
-                    handle = await publisher.publish_request(
-                        request_id=f"{budget}-{n}",
-                        model="gpt-4o-mini",
-                        provider="openai",
-                        backend="cloud",
-                        budgets=[budget],
-                        input_bytes=4000,
-                        max_tokens=4000,
-                    )
-                    if admit:
-                        view.admit([budget], cost)
-                    await publisher.publish_usage(handle, Usage(input_tokens=20_000, output_tokens=4_000))
-                    allowed += 1
-                await asyncio.sleep(0.001)
+            n, allowed = await _route(view, publisher, budget, admit, rate, 5 if quick else 10, cost)
             await publisher.flush()
             await asyncio.sleep(3)
             states = await read_period_states(settings, topics.state.name)
@@ -248,6 +199,43 @@ async def _overshoot(settings: Settings, topics: Topics, rate: float, quick: boo
     return {"overshoot": out}
 
 
+async def _route(
+    view: BudgetView, publisher: BudgetPublisher, budget: str, admit: bool, rate: float, seconds: float, cost: int
+) -> tuple[int, int]:
+    """Route ``rate`` requests/s at ``budget`` for ``seconds``, each one the view allows published with its usage
+    (and admitted first when ``admit``); return how many were routed and how many allowed."""
+    from budgetflow.streams.gateway.routing import Candidate
+    from budgetflow.streams.gateway.usage import Usage
+
+    cloud = [Candidate("gpt-4o-mini", "cloud", 1.0)]
+    allowed = 0
+    began = time.perf_counter()
+    n = 0
+    deadline = began + seconds
+    while time.perf_counter() < deadline:
+        due = int((time.perf_counter() - began) * rate)
+        while n < due:
+            decision = view.decide(f"{budget}-{n}", [budget], cloud)
+            n += 1
+            if decision.error is not None:
+                continue
+            handle = await publisher.publish_request(
+                request_id=f"{budget}-{n}",
+                model="gpt-4o-mini",
+                provider="openai",
+                backend="cloud",
+                budgets=[budget],
+                input_bytes=4000,
+                max_tokens=4000,
+            )
+            if admit:
+                view.admit([budget], cost)
+            await publisher.publish_usage(handle, Usage(input_tokens=20_000, output_tokens=4_000))
+            allowed += 1
+        await asyncio.sleep(0.001)
+    return n, allowed
+
+
 def bench_recovery(quick: bool, bootstrap: str) -> dict[str, Any]:
     """An aggregate worker holding 100,000 budgets: stop to ready on its RocksDB store, from an empty store
     (the whole changelog), and with no state at all; its RSS and state bytes per budget."""
@@ -256,7 +244,7 @@ def bench_recovery(quick: bool, bootstrap: str) -> dict[str, Any]:
         root = Path(tmp)
         prefix = f"rec{uuid.uuid4().hex[:6]}."
         port = free_port()
-        env = _env(bootstrap, prefix, root, BUDGETFLOW_WEB__PORT=str(port))
+        env = bench_env(bootstrap, prefix, root, BUDGETFLOW_WEB__PORT=str(port))
         settings = settings_from_env(env)
         topics = Topics.from_settings(settings)
         return asyncio.run(_recovery(settings, topics, root, env, port, budgets))
@@ -283,18 +271,9 @@ def _rss(pid: int) -> int:
     return 0
 
 
-async def _recovery(
-    settings: Settings, topics: Topics, root: Path, env: dict[str, str], port: int, budgets: int
-) -> dict[str, Any]:
-    from budgetflow.streams.dev.bench_pipeline import _entries, _fill
-
-    await ensure_topics_now(settings, topics)
-    empty_s, worker = await _ready_in(env, root, port, "empty")
-    empty_rss = _rss(worker.proc.pid)
-    await _fill(settings, topics.ledger.name, _entries(budgets * 2, [f"team:{i}" for i in range(budgets)]))
-    from budgetflow.streams.ops.readback import read_topic
-
-    # Wait until the worker has applied everything (its lag is 0 on every partition).
+async def _wait_applied(port: int) -> int:
+    """Until the aggregate on ``port`` has applied everything (its lag is 0 on every partition); return how many
+    budgets its /metrics export."""
     async with aiohttp.ClientSession() as http:
         while True:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
@@ -304,13 +283,24 @@ async def _recovery(
                 for line in text.splitlines()
                 if line.startswith("budgetflow_consumer_lag_records{")
             ]
-            spends = text.count("budgetflow_budget_requests{")
             if lags and max(lags) == 0:
-                break
+                return text.count("budgetflow_budget_requests{")
             await asyncio.sleep(1)
+
+
+async def _recovery(
+    settings: Settings, topics: Topics, root: Path, env: dict[str, str], port: int, budgets: int
+) -> dict[str, Any]:
+    await ensure_topics_now(settings, topics)
+    empty_s, worker = await _ready_in(env, root, port, "empty")
+    empty_rss = _rss(worker.proc.pid)
+    await fill(settings, topics.ledger.name, ledger_entries(budgets * 2, [f"team:{i}" for i in range(budgets)]))
+    spends = await _wait_applied(port)
     loaded_rss = _rss(worker.proc.pid)
     worker.stop()
     store_bytes = sum(p.stat().st_size for p in (root / "aggregate").rglob("*") if p.is_file())
+    from budgetflow.streams.ops.readback import read_topic
+
     changelog = len(await read_topic(settings, topics.state.name))
     rocks_s, worker = await _ready_in(env, root, port, "rocksdb")
     worker.stop()

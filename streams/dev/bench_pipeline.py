@@ -1,4 +1,4 @@
-"""Benchmarks that need a broker: aggregate throughput and threshold-to-status latency.
+"""Benchmarks that need a broker: enrich and aggregate throughput, threshold-to-status latency, the publisher.
 
 Each runs on topics of its own, on the local broker that `budgetflow bench`
 starts (or on ``BUDGETFLOW_BENCH_BOOTSTRAP``), beside a baseline measured in
@@ -8,89 +8,31 @@ the same run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from budgetflow.schemas.events import LedgerEntry, entry_id, period_of
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings
+from budgetflow.streams.dev.bench_common import (
+    bench_env,
+    bench_settings,
+    fill,
+    ledger_entries,
+    percentiles_us,
+    quantiles_ms,
+    sample_text,
+    wait_heartbeats,
+)
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
 
-__all__ = ["bench_aggregate", "bench_kafka", "bench_latency"]
-
-
-@contextlib.contextmanager
-def bench_kafka(root: Path) -> Iterator[str]:
-    """A broker for the benchmarks: the given one, or a local one started (and stopped) here."""
-    given = os.environ.get("BUDGETFLOW_BENCH_BOOTSTRAP")
-    if given:
-        yield given
-        return
-    from budgetflow.schemas.settings import LocalKafkaSettings
-    from budgetflow.streams.dev.localkafka import LocalKafka
-
-    broker = LocalKafka(root / "kafka", LocalKafkaSettings(port=0, heap_mb=1024, jvm_gc="g1"))
-    address = broker.start()
-    try:
-        yield address
-    finally:
-        broker.stop()
-
-
-def _settings(bootstrap: str, prefix: str, data_dir: Path, **extra: Any) -> Settings:
-    return Settings(
-        kafka={"bootstrap_servers": bootstrap},  # type: ignore[arg-type]  # pydantic builds the section
-        topics={"prefix": prefix, "partitions": 8},  # type: ignore[arg-type]
-        data_dir=data_dir,
-        **extra,
-    )
-
-
-def _entries(n: int, budgets: list[str]) -> list[tuple[str, bytes]]:
-    now = datetime.now(UTC)
-    period = period_of(now)
-    out = []
-    for i in range(n // 2):
-        budget = budgets[i % len(budgets)]
-        for kind, amount in (("reserve", 1_000_000_000), ("settle", 900_000_000)):
-            entry = LedgerEntry(
-                entry_id=entry_id(f"b{i}", 0, kind, budget),
-                budget_id=budget,
-                request_id=f"b{i}",
-                kind=kind,  # type: ignore[arg-type]
-                period=period,
-                amount_pico_usd=amount,
-                occurred_at=now,
-                model="gpt-4o",
-                provider="openai",
-                ttl_s=3600,
-            )
-            out.append((budget, dumps(entry)))
-    return out
-
-
-async def _fill(settings: Settings, topic: str, records: list[tuple[str, bytes]]) -> None:
-    producer = AIOKafkaProducer(
-        **client_options(settings.kafka), linger_ms=20, max_batch_size=1 << 20, enable_idempotence=True
-    )
-    await producer.start()
-    try:
-        for key, value in records:
-            await producer.send(topic, key=key.encode(), value=value)
-        await producer.flush()
-    finally:
-        await producer.stop()
+__all__ = ["bench_aggregate", "bench_enrich", "bench_latency", "bench_publisher"]
 
 
 async def _raw_consume(settings: Settings, topic: str, total: int) -> float:
@@ -145,14 +87,14 @@ def bench_aggregate(quick: bool, bootstrap: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for label, budgets in (("1000_budgets", [f"team:{i}" for i in range(1000)]), ("one_budget", ["global"])):
             prefix = f"bench{uuid.uuid4().hex[:6]}."
-            settings = _settings(bootstrap, prefix, Path(tmp) / label, heartbeat_s=1.0)
+            settings = bench_settings(bootstrap, prefix, Path(tmp) / label, heartbeat_s=1.0)
             topics = Topics.from_settings(settings)
 
             async def run(
                 settings: Settings = settings, topics: Topics = topics, budgets: list[str] = budgets
             ) -> dict[str, float]:
                 await ensure_topics_now(settings, topics)
-                await _fill(settings, topics.ledger.name, _entries(n, budgets))
+                await fill(settings, topics.ledger.name, ledger_entries(n, budgets))
                 raw = await _raw_consume(settings, topics.ledger.name, n)
                 ours = await _aggregate_rate(settings, n)
                 return {"raw_consumer_per_s": raw, "aggregate_per_s": ours, "ratio": ours / raw}
@@ -164,26 +106,15 @@ def bench_aggregate(quick: bool, bootstrap: str) -> dict[str, Any]:
 def bench_latency(quick: bool, bootstrap: str) -> dict[str, Any]:
     """From publishing the usage that crosses a threshold to its status on the topic, idle pipeline."""
     from budgetflow.streams.ops.policy_admin import apply_policy_file
-    from budgetflow.streams.service.launch import WorkerProcess, worker_env
+    from budgetflow.streams.service.launch import WorkerProcess
 
     trials = 5 if quick else 60
     prefix = f"lat{uuid.uuid4().hex[:6]}."
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        settings = _settings(bootstrap, prefix, root, heartbeat_s=0.5)
+        settings = bench_settings(bootstrap, prefix, root, heartbeat_s=0.5)
         topics = Topics.from_settings(settings)
-        env = worker_env(
-            {
-                "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-                "BUDGETFLOW_TOPICS__PREFIX": prefix,
-                "BUDGETFLOW_TOPICS__PARTITIONS": "8",
-                "BUDGETFLOW_DATA_DIR": str(root),
-                "BUDGETFLOW_HEARTBEAT_S": "0.5",
-                "BUDGETFLOW_LOG_LEVEL": "WARNING",
-                "BUDGETFLOW_WEB__PORT": "0",
-                "BUDGETFLOW_METRICS__PORT": "0",
-            }
-        )
+        env = bench_env(bootstrap, prefix, root)
         budgets = [f"lat:{i}" for i in range(trials)]
         policy = root / "policies.yaml"
         entry = '  - id: "{}"\n    monthly_limit_usd: "1.00"\n    soft_limit_percent: 50\n'
@@ -200,14 +131,7 @@ def bench_latency(quick: bool, bootstrap: str) -> dict[str, Any]:
         finally:
             for worker in workers:
                 worker.stop()
-    ordered = sorted(samples)
-    return {
-        "trials": trials,
-        "p50_ms": statistics.median(ordered),
-        "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-        "max_ms": ordered[-1],
-    }
+    return {"trials": trials, **quantiles_ms(samples)}
 
 
 async def _crossings(settings: Settings, topics: Topics, budgets: list[str]) -> list[float]:
@@ -219,7 +143,7 @@ async def _crossings(settings: Settings, topics: Topics, budgets: list[str]) -> 
     try:
         tp = TopicPartition(topics.status.name, 0)
         consumer.assign([tp])
-        await _wait_ready(consumer, settings, topics)
+        await wait_heartbeats(settings, topics)
         await consumer.seek_to_end(tp)
         samples = []
         for index, budget in enumerate(["lat:warm-up", *budgets]):
@@ -255,23 +179,8 @@ async def _crossings(settings: Settings, topics: Topics, budgets: list[str]) -> 
         await consumer.stop()
 
 
-async def _wait_ready(consumer: AIOKafkaConsumer, settings: Settings, topics: Topics) -> None:
-    """Until every ledger partition has sent a heartbeat (workers up, partitions assigned)."""
-    from budgetflow.streams.ops.readback import read_heartbeats
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        beats = await read_heartbeats(settings, topics.heartbeats.name)
-        if len(beats) >= topics.ledger.partitions:
-            await asyncio.sleep(1.0)  # let enrich finish joining its group too
-            return
-        await asyncio.sleep(0.5)
-    raise TimeoutError("workers did not come up within 90 s")
-
-
 def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
     """`publish_request` on the caller's side (validate, serialize, buffer) beside a bare queue put."""
-    from budgetflow.streams.dev.bench import _percentiles
     from budgetflow.streams.gateway.publisher import BudgetPublisher
 
     calls = 2_000 if quick else 20_000
@@ -279,7 +188,7 @@ def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
 
     async def run() -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
-            settings = _settings(bootstrap, prefix, Path(tmp))
+            settings = bench_settings(bootstrap, prefix, Path(tmp))
             await ensure_topics_now(settings, Topics.from_settings(settings))
             async with BudgetPublisher(settings, buffer_max=calls * 2) as publisher:
                 messages = [{"role": "user", "content": "Summarize the attached quarterly report. " * 20}]
@@ -303,7 +212,7 @@ def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
                 began = time.perf_counter_ns()
                 await queue.put(b"x")
                 base.append(time.perf_counter_ns() - began)
-            return {"calls": calls, "publish_request": _percentiles(ours), "baseline": _percentiles(base)}
+            return {"calls": calls, "publish_request": percentiles_us(ours), "baseline": percentiles_us(base)}
 
     return asyncio.run(run())
 
@@ -311,8 +220,6 @@ def bench_publisher(quick: bool, bootstrap: str) -> dict[str, Any]:
 def _chat_requests(n: int, seed: int = 3) -> list[dict[str, Any]]:
     """Realistic chat requests: a system prompt and a user message, mixed sizes averaging about 2 KB."""
     import random
-
-    from budgetflow.streams.dev.bench import sample_text
 
     rng = random.Random(seed)
     now = datetime.now(UTC).isoformat()
@@ -360,10 +267,10 @@ def bench_enrich(quick: bool, bootstrap: str) -> dict[str, Any]:
 
     async def run() -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            settings = _settings(bootstrap, prefix, Path(tmp), metrics={"port": 0})
+            settings = bench_settings(bootstrap, prefix, Path(tmp), metrics={"port": 0})
             topics = Topics.from_settings(settings)
             await ensure_topics_now(settings, topics)
-            await _fill(settings, topics.requests.name, [(r["request_id"], dumps(r)) for r in requests])
+            await fill(settings, topics.requests.name, [(r["request_id"], dumps(r)) for r in requests])
             estimator = Estimator(TokenizerRegistry.default(), PriceTable.default())
             worker = EnrichWorker(settings, Enricher(estimator, topics), topics)
             stop = asyncio.Event()

@@ -1,0 +1,199 @@
+"""What the benchmark modules share: sample text, percentiles, the bench broker and its settings, ledger fills.
+
+Every benchmark module imports from here and none from another benchmark module, so that
+`bench` (the runner) can import the sections without a cycle. Importing it loads no Kafka client:
+the sections that need none (`budgetflow bench --only tokenizers`) stay light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from budgetflow.schemas.events import LedgerEntry, entry_id, period_of
+from budgetflow.schemas.serde import dumps
+from budgetflow.schemas.settings import Settings
+from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.service.launch import worker_env
+
+if TYPE_CHECKING:
+    from budgetflow.streams.kafka.topics import Topics
+
+__all__ = [
+    "CODE",
+    "OTHER",
+    "WORDS",
+    "bench_env",
+    "bench_kafka",
+    "bench_settings",
+    "fill",
+    "ledger_entries",
+    "percentiles_us",
+    "quantiles_ms",
+    "sample_text",
+    "wait_heartbeats",
+]
+
+WORDS = (
+    "the budget model request token price cloud local router gateway limit spend month usage cache reasoning "
+    "answer question summarize explain code function return value error retry latency stream kafka partition "
+    "offset ledger status policy team project customer invoice report table row column schema json field"
+).split()
+CODE = [
+    "def handler(event):\n    return {'ok': True}\n",
+    "for (let i = 0; i < n; i++) { total += a[i]; }\n",
+    "SELECT id, sum(cost) FROM ledger GROUP BY id;\n",
+    'if err != nil {\n\treturn fmt.Errorf("x: %w", err)\n}\n',
+]
+OTHER = [
+    "Grüße aus München. ",
+    "日本語の文章も少し。",
+    "¿Qué tal? ",
+    "Привет, мир. ",
+    "emoji 🚀✨ ",
+    "42 3.14159 2026-11-29 ",
+]
+
+
+def sample_text(rng: random.Random, n_bytes: int) -> str:
+    """Chat-like text of about ``n_bytes`` UTF-8 bytes: prose, some code, numbers, other scripts."""
+    parts: list[str] = []
+    size = 0
+    while size < n_bytes:
+        roll = rng.random()
+        if roll < 0.08:
+            piece = rng.choice(CODE)
+        elif roll < 0.14:
+            piece = rng.choice(OTHER)
+        else:
+            piece = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + ". "
+        parts.append(piece)
+        size += len(piece.encode())
+    return "".join(parts).encode()[:n_bytes].decode("utf-8", "ignore")
+
+
+def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
+    """p50, p95 and p99 of timings in nanoseconds, in microseconds."""
+    ordered = sorted(samples_ns)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
+
+    return {"p50_us": pick(0.50), "p95_us": pick(0.95), "p99_us": pick(0.99)}
+
+
+def quantiles_ms(samples: list[float]) -> dict[str, float]:
+    """Median, p95, p99 and maximum of latencies in milliseconds."""
+    ordered = sorted(samples)
+    return {
+        "p50_ms": statistics.median(ordered),
+        "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "max_ms": ordered[-1],
+    }
+
+
+@contextlib.contextmanager
+def bench_kafka(root: Path) -> Iterator[str]:
+    """A broker for the benchmarks: the given one, or a local one started (and stopped) here."""
+    given = os.environ.get("BUDGETFLOW_BENCH_BOOTSTRAP")
+    if given:
+        yield given
+        return
+    from budgetflow.schemas.settings import LocalKafkaSettings
+    from budgetflow.streams.dev.localkafka import LocalKafka
+
+    broker = LocalKafka(root / "kafka", LocalKafkaSettings(port=0, heap_mb=1024, jvm_gc="g1"))
+    address = broker.start()
+    try:
+        yield address
+    finally:
+        broker.stop()
+
+
+def bench_settings(bootstrap: str, prefix: str, data_dir: Path, **extra: Any) -> Settings:
+    """Settings of an in-process client or worker of a benchmark: topics of its own, eight partitions."""
+    return Settings(
+        kafka={"bootstrap_servers": bootstrap},  # type: ignore[arg-type]  # pydantic builds the section
+        topics={"prefix": prefix, "partitions": 8},  # type: ignore[arg-type]
+        data_dir=data_dir,
+        **extra,
+    )
+
+
+def bench_env(bootstrap: str, prefix: str, root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's worker processes: quiet, fast heartbeats, no fixed ports."""
+    return worker_env(
+        {
+            "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "BUDGETFLOW_TOPICS__PREFIX": prefix,
+            "BUDGETFLOW_TOPICS__PARTITIONS": "8",
+            "BUDGETFLOW_DATA_DIR": str(root),
+            "BUDGETFLOW_HEARTBEAT_S": "0.5",
+            "BUDGETFLOW_LOG_LEVEL": "WARNING",
+            "BUDGETFLOW_WEB__PORT": "0",
+            "BUDGETFLOW_METRICS__PORT": "0",
+            **extra,
+        }
+    )
+
+
+def ledger_entries(n: int, budgets: list[str]) -> list[tuple[str, bytes]]:
+    """``n`` ledger entries (a reserve and its settle per request) over ``budgets``, keyed by budget."""
+    now = datetime.now(UTC)
+    period = period_of(now)
+    out = []
+    for i in range(n // 2):
+        budget = budgets[i % len(budgets)]
+        for kind, amount in (("reserve", 1_000_000_000), ("settle", 900_000_000)):
+            entry = LedgerEntry(
+                entry_id=entry_id(f"b{i}", 0, kind, budget),
+                budget_id=budget,
+                request_id=f"b{i}",
+                kind=kind,  # type: ignore[arg-type]
+                period=period,
+                amount_pico_usd=amount,
+                occurred_at=now,
+                model="gpt-4o",
+                provider="openai",
+                ttl_s=3600,
+            )
+            out.append((budget, dumps(entry)))
+    return out
+
+
+async def fill(settings: Settings, topic: str, records: list[tuple[str, bytes]]) -> None:
+    """Produce ``records`` (key, value) to ``topic`` and wait until the broker has them all."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        **client_options(settings.kafka), linger_ms=20, max_batch_size=1 << 20, enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send(topic, key=key.encode(), value=value)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def wait_heartbeats(settings: Settings, topics: Topics, timeout_s: float = 90) -> None:
+    """Until every ledger partition has sent a heartbeat (workers up, partitions assigned)."""
+    from budgetflow.streams.ops.readback import read_heartbeats
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(await read_heartbeats(settings, topics.heartbeats.name)) >= topics.ledger.partitions:
+            await asyncio.sleep(1.0)  # let enrich finish joining its group too
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"workers did not come up within {timeout_s:.0f} s")

@@ -1,0 +1,164 @@
+"""The readable form of `budgetflow bench`'s results: one markdown block per section, in a fixed order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["render"]
+
+
+def _row(name: str, p: dict[str, float]) -> str:
+    return f"| {name} | {p['p50_us']:.1f} | {p['p95_us']:.1f} | {p['p99_us']:.1f} |"
+
+
+def _tokenizers(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "| prompt | tokens/req | budgetflow tok/s | tiktoken tok/s | budgetflow p50/p95/p99 µs | "
+        "tiktoken p50/p95/p99 µs | overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size, row in section.items():
+        if size == "elapsed_s":
+            continue
+        ours, raw = row["budgetflow"], row["tiktoken"]
+        lines.append(
+            f"| {size} | {row['tokens_per_request']:.0f} | {ours['tokens_per_s']:,.0f} "
+            f"| {raw['tokens_per_s']:,.0f} "
+            f"| {ours['p50_us']:.0f}/{ours['p95_us']:.0f}/{ours['p99_us']:.0f} "
+            f"| {raw['p50_us']:.0f}/{raw['p95_us']:.0f}/{raw['p99_us']:.0f} | {row['overhead_percent']:+.1f} % |"
+        )
+    return [*lines, ""]
+
+
+def _heuristic_error(section: dict[str, Any]) -> list[str]:
+    lines = [
+        f"heuristic vs exact, {section['texts_per_kind']} texts per kind (error %, + = overestimate)",
+        "",
+        "| text / encoding | mean | p5 | p50 | p95 | min | max | underestimates |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in section.items():
+        if not isinstance(e, dict):
+            continue
+        lines.append(
+            f"| {name} | {e['mean_percent']:+.1f} | {e['p5_percent']:+.1f} | {e['p50_percent']:+.1f} "
+            f"| {e['p95_percent']:+.1f} | {e['min_percent']:+.1f} | {e['max_percent']:+.1f} "
+            f"| {e['underestimates_percent']:.1f} % |"
+        )
+    return lines
+
+
+def _enrich(row: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"enrich, {row['requests']:,} chat requests (mean {row['mean_bytes']:,.0f} B), one worker: "
+        f"{row['enrich_per_s']:,.0f} requests/s; raw tiktoken on the same texts in one process: "
+        f"{row['raw_tiktoken_per_s']:,.0f}/s; ratio {row['ratio']:.2f}",
+    ]
+
+
+def _aggregate(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"aggregate, {section['entries']:,} ledger entries, one worker",
+        "",
+        "| budgets | aggregate entries/s | raw consumer entries/s | ratio |",
+        "|---|---|---|---|",
+    ]
+    for label in ("1000_budgets", "one_budget"):
+        row = section[label]
+        name = label.replace("_", " ")
+        lines.append(
+            f"| {name} | {row['aggregate_per_s']:,.0f} | {row['raw_consumer_per_s']:,.0f} | {row['ratio']:.2f} |"
+        )
+    return lines
+
+
+def _latency(row: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"threshold crossing to status on the topic, idle, {row['trials']} trials: "
+        f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+        f"max {row['max_ms']:.0f} ms",
+    ]
+
+
+def _load(row: dict[str, Any]) -> list[str]:
+    q = row["latency"]
+    lines = [
+        "",
+        f"under {row['achieved_per_s']:,.0f} usage events/s: threshold crossing to status on the topic "
+        f"p50 {q['p50_ms']:.0f} ms, p95 {q['p95_ms']:.0f} ms, p99 {q['p99_ms']:.0f} ms ({row['trials']} "
+        "trials)",
+    ]
+    over = row["overshoot"]
+    for mode in ("bounded", "admitted"):
+        o = over[mode]
+        lines.append(
+            f"overshoot at {row['rate_per_s']:,.0f} requests/s on a $1 cap, "
+            f"{'with' if mode == 'admitted' else 'without'} view.admit: ${o['overshoot_usd']:.4f} "
+            f"({o['overshoot_requests']:.1f} requests of ${over['request_cost_usd']:.4f})"
+        )
+    return lines
+
+
+def _recovery(row: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"aggregate with {row['budgets']:,} budgets, stop to ready: {row['ready_rocksdb_s']:.1f} s "
+        f"on its RocksDB store, {row['ready_from_changelog_s']:.1f} s from the changelog "
+        f"({row['changelog_records']:,} records), {row['ready_empty_state_s']:.1f} s with no state; "
+        f"RSS {row['rss_loaded_bytes'] / 2**20:.0f} MiB ({row['rss_bytes_per_budget']:.0f} B per budget), "
+        f"store {row['store_bytes_per_budget']:.0f} B per budget",
+    ]
+
+
+def _routing(row: dict[str, Any]) -> list[str]:
+    mib = row["view_traced_bytes"] / 2**20
+    return [
+        "",
+        f"BudgetView with {row['budgets']:,} budgets: {mib:.1f} MiB allocated "
+        f"({row['bytes_per_budget']:.0f} B per budget), RSS +{row['view_rss_bytes'] / 2**20:.1f} MiB",
+        "",
+        "| call | p50 µs | p95 µs | p99 µs |",
+        "|---|---|---|---|",
+        _row("view.decide (2 budgets + global)", row["decide"]),
+        _row("baseline: 3 dict lookups + SHA-256", row["baseline"]),
+    ]
+
+
+def _publisher(row: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"publisher, {row['calls']:,} calls, caller's side",
+        "",
+        "| call | p50 µs | p95 µs | p99 µs |",
+        "|---|---|---|---|",
+        _row("publish_request (validate, serialize, buffer)", row["publish_request"]),
+        _row("baseline: asyncio.Queue.put", row["baseline"]),
+    ]
+
+
+# The order of the blocks in the report (not the order the sections ran in).
+_BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "tokenizers": _tokenizers,
+    "heuristic_error": _heuristic_error,
+    "enrich": _enrich,
+    "aggregate": _aggregate,
+    "latency": _latency,
+    "load": _load,
+    "recovery": _recovery,
+    "routing": _routing,
+    "publisher": _publisher,
+}
+
+
+def render(results: dict[str, Any]) -> str:
+    """A readable table of the results (markdown)."""
+    lines = [f"budgetflow bench, {results['date']}{' (quick)' if results['quick'] else ''}", ""]
+    sections = results["sections"]
+    for name, block in _BLOCKS.items():
+        if name in sections:
+            lines += block(sections[name])
+    return "\n".join(lines)
