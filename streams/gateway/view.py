@@ -17,15 +17,12 @@ two statuses. ``decide`` is pure and never raises.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import GLOBAL_BUDGET, BudgetStatus, Heartbeat, period_of
@@ -44,7 +41,7 @@ from budgetflow.streams.gateway.routing import (
     headers_for,
     merge_decisions,
 )
-from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.follow import Follower
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
@@ -92,8 +89,7 @@ class BudgetView:
         self._admitted: dict[str, list[tuple[float, int]]] = {}
         self._unseen: dict[str, tuple[float, float, BudgetState]] = {}  # budgets with no status: normal
         self._ready = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
         self.records_seen = 0
         self.stale_records = 0
         self.decisions: dict[str, int] = {}
@@ -113,36 +109,24 @@ class BudgetView:
         await self.stop()
 
     async def start(self) -> None:
-        from budgetflow.streams.kafka.topics import topic_partitions
-
-        consumer = AIOKafkaConsumer(**client_options(self.settings.kafka), enable_auto_commit=False)
-        await consumer.start()
-        self._consumer = consumer
-        partitions = [
-            TopicPartition(self.topics.status.name, p)
-            for p in await topic_partitions(self.settings, self.topics.status.name)
-        ]
-        partitions += [
-            TopicPartition(self.topics.heartbeats.name, p)
-            for p in await topic_partitions(self.settings, self.topics.heartbeats.name)
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
+        follower = Follower(
+            self.settings,
+            [self.topics.status.name, self.topics.heartbeats.name],
+            lambda r: self._absorb(r.topic == self.topics.heartbeats.name, r.key, r.value),
+            name="budget-view",
+        )
+        follower.caught_up = self._ready
+        await follower.start()
+        self._follower = follower
         if self.settings.view.follow_policies:
             book = PolicyBook(self.settings, self.topics.policies.name, on_change=lambda _: self._policies_changed())
             await book.start()
             self._policies = book
             self.use_policies(lambda: book.policies)
-        self._task = asyncio.create_task(self._follow(consumer, ends), name="budget-view")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        if self._follower is not None:
+            await self._follower.stop()
         if self._policies is not None:
             await self._policies.stop()
 
@@ -153,28 +137,6 @@ class BudgetView:
     @property
     def is_ready(self) -> bool:
         return self._ready.is_set()
-
-    async def _follow(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
-        pending = {tp for tp, end in ends.items() if end > 0}
-        if not pending:
-            self._ready.set()
-        while True:
-            try:
-                batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
-            except Exception:  # the broker is away: keep the last picture, try again
-                log.warning("budget view could not fetch; retrying", exc_info=True)
-                await asyncio.sleep(1.0)
-                continue
-            for tp, records in batch.items():
-                heartbeat = tp.topic == self.topics.heartbeats.name
-                for record in records:
-                    self._absorb(heartbeat, record.key, record.value)
-            if pending:
-                for tp in list(pending):
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-                if not pending:
-                    self._ready.set()
 
     # -- feeding (also used by tests and `view serve`) ----------------------------------
     def _absorb(self, heartbeat: bool, key: bytes | None, value: bytes | None) -> None:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from budgetflow.schemas.events import AuditRecord
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.ops.readback import read_topic
+from budgetflow.streams.kafka.follow import read_topic
 
 __all__ = ["default_actor", "read_audit", "send_audit"]
 

@@ -29,9 +29,9 @@ from budgetflow.schemas.settings import DefaultPolicySettings, Settings
 from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger, RequestState
 from budgetflow.streams.aggregate.store import MemoryStore
 from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.follow import read_records
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now, partition_for
 from budgetflow.streams.ops.audit import send_audit
-from budgetflow.streams.ops.readback import read_records
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import default_policy
 

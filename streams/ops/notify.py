@@ -34,8 +34,9 @@ from orjson import dumps, loads
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.follow import read_topic
+from budgetflow.streams.kafka.retry import Backoff
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
-from budgetflow.streams.ops.readback import read_topic
 from budgetflow.streams.service.crash import crash_point
 
 __all__ = ["Notifier", "message_of", "run"]
@@ -139,7 +140,7 @@ class Notifier:
         self, http: aiohttp.ClientSession, key: str, body: dict[str, Any], stop: asyncio.Event
     ) -> int | None:
         """The final HTTP status (2xx, or a permanent 4xx); None if stopped while retrying."""
-        delay = 0.5
+        backoff = Backoff(first=0.5, cap=self.settings.notify.max_backoff_s)
         began = time.monotonic()
         while not stop.is_set():
             reason: str
@@ -162,11 +163,9 @@ class Notifier:
                 key,
                 reason,
                 time.monotonic() - began,
-                delay,
+                backoff.delay,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, self.settings.notify.max_backoff_s)
+            await backoff.wait(stop)
         return None
 
 

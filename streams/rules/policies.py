@@ -10,19 +10,17 @@ settings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import loads
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
-from budgetflow.streams.kafka.clients import client_options
-from budgetflow.streams.kafka.topics import topic_partitions
+from budgetflow.streams.kafka.follow import Follower, read_records
 
 __all__ = ["PolicyBook", "default_policy", "read_policies"]
 
@@ -41,31 +39,9 @@ def default_policy(budget_id: str, defaults: DefaultPolicySettings) -> BudgetPol
 
 async def read_policies(settings: Settings, topic: str) -> dict[str, BudgetPolicy]:
     """Every policy on the topic now (latest value per budget; tombstones delete)."""
-    consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
-        return await _read_to_end(consumer, partitions)
-    finally:
-        await consumer.stop()
-
-
-async def _read_to_end(
-    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], on_skip: Callable[[], None] | None = None
-) -> dict[str, BudgetPolicy]:
-    consumer.assign(partitions)
-    await consumer.seek_to_beginning(*partitions)
-    ends = await consumer.end_offsets(partitions)
     policies: dict[str, BudgetPolicy] = {}
-    remaining = {tp for tp in partitions if ends[tp] > 0}
-    while remaining:
-        batch = await consumer.getmany(*remaining, timeout_ms=500)
-        for records in batch.values():
-            for record in records:
-                _absorb(policies, record.key, record.value, on_skip)
-        for tp in list(remaining):
-            if await consumer.position(tp) >= ends[tp]:
-                remaining.discard(tp)
+    for record in await read_records(settings, topic):
+        _absorb(policies, record.key, record.value)
     return policies
 
 
@@ -112,8 +88,7 @@ class PolicyBook:
         self._defaults: dict[str, BudgetPolicy] = {}
         self._on_change = on_change
         self.ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._consumer: AIOKafkaConsumer | None = None
+        self._follower: Follower | None = None
 
     def policy_for(self, budget_id: str) -> BudgetPolicy:
         policy = self._policies.get(budget_id)
@@ -134,27 +109,21 @@ class PolicyBook:
         return self._policies
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**client_options(self._settings.kafka), enable_auto_commit=False)
-        await self._consumer.start()
-        partitions = [TopicPartition(self._topic, p) for p in await topic_partitions(self._settings, self._topic)]
-        self._policies = await _read_to_end(self._consumer, partitions, self._on_skip)
+        """Read the topic to its end (then ``ready`` is set), and go on following it in the background."""
+        self._follower = Follower(self._settings, [self._topic], self._absorb_record, name="policy-follower")
+        await self._follower.start()
+        await self._follower.caught_up.wait()
         self.ready.set()
-        self._task = asyncio.create_task(self._follow(), name="policy-follower")
 
-    async def _follow(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=1000)
-            for records in batch.values():
-                for record in records:
-                    changed = _absorb(self._policies, record.key, record.value, self._on_skip)
-                    if changed is not None and self._on_change is not None:
-                        self._on_change(changed)
+    def _absorb_record(self, record: ConsumerRecord) -> None:
+        changed = _absorb(self._policies, record.key, record.value, self._on_skip)
+        if changed is not None and self._on_change is not None and self._caught_up():
+            self._on_change(changed)
+
+    def _caught_up(self) -> bool:
+        """Changes are announced once the picture at start is read (before, nobody acts on policies yet)."""
+        return self._follower is not None and self._follower.caught_up.is_set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        if self._follower is not None:
+            await self._follower.stop()

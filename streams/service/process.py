@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from budgetflow.schemas.settings import Settings
+from budgetflow.streams.kafka.retry import Backoff
 
 __all__ = ["Start", "run_role", "supervise"]
 
@@ -72,7 +73,7 @@ async def _run(role: str, settings: Settings, start: Start) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    backoff = 1.0
+    backoff = Backoff(first=1.0, cap=30.0)
     while not stop.is_set():
         began = loop.time()
         try:
@@ -96,13 +97,15 @@ async def _run(role: str, settings: Settings, start: Start) -> int:
             if stop.is_set():
                 break
             if loop.time() - began > 60:
-                backoff = 1.0  # it ran for a while: this is a new outage
+                backoff.reset()  # it ran for a while: this is a new outage
             log.warning(
-                "%s worker lost the broker (%s: %s); restarting in %.0f s", role, exc.__class__.__name__, exc, backoff
+                "%s worker lost the broker (%s: %s); restarting in %.0f s",
+                role,
+                exc.__class__.__name__,
+                exc,
+                backoff.delay,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, 30.0)
+            await backoff.wait(stop)
     return 0
 
 

@@ -343,7 +343,7 @@ class Pipeline:
             await consumer.stop()
 
     async def records(self, topic: str) -> list[tuple[int, bytes | None, bytes | None, int]]:
-        from budgetflow.streams.ops.readback import read_topic
+        from budgetflow.streams.kafka.follow import read_topic
 
         return await read_topic(self.settings(), topic)
 
