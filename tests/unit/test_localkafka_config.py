@@ -10,12 +10,13 @@ import pytest
 
 from budgetflow.schemas.errors import LocalKafkaError
 from budgetflow.schemas.settings import LocalKafkaSettings
+from budgetflow.streams.dev.kafkaconfig import BrokerState, new_cluster_id, server_properties
 from budgetflow.streams.dev.localkafka import LocalKafka, free_port
 
 
 def test_cluster_ids_are_16_bytes_of_urlsafe_base64() -> None:
     for _ in range(200):
-        cid = LocalKafka._new_cluster_id()
+        cid = new_cluster_id()
         assert len(cid) == 22
         assert not cid.startswith("-")
         assert len(base64.urlsafe_b64decode(cid + "==")) == 16
@@ -23,9 +24,8 @@ def test_cluster_ids_are_16_bytes_of_urlsafe_base64() -> None:
 
 def test_server_properties_are_safe_for_tests(tmp_path: Path) -> None:
     broker = LocalKafka(tmp_path, LocalKafkaSettings(port=0))
-    from budgetflow.streams.dev.localkafka import _State
-
-    props = dict(line.split("=", 1) for line in broker._server_properties(_State("x" * 22, 1234, 1235)).splitlines())
+    text = server_properties(BrokerState("x" * 22, 1234, 1235), broker.log_dir)
+    props = dict(line.split("=", 1) for line in text.splitlines())
     assert props["auto.create.topics.enable"] == "false"
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:1234,CONTROLLER://127.0.0.1:1235"
     assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:1234"
