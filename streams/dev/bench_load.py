@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings, settings_from_env
 from budgetflow.streams.dev.bench_common import bench_env, fill, ledger_entries, quantiles_ms, wait_heartbeats
-from budgetflow.streams.dev.localkafka import free_port
+from budgetflow.streams.dev.localhost import free_port
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
 from budgetflow.streams.service.launch import WorkerProcess

@@ -35,7 +35,7 @@ from budgetflow.streams.dev.demo_plan import (
     plan,
     policies,
 )
-from budgetflow.streams.dev.localkafka import free_port
+from budgetflow.streams.dev.localhost import free_port
 from budgetflow.streams.service.launch import WorkerProcess
 
 __all__ = ["Demo"]

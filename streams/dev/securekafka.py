@@ -94,7 +94,11 @@ class SecureDir:
                 os.chmod(path, 0o600)
 
     def _certificates(self) -> None:
-        d = self.path
+        """A certificate authority made for this broker, and the broker's key and certificate signed by it."""
+        self._certificate_authority()
+        self._broker_certificate()
+
+    def _certificate_authority(self) -> None:
         _openssl(
             "req",
             "-x509",
@@ -113,8 +117,11 @@ class SecureDir:
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
-            cwd=d,
+            cwd=self.path,
         )
+
+    def _broker_certificate(self) -> None:
+        d = self.path
         _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "broker.key", cwd=d)
         _openssl("req", "-new", "-key", "broker.key", "-subj", f"/CN={BROKER_CN}", "-out", "broker.csr", cwd=d)
         (d / "broker.ext").write_text(
@@ -218,7 +225,10 @@ class SecureDir:
         return written
 
     def acl_commands(self, prefix: str) -> list[list[str]]:
-        """AclCommand arguments granting each role its topics (``admin`` needs none: it is a super user)."""
+        """AclCommand arguments granting each role its topics (``admin`` needs none: it is a super user).
+
+        Long only in lines: three argument lists, written one argument a line.
+        """
         from budgetflow.schemas.settings import TopicSettings
         from budgetflow.streams.kafka.topics import Topics
 

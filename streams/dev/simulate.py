@@ -59,23 +59,30 @@ class ShiftResult:
         return (1 - self.with_band_spend / self.without_band_spend) * 100
 
 
+def _published(policy: BudgetPolicy, status: str, spend: int) -> BudgetState:
+    """The budget's state as the aggregate publishes it to the router (the month is November 2026)."""
+    limit = policy.monthly_limit_usd
+    assert limit is not None
+    return BudgetState(
+        "team:a",
+        "2026-11",
+        status,
+        spend,
+        limit,
+        spend * 100 / limit,
+        policy.soft_limit_percent,
+        policy.hard_limit_action,
+        datetime(2026, 12, 1, tzinfo=UTC),
+    )
+
+
 def _run(costs: list[tuple[float, int]], policy: BudgetPolicy, shift: bool) -> _Run:
     rules = StatusRules(Decimal(1), Decimal(1))
     limit = policy.monthly_limit_usd
     assert limit is not None
     spend = 0
     status = "normal"
-    seen = BudgetState(
-        "team:a",
-        "2026-11",
-        "normal",
-        0,
-        limit,
-        0.0,
-        policy.soft_limit_percent,
-        policy.hard_limit_action,
-        datetime(2026, 12, 1, tzinfo=UTC),
-    )
+    seen = _published(policy, "normal", 0)
     seen_step = 0
     out: list[tuple[float, int]] = []
     cloud = local = rejected = 0
@@ -98,17 +105,7 @@ def _run(costs: list[tuple[float, int]], policy: BudgetPolicy, shift: bool) -> _
         if step != seen_step or status != seen.status:
             # The aggregate publishes on each step and on each change of status.
             seen_step = step
-            seen = BudgetState(
-                "team:a",
-                "2026-11",
-                status,
-                spend,
-                limit,
-                spend * 100 / limit,
-                policy.soft_limit_percent,
-                policy.hard_limit_action,
-                seen.next_reset,
-            )
+            seen = _published(policy, status, spend)
     return _Run(out, cloud, local, rejected)
 
 
