@@ -71,3 +71,29 @@ def test_every_option_variable_is_a_setting_or_a_known_command_variable() -> Non
     walk(cli)
     assert seen
     assert seen <= settings | COMMAND_ENV, seen - settings - COMMAND_ENV
+
+
+def test_settings_write_replaces_the_table_between_the_markers_of_any_markdown_file(tmp_path: Path) -> None:
+    from budgetflow.streams.cli import settings_markdown
+
+    page = tmp_path / "operations.md"
+    page.write_text("# Ops\n\n<!-- settings:begin -->\n| old |\n<!-- settings:end -->\n\nafter\n")
+    proc = run("settings", "--write", str(page), env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert page.read_text() == (
+        "# Ops\n\n<!-- settings:begin -->\n" + settings_markdown() + "\n<!-- settings:end -->\n\nafter\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["no markers\n", "x\n<!-- settings:end -->\n<!-- settings:begin -->\n"],
+    ids=["none", "end-before-begin"],
+)
+def test_settings_write_refuses_a_file_without_the_markers(tmp_path: Path, text: str) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    proc = run("settings", "--write", str(page), env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "has no settings markers" in proc.stderr
+    assert page.read_text() == text

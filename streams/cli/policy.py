@@ -1,0 +1,107 @@
+"""`budgetflow policy` (apply a policy file) and `budgetflow audit` (the history of policy and ledger changes)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+
+from budgetflow.streams.cli.context import Context, actor_option, pass_ctx
+
+__all__ = ["audit", "policy"]
+
+
+@click.group()
+def policy() -> None:
+    """Budget policies: limits, soft limits and hard-limit actions."""
+
+
+@policy.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--prune", is_flag=True, help="Delete budgets that are on the topic but not in FILE.")
+@click.option("--dry-run", is_flag=True, help="Print what would change, publish nothing.")
+@actor_option
+@pass_ctx
+def policy_apply(ctx: Context, file: Path, prune: bool, dry_run: bool, actor: str | None) -> None:
+    """Validate every budget in FILE, then publish what changed; running workers follow without a restart.
+
+    Every change is also appended to the audit topic (`budgetflow audit`).
+    """
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
+    from budgetflow.streams.ops.audit import default_actor
+    from budgetflow.streams.ops.policy_admin import apply_policy_file
+    from budgetflow.streams.rules.clock import Clock
+
+    settings = ctx.settings()
+    specs = Topics.from_settings(settings)
+    if not dry_run:
+        asyncio.run(ensure_topics_now(settings, specs))
+    result = asyncio.run(
+        apply_policy_file(
+            settings,
+            specs.policies.name,
+            file,
+            prune=prune,
+            dry_run=dry_run,
+            audit_topic=specs.audit.name,
+            actor=actor or default_actor(),
+            now=Clock(settings.clock).now(),
+        )
+    )
+
+    def limit(p: Any) -> str:
+        return "unlimited" if p.monthly_limit_usd is None else "$" + format_usd(p.monthly_limit_usd, 2)
+
+    for p in result.added:
+        click.echo(f"+ {p.id}: {limit(p)}, soft {p.soft_limit_percent} %, {p.hard_limit_action}")
+    for old, new in result.changed:
+        fields = [f for f in type(new).model_fields if getattr(old, f) != getattr(new, f)]
+        click.echo(f"~ {new.id}: " + ", ".join(f"{f} {getattr(old, f)!s} -> {getattr(new, f)!s}" for f in fields))
+    for budget in result.removed:
+        click.echo(f"- {budget}")
+    verb = "would change" if dry_run else "changed"
+    click.echo(
+        f"{len(result.added)} added, {len(result.changed)} changed, {len(result.removed)} removed, "
+        f"{len(result.unchanged)} unchanged ({verb})",
+        err=True,
+    )
+
+
+# -- audit ----------------------------------------------------------------------
+@click.command("audit")
+@click.argument("budget", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the AuditRecords as JSON lines.")
+@pass_ctx
+def audit(ctx: Context, budget: str | None, as_json: bool) -> None:
+    """The history of policy changes and ledger adjustments, of one BUDGET or all, oldest first."""
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.schemas.serde import dumps
+    from budgetflow.streams.kafka.topics import Topics
+    from budgetflow.streams.ops.audit import read_audit
+
+    settings = ctx.settings()
+    records = asyncio.run(read_audit(settings, Topics.from_settings(settings).audit.name, budget))
+    for r in records:
+        if as_json:
+            click.echo(dumps(r.model_dump(mode="json")).decode())
+            continue
+        who = r.actor + (f" ({r.principal})" if r.principal else "")
+        if r.kind == "adjust":
+            amount = format_usd(r.amount_usd or 0, 2)
+            sign = "+" if (r.amount_usd or 0) >= 0 else ""
+            what = f"adjust {r.period} {sign}${amount}: {r.reason} [{r.entry_id}]"
+        else:
+            old, new = r.old or {}, r.new or {}
+            if not old:
+                what = "created " + ", ".join(f"{k}={v}" for k, v in new.items() if k != "id")
+            elif not new:
+                what = "deleted"
+            else:
+                what = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
+            what = f"policy r{r.revision}: {what}"
+        click.echo(f"{r.at.isoformat()}\t{r.budget_id}\t{who}\t{what}")
+    if not records:
+        click.echo("no audit records" + (f" for {budget}" if budget else ""), err=True)
