@@ -16,7 +16,7 @@ HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/budgetflow/tools/helm-$(HELM_VERS
 # The oldest Kubernetes the chart supports (kubeVersion in helm/budgetflow/Chart.yaml).
 KUBE_MIN := 1.25
 
-.PHONY: help setup lint format typecheck unit integration test run demo bench soak chart clean
+.PHONY: help setup kafka-jars promtool lint format typecheck unit integration test run demo bench soak chart clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,13 +40,19 @@ $(HELM):
 	  helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	touch $(HELM)
 
-setup: $(STAMP) $(HELM)  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, build helm, install promtool
+# Everything the tests and `make chart` need. The demo, the benchmarks and `make run` need only the venv and the
+# Kafka jars (no Helm, no promtool): they depend on $(STAMP) and kafka-jars, not on setup.
+setup: $(STAMP) $(HELM) promtool kafka-jars  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, build helm, install promtool
+
+kafka-jars: $(STAMP)  # the local broker's jars, fetched through Maven once and cached (streams/dev/kafkajars.py)
+	$(BIN)/python -c 'from budgetflow.streams.dev.kafkajars import KafkaJars; from budgetflow.schemas import load_settings; print("kafka jars:", KafkaJars.from_settings(load_settings().local_kafka).ensure())'
+
+promtool:  # Debian's prometheus package: promtool and a Prometheus server for the tests
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's prometheus package (promtool and a Prometheus server for the tests)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
-	$(BIN)/python -c 'from budgetflow.streams.dev.localkafka import KafkaJars; from budgetflow.schemas import load_settings; print("kafka jars:", KafkaJars.from_settings(load_settings().local_kafka).ensure())'
 
 .typecheck/budgetflow: 
 	mkdir -p .typecheck/budgetflow
@@ -75,20 +81,20 @@ test: setup lint typecheck chart  ## lint, types, the chart and the whole suite 
 soak: setup  ## the soak test for ten minutes (CI runs it for 20 s)
 	BUDGETFLOW_TEST_SOAK_S=600 BUDGETFLOW_TEST_SOAK_RATE=15000 $(BIN)/pytest tests/integration/test_soak.py -s
 
-chart: setup  ## helm lint --strict and render the chart, for Helm's default Kubernetes and the oldest supported
+chart: $(HELM)  ## helm lint --strict and render the chart, for Helm's default Kubernetes and the oldest supported
 	$(HELM) lint --strict helm/budgetflow
 	$(HELM) lint --strict --kube-version $(KUBE_MIN) helm/budgetflow
 	$(HELM) template budgetflow helm/budgetflow >/dev/null
 	$(HELM) template budgetflow helm/budgetflow --kube-version $(KUBE_MIN) >/dev/null
 	@echo "chart lints and renders (Helm's default Kubernetes and $(KUBE_MIN))"
 
-bench: setup  ## benchmarks beside their baselines; JSON in bench-results/
+bench: $(STAMP) kafka-jars  ## benchmarks beside their baselines; JSON in bench-results/
 	$(BIN)/budgetflow bench --out bench-results/bench.json
 
-demo: setup  ## a month of LLM traffic through the real pipeline in about a minute, watched live
+demo: $(STAMP) kafka-jars  ## a month of LLM traffic through the real pipeline in about a minute, watched live
 	$(BIN)/budgetflow demo
 
-run: setup  ## start Kafka, create topics, apply examples/policies.yaml, run the workers (Ctrl-C stops them)
+run: $(STAMP) kafka-jars  ## start Kafka, create topics, apply examples/policies.yaml, run the workers (Ctrl-C stops them)
 	$(BIN)/budgetflow kafka start
 	$(BIN)/budgetflow topics create > /dev/null
 	$(BIN)/budgetflow policy apply examples/policies.yaml
