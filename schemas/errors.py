@@ -2,6 +2,7 @@
 
     BudgetflowError
     ├── ConfigError        a setting, policy or price file is wrong (one line names it)
+    │   └── VocabularyError  a shipped tokenizer vocabulary is missing or altered (budgetflow.tokenizers)
     ├── InvalidEvent       a record failed decoding or validation (it goes to the DLQ)
     └── LocalKafkaError    the development broker could not be fetched, started or stopped
 

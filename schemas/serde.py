@@ -14,7 +14,16 @@ from pydantic import BaseModel, ValidationError
 
 from budgetflow.schemas.errors import InvalidEvent
 
-__all__ = ["REASONS", "decode", "decode_fast", "describe_validation_error", "dumps", "loads", "validation_message"]
+__all__ = [
+    "REASONS",
+    "decode",
+    "decode_fast",
+    "describe_validation_error",
+    "dumps",
+    "first_error",
+    "loads",
+    "validation_message",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,17 +60,22 @@ def loads(raw: bytes | str) -> Any:
         raise InvalidEvent("json", f"not valid JSON ({exc.msg} at position {exc.pos})") from exc
 
 
+def first_error(exc: ValidationError) -> tuple[tuple[int | str, ...], str, str]:
+    """The first failure of a validation: its location, its message and " (and N more)" when there are more; no
+    input value is included (it may be a secret or a prompt)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return tuple(errors[0]["loc"]), errors[0]["msg"].removeprefix("Value error, "), more
+
+
 def validation_message(exc: ValidationError, *, top: str = "top level") -> str:
     """One line naming the first failing field (``budgets[2].id: ...``), without input values."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = errors[0]
+    loc, message, more = first_error(exc)
     where = ""
-    for part in first["loc"]:
+    for part in loc:
         if isinstance(part, str) and not _FIELD.match(part):
             part = "<key>"  # a key of a mapping may be anything a caller wrote: it is not echoed  # noqa: PLW2901
         where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
-    message = first["msg"].removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where or top}: {message}{more}"
 
 

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from budgetflow.schemas.errors import ConfigError
+from budgetflow.schemas.serde import first_error
 
 __all__ = [
     "ENV_PREFIX",
@@ -574,10 +575,8 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = tuple(part for part in first["loc"] if isinstance(part, str))
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        message = first["msg"].removeprefix("Value error, ")
+        at, message, more = first_error(exc)
+        loc = tuple(part for part in at if isinstance(part, str))
         where = f"invalid setting {env_name(loc)}" if loc else "invalid settings"
         raise ConfigError(f"{where}: {message}{more}") from exc
 

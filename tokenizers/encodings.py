@@ -15,6 +15,8 @@ from importlib import resources
 
 import tiktoken
 
+from budgetflow.schemas.errors import ConfigError
+
 __all__ = ["ENCODINGS", "VocabularyError", "get_encoding"]
 
 # The hashes tiktoken itself expects for these files (tiktoken_ext.openai_public).
@@ -58,8 +60,9 @@ _cache: dict[str, tiktoken.Encoding] = {}
 _lock = threading.Lock()
 
 
-class VocabularyError(RuntimeError):
-    """A shipped vocabulary is missing or does not match its published hash."""
+class VocabularyError(ConfigError):
+    """A shipped vocabulary is missing or does not match its published hash: the installation is broken, and no
+    restart mends it."""
 
 
 def _load_ranks(name: str) -> dict[bytes, int]:
@@ -85,7 +88,7 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     if encoding is not None:
         return encoding
     if name not in _SHA256:
-        raise KeyError(f"no shipped vocabulary for encoding {name!r}; known: {', '.join(ENCODINGS)}")
+        raise ConfigError(f"no shipped vocabulary for encoding {name!r}; known: {', '.join(ENCODINGS)}")
     with _lock:
         encoding = _cache.get(name)
         if encoding is None:

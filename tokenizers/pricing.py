@@ -25,7 +25,7 @@ from typing import Annotated, Any, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from budgetflow.schemas.errors import ConfigError
+from budgetflow.schemas.errors import ConfigError, InvalidEvent
 from budgetflow.schemas.events import Backend, Timestamp
 from budgetflow.schemas.money import UsdRate, parse_rate
 from budgetflow.schemas.serde import validation_message
@@ -137,7 +137,9 @@ class Price:
             or plain_output < 0
             or min(cached_input_tokens, cache_write_input_tokens, reasoning_tokens) < 0
         ):
-            raise ValueError("usage breaks the rule: cached + cache_write ≤ input, reasoning ≤ output, all ≥ 0")
+            raise InvalidEvent(
+                "usage_rule", "usage breaks the rule: cached + cache_write ≤ input, reasoning ≤ output, all ≥ 0"
+            )
         return (
             plain_input * self.input
             + cached_input_tokens * self.cached_input
@@ -288,7 +290,8 @@ class PriceTable:
         provider: str | None = None,
         at: datetime | None = None,
     ) -> Cost:
-        """The cost formula (docs/architecture.md, "Prices") in integer pico-dollars; unpriced cloud models use the fallback."""
+        """The cost formula (docs/architecture.md, "Prices") in integer pico-dollars; unpriced cloud models use the
+        fallback."""
         price = self.price(model, backend=backend, provider=provider, at=at)
         pico = price.cost(
             input_tokens=input_tokens,

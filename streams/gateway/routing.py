@@ -14,13 +14,13 @@ the same session keeps landing on the same side as the share moves.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from budgetflow.schemas.money import format_usd
+from budgetflow.schemas.serde import dumps
 from budgetflow.streams.rules.status import STATUS_RANK
 
 __all__ = [
@@ -132,7 +132,7 @@ class BudgetExceeded:
             "retry-after": str(self.retry_after_s),
             **self.budget_headers,
         }
-        return self.http_status, headers, json.dumps(body).encode()
+        return self.http_status, headers, dumps(body)
 
 
 @dataclass(slots=True)
@@ -230,7 +230,8 @@ def _exceeded(state: BudgetState, what: str) -> BudgetExceeded:
 
 
 def headers_for(state: BudgetState | None, estimated_cost_pico: int | None) -> dict[str, str]:
-    """The X-Budget-* headers (docs/gateways.md): the cost estimate always, the deciding budget when it is not normal."""
+    """The X-Budget-* headers (docs/gateways.md): the cost estimate always, the deciding budget when it is not
+    normal."""
     headers: dict[str, str] = {}
     if estimated_cost_pico is not None:
         headers["X-Budget-Cost-Estimated"] = format_usd(estimated_cost_pico, 6)

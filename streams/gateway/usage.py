@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from budgetflow.schemas.errors import InvalidEvent
+
 __all__ = ["Usage", "from_anthropic", "from_gemini", "from_openai"]
 
 
@@ -41,7 +43,7 @@ def _int(value: Any) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"token counts must be integers, got {type(value).__name__}")
+        raise InvalidEvent("invalid", f"token counts must be integers, got {type(value).__name__}")
     return value
 
 

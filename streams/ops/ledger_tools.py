@@ -24,9 +24,10 @@ from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.events import AuditRecord, LedgerEntry, entry_id, period_of
 from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, parse_usd, usd_string
 from budgetflow.schemas.periods import next_month_start
-from budgetflow.schemas.serde import dumps
+from budgetflow.schemas.serde import dumps, validation_message
 from budgetflow.schemas.settings import DefaultPolicySettings, Settings
-from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger, RequestState
+from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.aggregate.records import RequestState
 from budgetflow.streams.aggregate.store import MemoryStore
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.follow import read_records
@@ -62,9 +63,7 @@ def adjustment_entry(budget: str, usd: str, *, period: str, adjust_id: str, now:
             tier="exact",
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "adjustment"
-        raise ConfigError(f"{where}: {first['msg']}") from exc
+        raise ConfigError(validation_message(exc, top="adjustment")) from exc
     if period > period_of(now):
         raise ConfigError(f"--period {period} has not begun (it is {period_of(now)})")
     if next_month_start(period).timestamp() + grace_s < now.timestamp():

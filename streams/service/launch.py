@@ -1,4 +1,5 @@
-"""Starting budgetflow workers as child processes with settings of their own (bench and demo)."""
+"""Starting budgetflow workers as child processes (``budgetflow worker --role all``, the demo, the bench and the
+tests): the one way a worker process is spawned."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import IO
 
-__all__ = ["WorkerProcess", "die_with_parent", "worker_env"]
+__all__ = ["WorkerProcess", "die_with_parent", "spawn_worker", "worker_env"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -41,6 +43,21 @@ def worker_env(settings_env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def spawn_worker(
+    role: str, env: Mapping[str, str] | None = None, stdout: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """``budgetflow worker --role ROLE`` as a child of this process that dies with it; its output to ``stdout``
+    (stderr too) when given, else inherited."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
+        env=None if env is None else dict(env),
+        stdout=stdout,
+        stderr=subprocess.STDOUT if stdout is not None else None,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),  # noqa: PLW1509  # no threads yet in the processes that launch workers
+    )
+
+
 class WorkerProcess:
     """One `budgetflow worker --role ROLE` child, logging to a file."""
 
@@ -49,14 +66,7 @@ class WorkerProcess:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
-                env=dict(env),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent(),  # noqa: PLW1509  # no threads yet in the processes that launch workers
-            )
+            self.proc = spawn_worker(role, env, out)
 
     @property
     def alive(self) -> bool:

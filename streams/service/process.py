@@ -144,15 +144,9 @@ def run_role(role: str, settings: Settings, start: Start) -> int:
 
 def supervise(roles: list[str]) -> int:
     """Run each role as a child process; stop all when one exits or on SIGTERM/SIGINT."""
-    from budgetflow.streams.service.launch import die_with_parent
+    from budgetflow.streams.service.launch import spawn_worker
 
-    children = {
-        role: subprocess.Popen(
-            [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
-            preexec_fn=die_with_parent(),  # noqa: PLW1509  # the supervisor runs no threads
-        )
-        for role in roles
-    }
+    children = {role: spawn_worker(role) for role in roles}
     stopping = False
 
     def stop(*_: object) -> None:

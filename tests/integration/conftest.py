@@ -291,12 +291,10 @@ class Pipeline:
         if crash_at:
             env["BUDGETFLOW_TEST_CRASH_AT"] = crash_at
         log = self.root / f"{role}-{self._count}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "budgetflow.streams", "worker", "--role", role],
-            env=env,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        from budgetflow.streams.service.launch import spawn_worker
+
+        with log.open("wb") as out:
+            proc = spawn_worker(role, env, out)
         worker = Worker(role, proc, log, crash_at)
         self.workers.append(worker)
         return worker

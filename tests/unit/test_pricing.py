@@ -9,7 +9,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from budgetflow.schemas.errors import ConfigError
+from budgetflow.schemas.errors import ConfigError, InvalidEvent
 from budgetflow.tokenizers.pricing import PriceTable
 
 TABLE = PriceTable.default()
@@ -104,7 +104,7 @@ def test_cost_is_exactly_additive_over_splits(a: tuple[int, ...], b: tuple[int, 
 
 
 def test_usage_that_breaks_the_rule_is_refused() -> None:
-    with pytest.raises(ValueError, match="rule"):
+    with pytest.raises(InvalidEvent, match="rule"):
         TABLE.cost("gpt-4o", input_tokens=10, cached_input_tokens=11, output_tokens=0)
 
 

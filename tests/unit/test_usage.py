@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.streams.gateway.usage import Usage, from_anthropic, from_gemini, from_openai
 
 
@@ -55,5 +56,5 @@ def test_gemini_counts_thoughts_as_output() -> None:
 
 
 def test_non_integer_counts_are_refused() -> None:
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(InvalidEvent, match="integers"):
         from_openai({"prompt_tokens": 1.5, "completion_tokens": 1})
