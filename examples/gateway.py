@@ -227,8 +227,8 @@ class Gateway:
             candidates = candidates[:1]
         decision = self.view.decide(request_id, budgets, candidates, session_id=session)
         headers = {**self.view.headers(budgets, estimate), **echo}
-        if decision.error is not None:
-            status, error_headers, payload = decision.error.to_response()
+        if decision.rejection is not None:
+            status, error_headers, payload = decision.rejection.to_response()
             return web.Response(status=status, body=payload, headers={**headers, **error_headers})
         chosen = decision.candidates[0]
         try:

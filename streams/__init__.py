@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from budgetflow.streams.gateway.publisher import BudgetPublisher, RequestHandle, SpoolFull, SyncBudgetPublisher
     from budgetflow.streams.gateway.routing import (
-        BudgetExceeded,
         BudgetState,
         Candidate,
         Decision,
+        Rejection,
         affinity,
         cloud_share,
     )
@@ -29,7 +29,7 @@ _HOMES = {
     "RequestHandle": "publisher",
     "SpoolFull": "publisher",
     "SyncBudgetPublisher": "publisher",
-    "BudgetExceeded": "routing",
+    "Rejection": "routing",
     "BudgetState": "routing",
     "Candidate": "routing",
     "Decision": "routing",
@@ -43,12 +43,12 @@ _HOMES = {
 }
 
 __all__ = [
-    "BudgetExceeded",
     "BudgetPublisher",
     "BudgetState",
     "BudgetView",
     "Candidate",
     "Decision",
+    "Rejection",
     "RequestHandle",
     "SpoolFull",
     "SyncBudgetPublisher",

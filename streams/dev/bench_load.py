@@ -217,7 +217,7 @@ async def _route(
         while n < due:
             decision = view.decide(f"{budget}-{n}", [budget], cloud)
             n += 1
-            if decision.error is not None:
+            if decision.rejection is not None:
                 continue
             handle = await publisher.publish_request(
                 request_id=f"{budget}-{n}",

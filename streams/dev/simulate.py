@@ -91,7 +91,7 @@ def _run(costs: list[tuple[float, int]], policy: BudgetPolicy, shift: bool) -> _
         if not shift and seen.status == "hard_limit":
             candidates = [CLOUD, LOCAL]  # without the shift, local only once the cap is hit
         decision = decide(f"req-{index}", [seen], candidates)
-        if decision.error is not None:
+        if decision.rejection is not None:
             rejected += 1
             continue
         if decision.candidates[0].backend == "cloud":

@@ -24,10 +24,10 @@ from budgetflow.schemas.serde import dumps
 from budgetflow.streams.rules.status import STATUS_RANK
 
 __all__ = [
-    "BudgetExceeded",
     "BudgetState",
     "Candidate",
     "Decision",
+    "Rejection",
     "affinity",
     "cloud_share",
     "decide",
@@ -93,7 +93,7 @@ class BudgetState:
 
 
 @dataclass(frozen=True)
-class BudgetExceeded:
+class Rejection:
     """Why a request is rejected: the budget, its month, its spend and limit, and when it resets."""
 
     budget_id: str
@@ -137,10 +137,10 @@ class BudgetExceeded:
 
 @dataclass(slots=True)
 class Decision:
-    """Where a request may go: candidates in order, or the error that rejects it."""
+    """Where a request may go: candidates in order, or the rejection that refuses it."""
 
     candidates: tuple[Candidate, ...]
-    error: BudgetExceeded | None
+    rejection: Rejection | None
     cloud_allowed: bool
     cloud_share: float
     affinity: float
@@ -149,7 +149,7 @@ class Decision:
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.rejection is None
 
 
 def _strictest(states: Sequence[BudgetState], shares: Sequence[float]) -> BudgetState | None:
@@ -212,13 +212,13 @@ def decide(
     return Decision(tuple(cloud), None, True, share, h, deciding, tuple(flags))
 
 
-def _exceeded(state: BudgetState, what: str) -> BudgetExceeded:
+def _exceeded(state: BudgetState, what: str) -> Rejection:
     limit = "unlimited" if state.limit_pico is None else f"${format_usd(state.limit_pico, 2)}"
     message = (
         f"Budget {state.budget_id} has reached its limit for {state.period} (spent "
         f"${format_usd(state.spend_pico, 2)} of {limit}); its hard-limit action {what}."
     )
-    return BudgetExceeded(
+    return Rejection(
         budget_id=state.budget_id,
         period=state.period,
         spend_pico=state.spend_pico,
@@ -258,8 +258,10 @@ def merge_decisions(parts: Sequence[Decision], candidates: Sequence[Candidate]) 
     flags = tuple(dict.fromkeys(f for part in parts for f in part.flags))
     strictest = min(parts, key=lambda part: part.cloud_share)
     if not ordered:
-        rejected = next((part for part in parts if part.error is not None), strictest)
-        return Decision((), rejected.error, False, strictest.cloud_share, rejected.affinity, rejected.deciding, flags)
+        rejected = next((part for part in parts if part.rejection is not None), strictest)
+        return Decision(
+            (), rejected.rejection, False, strictest.cloud_share, rejected.affinity, rejected.deciding, flags
+        )
     cloud = any(c.backend == "cloud" for c in ordered)
     return Decision(ordered, None, cloud, strictest.cloud_share, strictest.affinity, strictest.deciding, flags)
 

@@ -32,10 +32,10 @@ from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.gateway.routing import (
     Action,
-    BudgetExceeded,
     BudgetState,
     Candidate,
     Decision,
+    Rejection,
     affinity,
     decide,
     headers_for,
@@ -350,7 +350,7 @@ class BudgetView:
             decision = Decision(
                 tuple(candidates), None, True, 1.0, affinity(session_id or request_id), None, ("decision_error",)
             )
-        outcome = "rejected" if decision.error else ("cloud" if decision.cloud_allowed else "local")
+        outcome = "rejected" if decision.rejection else ("cloud" if decision.cloud_allowed else "local")
         self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
         return decision
 
@@ -380,7 +380,7 @@ class BudgetView:
             kept = [c for c in candidates if c not in unpriced]
             if not kept:
                 state = next(s for s in states if s.budget_id == strict[0])
-                error = BudgetExceeded(
+                error = Rejection(
                     state.budget_id,
                     state.period,
                     state.spend_pico,

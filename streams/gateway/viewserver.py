@@ -131,8 +131,8 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
             "headers": view.headers(body.budgets, body.estimated_cost_usd),
             "error": None,
         }
-        if decision.error is not None:
-            status, headers, payload = decision.error.to_response()
+        if decision.rejection is not None:
+            status, headers, payload = decision.rejection.to_response()
             answer["error"] = {"status": status, "headers": headers, "body": loads(payload)}
         return json_response(answer)
 

@@ -93,17 +93,17 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
         assert view.decide("r", ["r:hard-warn"], [cloud, local]).candidates == (local,)
         assert view.decide("r", ["r:hard-warn"], [cloud]).candidates == (cloud,)
         assert view.decide("r", ["r:hard-cloud"], [cloud, local]).candidates == (local,)
-        assert view.decide("r", ["r:hard-cloud"], [cloud]).error is not None
-        assert view.decide("r", ["r:hard-all"], [cloud, local]).error is not None
+        assert view.decide("r", ["r:hard-cloud"], [cloud]).rejection is not None
+        assert view.decide("r", ["r:hard-all"], [cloud, local]).rejection is not None
         # Several budgets: the smallest share, and the strictest block.
         allowed = sum(view.decide(f"q-{i}", ["r:80", "r:99"], [cloud, local]).cloud_allowed for i in range(10_000))
         assert abs(allowed / 100 - 4.0) <= 2.0
         blocked = view.decide("r", ["r:hard-cloud", "r:hard-all"], [cloud, local])
-        assert blocked.error is not None
-        assert blocked.error.budget_id == "r:hard-all"
+        assert blocked.rejection is not None
+        assert blocked.rejection.budget_id == "r:hard-all"
         # Rollover on read: next month, a spent budget is normal again.
         next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, 0, 0, 1, tzinfo=UTC)
-        assert view.decide("r", ["r:hard-all"], [cloud], now=next_month).error is None
+        assert view.decide("r", ["r:hard-all"], [cloud], now=next_month).rejection is None
         # An older seq never overwrites a newer one, even written straight to the topic.
         current = view._statuses["r:hard-all"]
         forged = BudgetStatus(
@@ -134,7 +134,7 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
         assert view.status("r:hard-all").status == "hard_limit"
         assert "stale" in view.decide("r", ["r:hard-all"], [cloud, local]).flags
         await wait_for(lambda: view.status("r:hard-all").status == "normal", timeout_s=30, what="expiry")
-        assert view.decide("r", ["r:hard-all"], [cloud, local]).error is None
+        assert view.decide("r", ["r:hard-all"], [cloud, local]).rejection is None
 
 
 async def _check_view_serve(pipeline: Any) -> None:

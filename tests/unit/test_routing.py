@@ -75,7 +75,7 @@ def test_soft_share_over_10000_requests_follows_the_rule(u: float) -> None:
 def test_normal_keeps_every_candidate_in_score_order() -> None:
     decision = decide("r", [state()], [LOCAL, CLOUD])
     assert decision.candidates == (CLOUD, LOCAL)
-    assert decision.error is None
+    assert decision.rejection is None
     assert decision.cloud_allowed
 
 
@@ -101,20 +101,20 @@ def test_hard_limit_per_action(action: str, local: bool, outcome: str) -> None:
     decision = decide("r", [state(u=100.0, status="hard_limit", action=action)], candidates)
     if outcome == "local":
         assert decision.candidates == (LOCAL,)
-        assert decision.error is None
+        assert decision.rejection is None
     elif outcome == "cloud_flagged":
         assert decision.candidates == (CLOUD,)
         assert "over_budget_kept_cloud" in decision.flags
     else:
         assert decision.candidates == ()
-        assert decision.error is not None
-        assert decision.error.budget_id == "team:a"
+        assert decision.rejection is not None
+        assert decision.rejection.budget_id == "team:a"
 
 
 def test_soft_limit_without_local_keeps_cloud_flagged() -> None:
     states = [state(u=99.0, status="soft_limit")]
     decisions = [decide(f"r-{i}", states, [CLOUD]) for i in range(100)]
-    assert all(d.candidates == (CLOUD,) and d.error is None for d in decisions)
+    assert all(d.candidates == (CLOUD,) and d.rejection is None for d in decisions)
     assert any("soft_limit_kept_cloud" in d.flags for d in decisions)
 
 
@@ -124,14 +124,14 @@ def test_several_budgets_take_the_minimum_share_and_the_strictest_block() -> Non
     assert abs(cloud / 100 - 20.0) <= 2.0  # global's share, (100 - 95) / 25
     blocked = [state("team:a", 100.0, "hard_limit", "block_cloud"), state("global", 100.0, "hard_limit", "block_all")]
     decision = decide("r", blocked, [CLOUD, LOCAL])
-    assert decision.error is not None
-    assert decision.error.budget_id == "global"
+    assert decision.rejection is not None
+    assert decision.rejection.budget_id == "global"
 
 
 def test_rejection_is_an_openai_style_429_that_sdks_do_not_retry() -> None:
     decision = decide("r", [state(u=120.0, status="hard_limit", action="block_all")], [CLOUD])
-    assert decision.error is not None
-    status, headers, body = decision.error.to_response()
+    assert decision.rejection is not None
+    status, headers, body = decision.rejection.to_response()
     assert status == 429
     assert headers["x-should-retry"] == "false"
     assert int(headers["retry-after"]) >= 1

@@ -92,7 +92,7 @@ def test_stale_then_expired_open_and_closed() -> None:
         decision = v.decide("r", ["team:a"], [Candidate("gpt-4o", "cloud")], now=NOW + timedelta(seconds=400))
         assert "stale" in decision.flags
         if mode == "closed":
-            assert decision.error is not None  # block_cloud and no local model
+            assert decision.rejection is not None  # block_cloud and no local model
 
 
 def test_lag_reported_by_the_heartbeat_makes_a_budget_stale() -> None:
@@ -122,7 +122,7 @@ def test_decide_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(v, "status", broken)
     decision = v.decide("r", ["team:a"], [Candidate("gpt-4o", "cloud")])
-    assert decision.error is None
+    assert decision.rejection is None
     assert "decision_error" in decision.flags
 
 
@@ -163,12 +163,12 @@ def test_scoped_and_parent_budgets_bind_the_candidates_they_charge() -> None:
     assert decision.cloud_allowed
     # Only the capped model offered: shifted to local, or refused when there is none.
     assert [c.name for c in v.decide("r2", ["team:b"], [big, local], now=NOW).candidates] == ["llama"]
-    assert v.decide("r3", ["team:b"], [big], now=NOW).error is not None
+    assert v.decide("r3", ["team:b"], [big], now=NOW).rejection is not None
     # A parent at its hard limit binds every child: team:a's requests are refused, team:b's are not.
     v.apply_status(status("org:eng", spend=LIMIT, state="hard_limit", action="block_all", seq=11))
     refused = v.decide("r4", ["team:a"], [small, local], now=NOW)
-    assert refused.error is not None
-    assert refused.error.budget_id == "org:eng"
+    assert refused.rejection is not None
+    assert refused.rejection.budget_id == "org:eng"
     assert v.decide("r5", ["team:b"], [small, local], now=NOW).ok
 
 
@@ -192,6 +192,6 @@ def test_a_budget_that_blocks_unpriced_models_refuses_them_for_cloud() -> None:
     assert [c.name for c in strict.candidates] == ["gpt-4o"]
     assert "unpriced_refused" in strict.flags
     refused = v.decide("r3", ["team:strict"], [mystery], now=NOW)
-    assert refused.error is not None
-    assert refused.error.http_status == 403
-    assert "mystery-1" in refused.error.message
+    assert refused.rejection is not None
+    assert refused.rejection.http_status == 403
+    assert "mystery-1" in refused.rejection.message
