@@ -19,7 +19,7 @@ from budgetflow.schemas.events import Heartbeat, StatusName, StatusReason, perio
 from budgetflow.schemas.money import usd_string
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import dumps
-from budgetflow.streams.aggregate.ledger import PartitionLedger, Transition
+from budgetflow.streams.aggregate.ledger import PartitionLedger, StatusChange
 from budgetflow.streams.rules.forecast import Forecast
 from budgetflow.streams.rules.status import StatusRules, build_status
 
@@ -115,14 +115,14 @@ class StatusPublisher:
     def after_batch(
         self,
         ledger: PartitionLedger,
-        transitions: list[Transition],
+        changes: list[StatusChange],
         touched: set[tuple[str, str]],
         rollover: str | None,
         policy_changed: Iterable[str] = (),
         known_budgets: Iterable[str] = (),
     ) -> list[Outgoing]:
         """Statuses and transition events for what one batch changed on one partition."""
-        out = [self._event(t) for t in transitions]
+        out = [self._event(change) for change in changes]
         current = self.current_period(ledger)
         done: set[str] = set()
         if rollover is not None:
@@ -172,25 +172,25 @@ class StatusPublisher:
             self._dirty.discard(budget)
 
     @staticmethod
-    def _event(t: Transition) -> Outgoing:
+    def _event(change: StatusChange) -> Outgoing:
         value = {
             "v": 1,
-            "budget_id": t.budget,
-            "period": t.period,
-            "event": t.event,
-            "previous_status": t.previous,
-            "spend_usd": usd_string(t.settled + t.reserved),
-            "settled_usd": usd_string(t.settled),
-            "reserved_usd": usd_string(t.reserved),
-            "seq": t.offset,
+            "budget_id": change.budget,
+            "period": change.period,
+            "event": change.event,
+            "previous_status": change.previous,
+            "spend_usd": usd_string(change.settled + change.reserved),
+            "settled_usd": usd_string(change.settled),
+            "reserved_usd": usd_string(change.reserved),
+            "seq": change.offset,
         }
-        return Outgoing("events", f"{t.budget}:{t.period}:{t.event}".encode(), dumps(value))
+        return Outgoing("events", f"{change.budget}:{change.period}:{change.event}".encode(), dumps(value))
 
     def events_of(self, ledger: PartitionLedger, period: str, since_offset: int = 0) -> list[Outgoing]:
         """Transitions recorded for a period by entries at or after ``since_offset`` (re-announced after a recovery)."""
         out = []
         for (budget, p), state in ledger.periods.items():
-            if p != period or state.o < since_offset:
+            if p != period or state.ledger_offset < since_offset:
                 continue
             for event in state.events:
                 out.append(
@@ -207,7 +207,7 @@ class StatusPublisher:
                                 "spend_usd": usd_string(state.spend),
                                 "settled_usd": usd_string(state.settled),
                                 "reserved_usd": usd_string(state.reserved),
-                                "seq": state.o,
+                                "seq": state.ledger_offset,
                                 "replayed": True,
                             }
                         ),

@@ -6,7 +6,7 @@ from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetStatus, Heartbeat
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.aggregate.ledger import PeriodState, decode_key
+from budgetflow.streams.aggregate.records import PeriodState, decode_key
 from budgetflow.streams.kafka.follow import read_topic
 
 __all__ = ["read_heartbeats", "read_period_states", "read_statuses", "read_topic"]

@@ -14,7 +14,8 @@ from budgetflow.schemas.money import MAX_ENTRY_PICO, MAX_PERIOD_PICO, PICO_PER_U
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode, decode_fast, dumps
 from budgetflow.schemas.settings import PricingSettings, ReservationSettings, TopicSettings
-from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger, PeriodState
+from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.aggregate.records import PeriodState
 from budgetflow.streams.aggregate.statuses import StatusPublisher
 from budgetflow.streams.aggregate.store import MemoryStore
 from budgetflow.streams.enrich.worker import Enricher

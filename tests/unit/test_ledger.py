@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from budgetflow.schemas.events import LedgerEntry, entry_id
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
+from budgetflow.streams.aggregate.records import PartitionMeta, PeriodState, RequestState
 from budgetflow.streams.aggregate.store import MemoryStore
 
 T0 = datetime(2026, 11, 10, 12, tzinfo=UTC)
@@ -143,8 +144,8 @@ def test_statuses_follow_thresholds_and_announce_each_transition_once() -> None:
     limit = 10**9  # team:a's limit: $0.001
     steps = [("r1", limit * 40 // 100), ("r2", limit * 15 // 100), ("r3", limit * 50 // 100)]
     run(ledger, [entry("settle", "team:a", r, a) for r, a in steps], batch=1)
-    transitions, touched, _ = ledger.take_outputs()
-    assert [t.event for t in transitions] == ["soft_limit", "hard_limit"]
+    changes, touched, _ = ledger.take_outputs()
+    assert [change.event for change in changes] == ["soft_limit", "hard_limit"]
     assert touched == {("team:a", "2026-11")}
     period = ledger.period_state("team:a", "2026-11")
     assert period is not None
@@ -278,3 +279,52 @@ def test_policy_refresh_reevaluates_status(budget: str) -> None:
     assert before is not None
     ledger.refresh_policy(budget)
     assert ledger.drain()[0][0].startswith(b"p|" + budget.encode())
+
+
+# -- the persisted records -----------------------------------------------------------------------------------------
+# Records are JSON arrays: a field's name is never written. These bytes are what the code wrote before the offset
+# field ``o`` became ``ledger_offset`` (and, the last one, before period records kept their refusals).
+OLD_PERIOD = b'[7,3,2,1,0,0,1,"soft_limit",["soft_limit"],41,[40]]'
+OLD_PERIOD_BEFORE_REFUSALS = b'[7,3,2,1,0,0,1,"soft_limit",["soft_limit"],41]'
+OLD_WIDE_PERIOD = b'["30000000000000000000","18446744073709551621",0,0,0,0,0,"normal",[],9,[]]'
+OLD_REQUEST = b'["2026-11",1790000000.5,60,5,7,false,false,41]'
+OLD_META = b'[41,1790000000.0,"2026-11"]'
+
+
+def test_records_written_by_the_previous_code_decode_and_encode_to_the_same_bytes() -> None:
+    period = PeriodState.decode("team:x", "2026-11", OLD_PERIOD)
+    assert period == PeriodState("team:x", "2026-11", 7, 3, 2, 1, 0, 0, 1, "soft_limit", ["soft_limit"], 41, [40])
+    assert period.ledger_offset == 41
+    assert period.encode() == OLD_PERIOD
+    older = PeriodState.decode("team:x", "2026-11", OLD_PERIOD_BEFORE_REFUSALS)
+    assert (older.ledger_offset, older.refused) == (41, [])
+    wide = PeriodState.decode("global", "2026-11", OLD_WIDE_PERIOD)
+    assert (wide.settled, wide.reserved, wide.ledger_offset) == (30 * 10**18, 2**64 + 5, 9)
+    assert wide.encode() == OLD_WIDE_PERIOD
+    request = RequestState.decode(("team:x", "r1", 0), OLD_REQUEST)
+    assert request == RequestState("team:x", "r1", 0, "2026-11", 1790000000.5, 60, 5, 7, False, False, 41)
+    assert request.encode() == OLD_REQUEST
+    meta = PartitionMeta.decode(OLD_META)
+    assert (meta.applied, meta.stream_time, meta.period) == (41, 1790000000.0, "2026-11")
+    assert meta.encode() == OLD_META
+
+
+def test_a_store_written_by_the_previous_code_loads_and_skips_what_it_reflects() -> None:
+    # A reservation of 5 at offset 41, durable in its request and period records, but not yet in the meta record.
+    store = MemoryStore()
+    store.write(
+        {
+            b"m|": b'[40,1790000000.0,"2026-11"]',
+            b"p|team:x\x1f2026-11": b'[0,5,1,0,0,0,0,"normal",[],41,[]]',
+            b"o|team:x\x1fr2\x1f0": b'["2026-11",1790000000.5,60,5,null,false,false,41]',
+        },
+        checkpoint=3,
+    )
+    ledger = new_ledger(store)
+    assert ledger.open_reservations == 1
+    assert ledger.apply(entry("reserve", "team:x", "r2", 5), 41) == "replayed"
+    assert ledger.apply(entry("settle", "team:x", "r2", 4), 42) == "applied"
+    assert ledger.anomalies == 0
+    period = ledger.period_state("team:x", "2026-11")
+    assert period is not None
+    assert (period.settled, period.reserved, period.requests, period.ledger_offset) == (4, 0, 1, 42)

@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
 from budgetflow.schemas.settings import load_settings
-from budgetflow.streams.aggregate.ledger import PeriodState
+from budgetflow.streams.aggregate.records import PeriodState
 from budgetflow.streams.aggregate.store import RocksStore
 from budgetflow.streams.aggregate.worker import AggregateWorker
 from budgetflow.streams.kafka.topics import Topics
