@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import GLOBAL_BUDGET, BudgetStatus, Heartbeat, period_of
+from budgetflow.schemas.events import BudgetStatus, Heartbeat, period_of
 from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
@@ -45,7 +45,7 @@ from budgetflow.streams.kafka.follow import Follower
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
-from budgetflow.streams.rules.scopes import BudgetResolver
+from budgetflow.streams.rules.scopes import BudgetResolver, with_global
 from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
 
 __all__ = ["BudgetView"]
@@ -314,7 +314,7 @@ class BudgetView:
         """Count a request this router let through, until a status that includes it arrives."""
         ts = (now or self.clock.now()).timestamp()
         horizon = ts - self.settings.view.admit_max_age_s
-        for budget in _with_global(budgets):
+        for budget in with_global(budgets):
             kept = [(t, a) for t, a in self._admitted.get(budget, ()) if t > horizon]
             kept.append((ts, estimate_pico))
             self._admitted[budget] = kept
@@ -400,7 +400,7 @@ class BudgetView:
     ) -> dict[tuple[str, ...], list[Candidate]]:
         """Candidates grouped by the budgets they are charged to (one group when no scope tells them apart)."""
         if self.resolver is None:
-            return {tuple(_with_global(budgets)): list(candidates)}
+            return {tuple(with_global(budgets)): list(candidates)}
         if not self.resolver.has_scopes:  # only parents: every candidate is charged alike
             charged = self.resolver.resolve(
                 budgets, model="", provider=provider or "", backend="cloud", metadata=metadata
@@ -414,13 +414,13 @@ class BudgetView:
                 )
             )
             groups.setdefault(key, []).append(c)
-        return groups or {tuple(_with_global(budgets)): []}
+        return groups or {tuple(with_global(budgets)): []}
 
     def headers(
         self, budgets: Sequence[str], estimated_cost_pico: int | None, *, now: datetime | None = None
     ) -> dict[str, str]:
         """The X-Budget-* headers for a response: the deciding budget when it is not normal."""
-        states = [self.status(b, now=now) for b in _with_global(budgets)]
+        states = [self.status(b, now=now) for b in with_global(budgets)]
         worst = max(
             states,
             key=lambda s: (STATUS_RANK.get(s.status, 0), -(s.remaining_pico or 0)),
@@ -436,9 +436,3 @@ class BudgetView:
             "ready": self.is_ready,
             "records_seen": self.records_seen,
         }
-
-
-def _with_global(budgets: Sequence[str]) -> Sequence[str]:
-    if GLOBAL_BUDGET not in budgets and len(set(budgets)) == len(budgets):
-        return [*budgets, GLOBAL_BUDGET]
-    return list(dict.fromkeys([*budgets, GLOBAL_BUDGET]))

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import GLOBAL_BUDGET
 from budgetflow.schemas.policy import BudgetPolicy, Scope
 
-__all__ = ["BudgetResolver", "UnknownBudget"]
+__all__ = ["BudgetResolver", "UnknownBudget", "with_global"]
 
 UnknownBudget = Literal["default", "ignore", "dlq"]
 _MAX_DEPTH = 32
@@ -111,5 +111,13 @@ class BudgetResolver:
                 out[parent] = None
                 parent = policies[parent].parent if parent in policies else None
                 depth += 1
-        out[GLOBAL_BUDGET] = None
-        return list(out)
+        return with_global(out)
+
+
+def with_global(budgets: Iterable[str]) -> list[str]:
+    """The budgets a request is charged to: those given, each once, in their order, and ``global`` (every request
+    is charged to it, whether it names it or not)."""
+    listed = list(budgets)
+    if GLOBAL_BUDGET not in listed and len(set(listed)) == len(listed):
+        return [*listed, GLOBAL_BUDGET]  # the common case, without building a dict
+    return list(dict.fromkeys([*listed, GLOBAL_BUDGET]))
