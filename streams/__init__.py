@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from budgetflow.streams.gateway.publisher import BudgetPublisher, RequestHandle, SpoolFull, SyncBudgetPublisher
+    from budgetflow.streams.gateway.publisher import BudgetPublisher, RequestHandle, SpoolFull
     from budgetflow.streams.gateway.routing import (
         BudgetState,
         Candidate,
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         affinity,
         cloud_share,
     )
+    from budgetflow.streams.gateway.sync_publisher import SyncBudgetPublisher
     from budgetflow.streams.gateway.usage import Usage, from_anthropic, from_gemini, from_openai
     from budgetflow.streams.gateway.view import BudgetView
 
@@ -28,7 +29,7 @@ _HOMES = {
     "BudgetPublisher": "publisher",
     "RequestHandle": "publisher",
     "SpoolFull": "publisher",
-    "SyncBudgetPublisher": "publisher",
+    "SyncBudgetPublisher": "sync_publisher",
     "Rejection": "routing",
     "BudgetState": "routing",
     "Candidate": "routing",

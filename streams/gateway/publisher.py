@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from collections.abc import Coroutine, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -50,7 +48,7 @@ from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
 
-__all__ = ["BudgetPublisher", "RequestHandle", "SpoolFull", "SyncBudgetPublisher"]
+__all__ = ["BudgetPublisher", "RequestHandle", "SpoolFull"]
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +251,12 @@ class BudgetPublisher:
             event.backend,
             tuple(sorted(event.metadata.items())),
         )
-        item = _Item(self.topics.requests.name, event.request_id.encode(), dumps(event))
+        return await self._enqueue_request(
+            handle, _Item(self.topics.requests.name, handle.request_id.encode(), dumps(event))
+        )
+
+    async def _enqueue_request(self, handle: RequestHandle, item: _Item) -> RequestHandle:
+        """Buffer a request event; when the buffer is full, ``on_full`` says what becomes of it (and of the call)."""
         if self._queue.full():
             if self.on_full == "drop_request":
                 self.counts["requests_dropped"] += 1
@@ -427,47 +430,3 @@ def _replace(handle: RequestHandle, **changes: Any) -> RequestHandle:
     from dataclasses import replace
 
     return replace(handle, **changes)
-
-
-class SyncBudgetPublisher:
-    """The publisher for gateways that are not async: an event loop of its own in a thread."""
-
-    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="budgetflow-publisher", daemon=True)
-        self._thread.start()
-        self._publisher = self._call(_make(settings, kwargs))
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result()
-
-    def publish_request(self, **kwargs: Any) -> RequestHandle:
-        return self._call(self._publisher.publish_request(**kwargs))
-
-    def publish_usage(self, handle: RequestHandle, usage: Usage, **kwargs: Any) -> None:
-        self._call(self._publisher.publish_usage(handle, usage, **kwargs))
-
-    def flush(self, timeout_s: float = 30.0) -> None:
-        self._call(self._publisher.flush(timeout_s))
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(self._publisher.counts)
-
-    def close(self) -> None:
-        self._call(self._publisher.stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> SyncBudgetPublisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-async def _make(settings: Settings | None, kwargs: dict[str, Any]) -> BudgetPublisher:
-    publisher = BudgetPublisher(settings, **kwargs)
-    await publisher.start()
-    return publisher

@@ -206,41 +206,11 @@ class BudgetView:
         ts = moment.timestamp()
         record = self._statuses.get(budget_id)
         if record is None:
-            cached = self._unseen.get(budget_id)
-            if cached is None or not cached[0] <= ts < cached[1]:
-                current = period_of(moment)
-                reset = next_month_start(current)
-                state = BudgetState(budget_id, current, next_reset=reset, seen=False)
-                cached = (month_start(current).timestamp(), reset.timestamp(), state)
-                if len(self._unseen) > 10_000:
-                    self._unseen.clear()
-                self._unseen[budget_id] = cached
-            return self._with_admitted(cached[2], ts) if budget_id in self._admitted else cached[2]
-        base = record.base
-        if base is None:
-            base = record.base = BudgetState(
-                budget_id=budget_id,
-                period=record.period,
-                status=record.status,
-                spend_pico=record.spend,
-                limit_pico=record.limit,
-                utilization=utilization_percent(record.spend, record.limit),
-                soft_limit_percent=record.soft,
-                hard_limit_action=record.action,
-                next_reset=next_month_start(record.period),
-            )
+            unseen = self._unseen_state(budget_id, moment)
+            return self._with_admitted(unseen, ts) if budget_id in self._admitted else unseen
+        base = _published(budget_id, record)
         if ts >= record.reset_ts:
-            # Rollover on read: last month's status says nothing about this one.
-            current = period_of(moment)
-            fresh = replace(
-                base,
-                period=current,
-                status="normal",
-                spend_pico=0,
-                utilization=utilization_percent(0, record.limit),
-                next_reset=next_month_start(current),
-            )
-            return self._with_admitted(fresh, ts)
+            return self._with_admitted(_rolled_over(base, moment), ts)
         beat = self._beats.get(record.partition)
         age = ts - (beat.as_of if beat is not None else record.as_of)
         lag = beat.lag_s if beat is not None else 0.0
@@ -254,6 +224,20 @@ class BudgetView:
             base = replace(base, stale=True)
         return self._with_admitted(base, ts) if budget_id in self._admitted else base
 
+    def _unseen_state(self, budget_id: str, moment: datetime) -> BudgetState:
+        """A budget with no status yet: normal this month (cached per month, the cache bounded)."""
+        ts = moment.timestamp()
+        cached = self._unseen.get(budget_id)
+        if cached is None or not cached[0] <= ts < cached[1]:
+            current = period_of(moment)
+            reset = next_month_start(current)
+            state = BudgetState(budget_id, current, next_reset=reset, seen=False)
+            cached = (month_start(current).timestamp(), reset.timestamp(), state)
+            if len(self._unseen) > 10_000:
+                self._unseen.clear()
+            self._unseen[budget_id] = cached
+        return cached[2]
+
     def last_status(self, budget_id: str, *, now: datetime | None = None) -> BudgetState:
         """A budget as last published, rolled over on read and flagged stale, for reporting (the stats API).
 
@@ -265,28 +249,10 @@ class BudgetView:
         if record is None:
             current = period_of(moment)
             return BudgetState(budget_id, current, next_reset=next_month_start(current), seen=False)
-        state = BudgetState(
-            budget_id=budget_id,
-            period=record.period,
-            status=record.status,
-            spend_pico=record.spend,
-            limit_pico=record.limit,
-            utilization=utilization_percent(record.spend, record.limit),
-            soft_limit_percent=record.soft,
-            hard_limit_action=record.action,
-            next_reset=next_month_start(record.period),
-        )
+        state = _published(budget_id, record)
         ts = moment.timestamp()
         if ts >= record.reset_ts:
-            current = period_of(moment)
-            return replace(
-                state,
-                period=current,
-                status="normal",
-                spend_pico=0,
-                utilization=utilization_percent(0, record.limit),
-                next_reset=next_month_start(current),
-            )
+            return _rolled_over(state, moment)
         beat = self._beats.get(record.partition)
         age = ts - (beat.as_of if beat is not None else record.as_of)
         lag = beat.lag_s if beat is not None else 0.0
@@ -436,3 +402,33 @@ class BudgetView:
             "ready": self.is_ready,
             "records_seen": self.records_seen,
         }
+
+
+def _published(budget_id: str, record: _Status) -> BudgetState:
+    """A status record as a router's state (built once per record and kept on it)."""
+    if record.base is None:
+        record.base = BudgetState(
+            budget_id=budget_id,
+            period=record.period,
+            status=record.status,
+            spend_pico=record.spend,
+            limit_pico=record.limit,
+            utilization=utilization_percent(record.spend, record.limit),
+            soft_limit_percent=record.soft,
+            hard_limit_action=record.action,
+            next_reset=next_month_start(record.period),
+        )
+    return record.base
+
+
+def _rolled_over(state: BudgetState, moment: datetime) -> BudgetState:
+    """Rollover on read: last month's status says nothing about this one, which starts normal and unspent."""
+    current = period_of(moment)
+    return replace(
+        state,
+        period=current,
+        status="normal",
+        spend_pico=0,
+        utilization=utilization_percent(0, state.limit_pico),
+        next_reset=next_month_start(current),
+    )

@@ -354,7 +354,7 @@ async def test_the_publisher_starts_and_serves_while_the_broker_is_away(tmp_path
 
 
 def test_the_sync_publisher_writes_ahead_too(tmp_path: Path, broker: FakeBroker) -> None:
-    from budgetflow.streams.gateway.publisher import SyncBudgetPublisher
+    from budgetflow.streams.gateway.sync_publisher import SyncBudgetPublisher
 
     broker.acks = False
     with SyncBudgetPublisher(settings(tmp_path), spool_dir=tmp_path / "spool") as publisher:
