@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from budgetflow.schemas.money import pico_to_float_usd
+from budgetflow.schemas.periods import next_month_start
 from budgetflow.streams.service.metrics import STATUS_VALUE, Families
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class AggregateCollector(Collector):
                 reserved.add_metric(label, pico_to_float_usd(r))
                 status.add_metric(owned, STATUS_VALUE[state.status if state else "normal"])
                 requests.add_metric(label, state.requests if state else 0)
-                reset.add_metric(label, max(0.0, worker.period_end(current) - now.timestamp()))
+                reset.add_metric(label, max(0.0, next_month_start(current).timestamp() - now.timestamp()))
                 if policy.monthly_limit_usd is not None:
                     limit.add_metric(label, pico_to_float_usd(policy.monthly_limit_usd))
                     soft.add_metric(
@@ -83,7 +84,7 @@ class AggregateCollector(Collector):
                     )
                     if policy.monthly_limit_usd:
                         util.add_metric(label, (s + r) * 100 / policy.monthly_limit_usd)
-                forecast = worker.forecast(ledger, budget, current)
+                forecast = worker.forecasts.forecast(ledger, budget, current)
                 projected.add_metric(owned, pico_to_float_usd(forecast.month_end_pico))
                 if forecast.hard_limit_at is not None:
                     hard_in.add_metric(label, max(0.0, forecast.hard_limit_at - now.timestamp()))

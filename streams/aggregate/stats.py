@@ -110,7 +110,7 @@ def stats_app(worker: AggregateWorker, view: BudgetView) -> web.Application:
         ]
         current = next((p for p in periods if p.period == state.period), None)
         body["requests"] = current.requests if current else 0
-        projection = worker.forecast(ledger, budget_id, state.period)
+        projection = worker.forecasts.forecast(ledger, budget_id, state.period)
         body["projected_month_end_usd"] = usd_string(projection.month_end_pico)
         body["projected_hard_limit_at"] = (
             None

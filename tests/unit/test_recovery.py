@@ -14,12 +14,13 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
+from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.settings import load_settings
+from budgetflow.streams.aggregate.ledger import LedgerConfig
 from budgetflow.streams.aggregate.records import PeriodState
+from budgetflow.streams.aggregate.recovery import PartitionRecovery
 from budgetflow.streams.aggregate.store import RocksStore
-from budgetflow.streams.aggregate.worker import AggregateWorker
 from budgetflow.streams.kafka.topics import Topics
-from budgetflow.streams.rules.clock import Clock
 
 KEY = b"p|team:x\x1f2026-11"
 
@@ -72,21 +73,77 @@ async def test_a_store_resumes_only_when_every_record_after_its_checkpoint_still
     tmp_path: Path, first_young: int | None, resumed: bool
 ) -> None:
     settings = load_settings(data_dir=tmp_path)
-    worker = AggregateWorker(settings, Topics.from_settings(settings), Clock())
-    worker.identity = "cluster/state"
+    recovery = PartitionRecovery(
+        settings, Topics.from_settings(settings), LedgerConfig(), lambda b: BudgetPolicy(id=b), "aggregate"
+    )
+    recovery.identity = "cluster/state"
     # The changelog: the period written (0), changed (1), deleted (2), written again (3).
     records = [Record(0, KEY, period(5)), Record(1, KEY, period(7)), Record(2, KEY, None), Record(3, KEY, period(1))]
     # A store stopped at offset 1; since then the cleaner may have removed the tombstone at 2.
-    path = tmp_path / "aggregate" / worker.group_id / "state-0"
+    path = tmp_path / "aggregate" / "aggregate" / "state-0"
     store = RocksStore(path)
     store.reset("cluster/state")
     store.write({KEY: period(7), b"r|team:x\x1fr1\x1f0": b'["2026-11",0,60,1,1,false,false,1]'}, checkpoint=1)
     store.close()
-    worker._restorer = Changelog(records, first_young)  # type: ignore[assignment]
-    ledger, _ = await worker._recover(0)
+    recovery.restorer = Changelog(records, first_young)  # type: ignore[assignment]
+    ledger, restored = await recovery.recover(0)
     try:
+        assert restored
         assert ledger.periods[("team:x", "2026-11")].settled == 1
         # A record the changelog deleted (its tombstone possibly gone) survives only a resumed store.
         assert (ledger.store.get(b"r|team:x\x1fr1\x1f0") is not None) is resumed
     finally:
         ledger.store.close()
+
+
+def recovery_of(tmp_path: Path, records: list[Record]) -> PartitionRecovery:
+    settings = load_settings(data_dir=tmp_path, worker={"store": "memory"})
+    recovery = PartitionRecovery(
+        settings, Topics.from_settings(settings), LedgerConfig(), lambda b: BudgetPolicy(id=b), "aggregate"
+    )
+    recovery.identity = "cluster/state"
+    recovery.restorer = Changelog(records, first_young=0)  # type: ignore[assignment]
+    return recovery
+
+
+async def test_a_partition_assigned_again_is_kept_only_when_nobody_wrote_its_changelog_meanwhile(
+    tmp_path: Path,
+) -> None:
+    changelog = [Record(0, KEY, period(5))]
+    recovery = recovery_of(tmp_path, changelog)
+    ledger, restored = await recovery.recover(0)
+    assert restored
+    recovery.revoked(0, ledger)
+    again, restored = await recovery.recover(0)
+    assert again is ledger
+    assert not restored
+    recovery.revoked(0, again)
+    changelog.append(Record(1, KEY, period(9)))  # another worker held the partition and wrote it
+    third, restored = await recovery.recover(0)
+    assert third is not ledger
+    assert restored
+    assert third.periods[("team:x", "2026-11")].settled == 9
+
+
+class GroupConsumer:
+    def __init__(self, position: int) -> None:
+        self.at = position
+
+    async def committed(self, tp: TopicPartition) -> int:
+        return 1
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.at
+
+
+async def test_a_recovered_partition_catches_up_at_the_ledger_end_as_of_its_assignment(tmp_path: Path) -> None:
+    recovery = recovery_of(tmp_path, [Record(0, KEY, period(5)), Record(1, KEY, period(7))])  # its end: 2
+    consumer = GroupConsumer(position=1)
+    await recovery.start_catch_up(0, consumer, restored=True)  # type: ignore[arg-type]
+    await recovery.start_catch_up(3, consumer, restored=False)  # type: ignore[arg-type]
+    assert recovery.catching_up == [0, 3]
+    assert await recovery.caught_up(consumer, owned={0}) == []  # type: ignore[arg-type]
+    assert recovery.catching_up == [0], "a partition no longer owned no longer catches up"
+    consumer.at = 2
+    assert await recovery.caught_up(consumer, owned={0}) == [(0, 1)]  # type: ignore[arg-type]
+    assert recovery.catching_up == []
