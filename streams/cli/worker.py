@@ -55,6 +55,6 @@ def _role_start(role: str) -> Any:
         from budgetflow.streams.ops.notify import run as notify
 
         return notify
-    from budgetflow.streams.aggregate.worker import run as aggregate
+    from budgetflow.streams.aggregate.role import run as aggregate
 
     return aggregate
