@@ -14,7 +14,10 @@ from budgetflow.schemas.periods import next_month_start
 from budgetflow.streams.service.metrics import STATUS_VALUE, Families
 
 if TYPE_CHECKING:
+    from budgetflow.schemas.policy import BudgetPolicy
+    from budgetflow.streams.aggregate.records import PeriodState
     from budgetflow.streams.aggregate.worker import AggregateWorker
+    from budgetflow.streams.rules.forecast import Forecast
 
 __all__ = ["AggregateCollector"]
 
@@ -32,25 +35,7 @@ class AggregateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         worker = self.worker
         f = Families()
-        spend = f.gauge("budget_spend_usd", "Spend this month (settled + reserved).", ["budget"])
-        settled = f.gauge("budget_settled_usd", "Settled spend this month.", ["budget"])
-        reserved = f.gauge("budget_reserved_usd", "Reserved (in flight) spend this month.", ["budget"])
-        limit = f.gauge("budget_limit_usd", "Monthly limit (absent when unlimited).", ["budget"])
-        soft = f.gauge("budget_soft_limit_usd", "The soft limit in USD (absent when unlimited).", ["budget"])
-        util = f.gauge("budget_utilization_percent", "Spend over limit, percent.", ["budget"])
-        status = f.gauge(
-            "budget_status", "0 normal, 1 soft limit, 2 hard limit (owner: the policy's).", ["budget", "owner"]
-        )
-        reset = f.gauge("budget_reset_seconds", "Seconds until the monthly reset.", ["budget"])
-        projected = f.gauge(
-            "budget_projected_spend_usd", "Projected spend at the end of the month.", ["budget", "owner"]
-        )
-        hard_in = f.gauge(
-            "budget_projected_hard_limit_seconds",
-            "Seconds until the projected hard limit (absent if not this month).",
-            ["budget"],
-        )
-        requests = f.gauge("budget_requests", "Requests counted this month.", ["budget"])
+        budgets = _BudgetGauges(f)
         open_res = f.gauge("reservations_open", "Reservations not yet settled.", ["partition"])
         lag = f.gauge(
             "consumer_lag_records", "Records behind the end of the input, per partition.", ["stage", "partition"]
@@ -65,29 +50,14 @@ class AggregateCollector(Collector):
                 lag.add_metric(["aggregate", str(p)], behind)
             current = worker.publisher.current_period(ledger)
             for budget in sorted(set(ledger.budgets()) & exported):
-                state = ledger.period_state(budget, current)
-                policy = worker.policies.policy_for(budget)
-                s = state.settled if state else 0
-                r = state.reserved if state else 0
-                label = [budget]
-                owned = [budget, policy.owner or ""]
-                spend.add_metric(label, pico_to_float_usd(s + r))
-                settled.add_metric(label, pico_to_float_usd(s))
-                reserved.add_metric(label, pico_to_float_usd(r))
-                status.add_metric(owned, STATUS_VALUE[state.status if state else "normal"])
-                requests.add_metric(label, state.requests if state else 0)
-                reset.add_metric(label, max(0.0, next_month_start(current).timestamp() - now.timestamp()))
-                if policy.monthly_limit_usd is not None:
-                    limit.add_metric(label, pico_to_float_usd(policy.monthly_limit_usd))
-                    soft.add_metric(
-                        label, pico_to_float_usd(policy.monthly_limit_usd * policy.soft_limit_percent // 100)
-                    )
-                    if policy.monthly_limit_usd:
-                        util.add_metric(label, (s + r) * 100 / policy.monthly_limit_usd)
-                forecast = worker.forecasts.forecast(ledger, budget, current)
-                projected.add_metric(owned, pico_to_float_usd(forecast.month_end_pico))
-                if forecast.hard_limit_at is not None:
-                    hard_in.add_metric(label, max(0.0, forecast.hard_limit_at - now.timestamp()))
+                budgets.add(
+                    budget,
+                    ledger.period_state(budget, current),
+                    worker.policies.policy_for(budget),
+                    worker.forecasts.forecast(ledger, budget, current),
+                    now=now.timestamp(),
+                    reset_at=next_month_start(current).timestamp(),
+                )
         if worker.view is not None:
             for partition, seconds in worker.view.heartbeat_ages(now).items():
                 age.add_metric([str(partition)], seconds)
@@ -96,3 +66,59 @@ class AggregateCollector(Collector):
     def _exported_budgets(self) -> list[str]:
         budgets = sorted({"global", *self.worker.policies.budgets()})
         return budgets[: self.max_budgets]
+
+
+class _BudgetGauges:
+    """The per-budget gauges of one scrape."""
+
+    def __init__(self, f: Families) -> None:
+        self.spend = f.gauge("budget_spend_usd", "Spend this month (settled + reserved).", ["budget"])
+        self.settled = f.gauge("budget_settled_usd", "Settled spend this month.", ["budget"])
+        self.reserved = f.gauge("budget_reserved_usd", "Reserved (in flight) spend this month.", ["budget"])
+        self.limit = f.gauge("budget_limit_usd", "Monthly limit (absent when unlimited).", ["budget"])
+        self.soft = f.gauge("budget_soft_limit_usd", "The soft limit in USD (absent when unlimited).", ["budget"])
+        self.util = f.gauge("budget_utilization_percent", "Spend over limit, percent.", ["budget"])
+        self.status = f.gauge(
+            "budget_status", "0 normal, 1 soft limit, 2 hard limit (owner: the policy's).", ["budget", "owner"]
+        )
+        self.reset = f.gauge("budget_reset_seconds", "Seconds until the monthly reset.", ["budget"])
+        self.projected = f.gauge(
+            "budget_projected_spend_usd", "Projected spend at the end of the month.", ["budget", "owner"]
+        )
+        self.hard_in = f.gauge(
+            "budget_projected_hard_limit_seconds",
+            "Seconds until the projected hard limit (absent if not this month).",
+            ["budget"],
+        )
+        self.requests = f.gauge("budget_requests", "Requests counted this month.", ["budget"])
+
+    def add(
+        self,
+        budget: str,
+        state: PeriodState | None,
+        policy: BudgetPolicy,
+        forecast: Forecast,
+        *,
+        now: float,
+        reset_at: float,
+    ) -> None:
+        """One budget's current month (``state`` None: nothing counted yet)."""
+        s = state.settled if state else 0
+        r = state.reserved if state else 0
+        label = [budget]
+        owned = [budget, policy.owner or ""]
+        self.spend.add_metric(label, pico_to_float_usd(s + r))
+        self.settled.add_metric(label, pico_to_float_usd(s))
+        self.reserved.add_metric(label, pico_to_float_usd(r))
+        self.status.add_metric(owned, STATUS_VALUE[state.status if state else "normal"])
+        self.requests.add_metric(label, state.requests if state else 0)
+        self.reset.add_metric(label, max(0.0, reset_at - now))
+        limit = policy.monthly_limit_usd
+        if limit is not None:
+            self.limit.add_metric(label, pico_to_float_usd(limit))
+            self.soft.add_metric(label, pico_to_float_usd(limit * policy.soft_limit_percent // 100))
+            if limit:
+                self.util.add_metric(label, (s + r) * 100 / limit)
+        self.projected.add_metric(owned, pico_to_float_usd(forecast.month_end_pico))
+        if forecast.hard_limit_at is not None:
+            self.hard_in.add_metric(label, max(0.0, forecast.hard_limit_at - now))
