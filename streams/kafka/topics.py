@@ -82,6 +82,7 @@ class TopicSpec:
 class Topics:
     """Every topic budgetflow uses, named from the settings."""
 
+    # One table of every topic, its partitions, configs and contents: long, but read best whole.
     def __init__(
         self, settings: TopicSettings, *, state_delete_retention_ms: int = _DEFAULT_STATE_DELETE_RETENTION_MS
     ) -> None:
@@ -193,15 +194,36 @@ async def ensure_topics(admin: AIOKafkaAdminClient, topics: Topics, specs: list[
 
 
 async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    """Refuse topics with the wrong partition count or not compacted when they must be; raise configs that are
+    below what budgetflow sets."""
+    _check_partitions(specs, await _partition_counts(admin, specs))
+    checked = [s for s in specs if s.compacted or any(key in s.config for key in _EXACTLY)]
+    if not checked:
+        return
+    configs = await _topic_configs(admin, [s.name for s in checked])
+    for spec in checked:
+        policy = configs.get(spec.name, {}).get("cleanup.policy", (None, 0))[0]
+        if spec.compacted and "compact" not in (policy or ""):
+            raise ConfigError(f"topic {spec.name} must be compacted but has cleanup.policy={policy!r}")
+    for spec in checked:
+        await _raise_minimums(admin, spec, configs.get(spec.name, {}))
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> dict[str, int]:
+    """Each topic's partition count; topics created a moment ago may not show them in the metadata yet."""
     import asyncio
 
-    # Topics created a moment ago may not show their partitions in the metadata yet.
+    partitions: dict[str, int] = {}
     for _ in range(50):
         described = await admin.describe_topics([s.name for s in specs])
         partitions = {t["topic"]: len(t["partitions"]) for t in described if t.get("error_code", 0) == 0}
         if all(partitions.get(s.name) for s in specs):
             break
         await asyncio.sleep(0.2)
+    return partitions
+
+
+def _check_partitions(specs: list[TopicSpec], partitions: dict[str, int]) -> None:
     for spec in specs:
         have = partitions.get(spec.name)
         # The single-partition topics may be larger; co-partitioned ones must match exactly.
@@ -210,14 +232,13 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
                 f"topic {spec.name} has {have} partitions, budgetflow expects {spec.partitions} "
                 "(BUDGETFLOW_TOPICS__PARTITIONS); partitions cannot change in place, see docs/operations.md, Sizing"
             )
+
+
+async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, tuple[str | None, int]]]:
+    """topic -> config -> (value, source)."""
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    compacted = [s for s in specs if s.compacted]
-    checked = [s for s in specs if s.compacted or any(key in s.config for key in _EXACTLY)]
-    if not checked:
-        return
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in checked])
-    # topic -> config -> (value, source)
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names])
     configs: dict[str, dict[str, tuple[str | None, int]]] = {}
     for response in responses:
         for error_code, message, _, name, entries in response.resources:
@@ -225,12 +246,7 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
                 _retriable(error_code, message)
                 raise ConfigError(f"cannot read the configs of topic {name} (error {error_code}: {message})")
             configs[name] = {entry[0]: (entry[1], entry[3]) for entry in entries}
-    for spec in compacted:
-        policy = configs.get(spec.name, {}).get("cleanup.policy", (None, 0))[0]
-        if "compact" not in (policy or ""):
-            raise ConfigError(f"topic {spec.name} must be compacted but has cleanup.policy={policy!r}")
-    for spec in checked:
-        await _raise_minimums(admin, spec, configs.get(spec.name, {}))
+    return configs
 
 
 async def _raise_minimums(admin: AIOKafkaAdminClient, spec: TopicSpec, have: dict[str, tuple[str | None, int]]) -> None:
