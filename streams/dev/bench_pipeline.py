@@ -247,7 +247,8 @@ def _chat_requests(n: int, seed: int = 3) -> list[dict[str, Any]]:
 
 def bench_enrich(quick: bool, bootstrap: str) -> dict[str, Any]:
     """The enrich worker (decode, count, price, one entry per budget, produce) vs raw tiktoken on the same texts."""
-    from budgetflow.streams.enrich.worker import Enricher, EnrichWorker
+    from budgetflow.streams.enrich.enricher import Enricher
+    from budgetflow.streams.enrich.worker import EnrichWorker
     from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
     from budgetflow.tokenizers.encodings import get_encoding
 

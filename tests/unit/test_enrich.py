@@ -9,7 +9,7 @@ import orjson
 from budgetflow.schemas.events import LedgerEntry
 from budgetflow.schemas.serde import decode_fast, dumps
 from budgetflow.schemas.settings import TopicSettings
-from budgetflow.streams.enrich.worker import Enricher
+from budgetflow.streams.enrich.enricher import Enricher
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
 

@@ -18,7 +18,7 @@ from budgetflow.streams.aggregate.ledger import LedgerConfig, PartitionLedger
 from budgetflow.streams.aggregate.records import PeriodState
 from budgetflow.streams.aggregate.statuses import StatusPublisher
 from budgetflow.streams.aggregate.store import MemoryStore
-from budgetflow.streams.enrich.worker import Enricher
+from budgetflow.streams.enrich.enricher import Enricher
 from budgetflow.streams.kafka.dlq import MAX_KEY_BYTES, MAX_VALUE_BYTES, DeadLetter, redact
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.policies import _absorb
