@@ -20,7 +20,7 @@ from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.ops.audit import send_audit
 from budgetflow.streams.rules.policies import read_policies
 
-__all__ = ["PolicyPlan", "apply_policy_file", "plan"]
+__all__ = ["PolicyPlan", "apply_policy_file", "load_policy_file", "plan"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,7 @@ async def apply_policy_file(
     Each change is also appended to ``audit_topic``: who, when, the policy before and after, and the
     revision (the new record's offset on the policies topic).
     """
-    try:
-        data = yaml.safe_load(await asyncio.to_thread(path.read_text))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    wanted = parse_policy_file(data, source=str(path)).budgets
+    wanted = await load_policy_file(path)
     current = await read_policies(settings, topic)
     result = plan(current, wanted, prune)
     if dry_run:
@@ -72,15 +66,9 @@ async def apply_policy_file(
     producer = AIOKafkaProducer(**client_options(settings.kafka), enable_idempotence=True, acks="all")
     await producer.start()
     try:
-        changes: list[tuple[str, BudgetPolicy | None, BudgetPolicy | None, Any]] = []
-        for old, new in [(None, p) for p in result.added] + list(result.changed):
-            sent = await producer.send(topic, key=new.id.encode(), value=dumps(new.model_dump(mode="json")))
-            changes.append((new.id, old, new, sent))
-        for budget in result.removed:
-            changes.append((budget, current[budget], None, await producer.send(topic, key=budget.encode(), value=None)))
+        changes = await _publish(producer, topic, result, current)
         if audit_topic is not None:
-            at = now or datetime.now(UTC)
-            principal = settings.kafka.security.sasl_username
+            at, principal = now or datetime.now(UTC), settings.kafka.security.sasl_username
             records = [
                 AuditRecord(
                     kind="policy",
@@ -99,3 +87,30 @@ async def apply_policy_file(
     finally:
         await producer.stop()
     return result
+
+
+async def load_policy_file(path: Path) -> list[BudgetPolicy]:
+    """The budgets of a policy file, each validated (:class:`ConfigError` names the file, the entry and the field)."""
+    try:
+        data = yaml.safe_load(await asyncio.to_thread(path.read_text))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return parse_policy_file(data, source=str(path)).budgets
+
+
+_Change = tuple[str, BudgetPolicy | None, BudgetPolicy | None, Any]  # budget, before, after, the send's future
+
+
+async def _publish(
+    producer: AIOKafkaProducer, topic: str, result: PolicyPlan, current: dict[str, BudgetPolicy]
+) -> list[_Change]:
+    """Send what changed: the added and changed policies, and a tombstone for each removed one."""
+    changes: list[_Change] = []
+    for old, new in [(None, p) for p in result.added] + list(result.changed):
+        sent = await producer.send(topic, key=new.id.encode(), value=dumps(new.model_dump(mode="json")))
+        changes.append((new.id, old, new, sent))
+    for budget in result.removed:
+        changes.append((budget, current[budget], None, await producer.send(topic, key=budget.encode(), value=None)))
+    return changes
