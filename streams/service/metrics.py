@@ -47,6 +47,7 @@ class LabelLimiter:
 class PipelineMetrics:
     """The counters and histograms of the workers (each worker registers what it updates)."""
 
+    # Every metric family of the workers, one after another: a table, longer than a function should be, read whole.
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
