@@ -198,6 +198,7 @@ class BudgetPublisher:
                 log.exception("publisher: connecting failed; trying again")
 
     # -- publishing -----------------------------------------------------------------------
+    # Long only by its keyword arguments and the event they fill, one line per field.
     async def publish_request(
         self,
         *,
