@@ -18,13 +18,10 @@ from budgetflow.streams.rules.clock import Clock
 __all__ = ["aggregate_worker", "run"]
 
 
-def aggregate_worker(settings: Settings, topics: Topics | None = None, clock: Clock | None = None) -> AggregateWorker:
+def aggregate_worker(settings: Settings) -> AggregateWorker:
     """An aggregate worker that serves the stats API on ``WEB__PORT`` and exports its per-budget gauges."""
     worker = AggregateWorker(
-        settings,
-        topics or Topics.from_settings(settings),
-        clock or Clock(settings.clock),
-        web_app=lambda view: stats_app(worker, view),
+        settings, Topics.from_settings(settings), Clock(settings.clock), web_app=lambda view: stats_app(worker, view)
     )
     worker.metrics.registry.register(AggregateCollector(worker, settings.metrics.max_budgets))
     return worker

@@ -64,7 +64,6 @@ class StatusPublisher:
         self.on_publish = on_publish
         self._last: dict[str, _Published] = {}
         self._dirty: set[str] = set()
-        self.published = 0
 
     def current_period(self, ledger: PartitionLedger) -> str:
         stream = datetime.fromtimestamp(ledger.meta.stream_time, UTC)
@@ -109,7 +108,6 @@ class StatusPublisher:
             period, status, self.rules.step_of(spend, policy.monthly_limit_usd), spend, time.monotonic()
         )
         self._dirty.discard(budget)
-        self.published += 1
         return Outgoing("status", budget.encode(), dumps(record))
 
     def after_batch(
