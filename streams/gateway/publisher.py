@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
@@ -47,6 +46,7 @@ from budgetflow.streams.gateway.usage import Usage
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
+from budgetflow.streams.service.lifecycle import Lifecycle
 
 __all__ = ["BudgetPublisher", "RequestHandle", "SpoolFull"]
 
@@ -85,7 +85,7 @@ class _Item:
         return self.segment is not None
 
 
-class BudgetPublisher:
+class BudgetPublisher(Lifecycle):
     """Publishes RequestEvent and UsageEvent records for a gateway; never blocks on the broker."""
 
     def __init__(
@@ -125,15 +125,6 @@ class BudgetPublisher:
         }
 
     # -- life cycle -------------------------------------------------------------------
-    async def __aenter__(self) -> BudgetPublisher:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         """Connect (or, with the broker away, keep trying in the background) and start sending."""
         connected = await self._connect()

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from types import TracebackType
 from typing import Any
 
 from budgetflow.schemas.errors import InvalidEvent
@@ -47,6 +46,7 @@ from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver, with_global
 from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
+from budgetflow.streams.service.lifecycle import Lifecycle
 
 __all__ = ["BudgetView"]
 
@@ -77,7 +77,7 @@ class _Beat:
     owner: str | None = None
 
 
-class BudgetView:
+class BudgetView(Lifecycle):
     """Follows statuses and heartbeats; answers ``status``, ``decide``, ``admit`` and ``headers``."""
 
     def __init__(self, settings: Settings | None = None, *, clock: Clock | None = None) -> None:
@@ -99,15 +99,6 @@ class BudgetView:
         self._policies: PolicyBook | None = None
 
     # -- life cycle -------------------------------------------------------------------
-    async def __aenter__(self) -> BudgetView:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         follower = Follower(
             self.settings,

@@ -6,7 +6,7 @@ from typing import Any
 
 from budgetflow.schemas.settings import KafkaSettings
 
-__all__ = ["client_options"]
+__all__ = ["client_options", "group_consumer"]
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -38,3 +38,21 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
         options["sasl_plain_username"] = security.sasl_username
         options["sasl_plain_password"] = security.sasl_password.get_secret_value()
     return options
+
+
+def group_consumer(kafka: KafkaSettings, group_id: str, *topics: str, **extra: Any) -> Any:
+    """A consumer in ``group_id`` on ``topics``, as every budgetflow worker reads: offsets committed by the worker
+    (never automatically), from the earliest record when the group has none, with the configured session timeouts.
+    ``extra`` adds consumer options (``max_poll_records``, ``isolation_level``, ...)."""
+    from aiokafka import AIOKafkaConsumer
+
+    return AIOKafkaConsumer(
+        *topics,
+        **client_options(kafka),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=kafka.session_timeout_ms,
+        heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        **extra,
+    )

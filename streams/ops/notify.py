@@ -28,12 +28,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from orjson import dumps, loads
 
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.clients import client_options, group_consumer
 from budgetflow.streams.kafka.follow import read_topic
 from budgetflow.streams.kafka.retry import Backoff
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
@@ -80,15 +80,7 @@ class Notifier:
                 self.posted.add(key)
         log.info("notifier started (group %s): %d transitions already posted", self.group_id, len(self.posted))
         options = client_options(self.settings.kafka)
-        consumer = AIOKafkaConsumer(
-            self.topics.events.name,
-            **options,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=self.settings.kafka.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
-        )
+        consumer = group_consumer(self.settings.kafka, self.group_id, self.topics.events.name)
         producer = AIOKafkaProducer(**options, enable_idempotence=True, acks="all")
         timeout = aiohttp.ClientTimeout(total=self.settings.notify.timeout_s)
         await consumer.start()
