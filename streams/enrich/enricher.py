@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import GLOBAL_BUDGET, MAX_TOKENS, Backend, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.events import MAX_TOKENS, Backend, RequestEvent, UsageEvent, entry_id
 from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.streams.kafka.dlq import DeadLetter
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
-from budgetflow.streams.rules.scopes import BudgetResolver
+from budgetflow.streams.rules.scopes import BudgetResolver, with_global
 from budgetflow.streams.service.metrics import PipelineMetrics
 from budgetflow.tokenizers.estimate import Estimator
 from budgetflow.tokenizers.pricing import Cost
@@ -30,11 +29,6 @@ from budgetflow.tokenizers.pricing import Cost
 __all__ = ["EnrichResult", "Enricher"]
 
 log = logging.getLogger(__name__)
-
-
-def _budgets(listed: Iterable[str]) -> list[str]:
-    """The request's budgets with ``global`` implied, each once, in a stable order."""
-    return list(dict.fromkeys([*listed, GLOBAL_BUDGET]))
 
 
 @dataclass
@@ -72,7 +66,7 @@ class Enricher:
         self, listed: list[str], model: str, provider: str, backend: str, metadata: dict[str, str]
     ) -> list[str]:
         if self.resolver is None:
-            return _budgets(listed)
+            return with_global(listed)
         return self.resolver.resolve(listed, model=model, provider=provider, backend=backend, metadata=metadata)
 
     def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
