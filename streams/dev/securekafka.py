@@ -224,11 +224,9 @@ class SecureDir:
             written.append(path)
         return written
 
+    # Long only in lines: three argument lists, written one argument a line.
     def acl_commands(self, prefix: str) -> list[list[str]]:
-        """AclCommand arguments granting each role its topics (``admin`` needs none: it is a super user).
-
-        Long only in lines: three argument lists, written one argument a line.
-        """
+        """AclCommand arguments granting each role its topics (``admin`` needs none: it is a super user)."""
         from budgetflow.schemas.settings import TopicSettings
         from budgetflow.streams.kafka.topics import Topics
 

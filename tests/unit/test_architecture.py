@@ -200,3 +200,25 @@ def test_the_gateway_import_is_light() -> None:
     heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY))
     assert heavy == [], f"a gateway import loads worker or tool code: {heavy}"
     assert "budgetflow.streams.gateway.view" in loaded  # the probe imported what it names
+
+
+MAX_MODULE_LINES = 450  # "about 400": a module past this is split by concern
+MAX_FUNCTION_LINES = 50
+
+
+def test_modules_and_functions_are_of_a_size_to_read() -> None:
+    """No module past ~400 lines; a function past 50 lines says why in a comment right above it."""
+    too_long = []
+    for name, path in modules().items():
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(lines)} lines")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            said = first >= 2 and lines[first - 2].strip().startswith("#")
+            if length > MAX_FUNCTION_LINES and not said:
+                too_long.append(f"{name}.{node.name}: {length} lines, no comment above saying why")
+    assert too_long == [], "\n".join(too_long)
