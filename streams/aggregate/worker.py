@@ -34,7 +34,7 @@ from budgetflow.streams.aggregate.statuses import Outgoing, StatusPublisher
 from budgetflow.streams.aggregate.ticks import Ticker
 from budgetflow.streams.gateway.view import BudgetView
 from budgetflow.streams.kafka.batches import SentBatch, commit_offsets, last_offset, send_in_batches
-from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.clients import client_options, group_consumer
 from budgetflow.streams.kafka.dlq import DeadLetter, send_dead_letter
 from budgetflow.streams.kafka.topics import Topics, ensure_topics, partition_for
 from budgetflow.streams.rules.clock import Clock
@@ -164,14 +164,8 @@ class AggregateWorker:
         stack.push_async_callback(restorer.stop)
         stack.push_async_callback(self.policies.stop)
         await self.policies.start()
-        self._consumer = AIOKafkaConsumer(
-            **options,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=self.settings.kafka.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
-            max_poll_records=self.settings.worker.max_batch_records,
+        self._consumer = group_consumer(
+            self.settings.kafka, self.group_id, max_poll_records=self.settings.worker.max_batch_records
         )
         self._consumer.subscribe([self.topics.ledger.name], listener=_Rebalance(self))
         await self._consumer.start()

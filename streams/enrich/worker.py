@@ -25,7 +25,7 @@ from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.enrich.enricher import Enricher
 from budgetflow.streams.kafka.batches import commit_offsets, send_in_batches
-from budgetflow.streams.kafka.clients import client_options
+from budgetflow.streams.kafka.clients import client_options, group_consumer
 from budgetflow.streams.kafka.dlq import send_dead_letter
 from budgetflow.streams.kafka.topics import Topics, ensure_topics, partition_for
 from budgetflow.streams.rules.clock import Clock
@@ -130,15 +130,11 @@ class EnrichWorker:
         producer = AIOKafkaProducer(
             **options, enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=256 * 1024
         )
-        consumer = AIOKafkaConsumer(
+        consumer = group_consumer(
+            self.settings.kafka,
+            self.group_id,
             self.topics.requests.name,
             self.topics.usage.name,
-            **options,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=self.settings.kafka.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
             max_poll_records=self.settings.worker.max_batch_records,
         )
         async with contextlib.AsyncExitStack() as stack:
