@@ -11,7 +11,8 @@ from prometheus_client.registry import Collector
 
 from budgetflow.schemas.money import pico_to_float_usd
 from budgetflow.schemas.periods import next_month_start
-from budgetflow.streams.service.metrics import STATUS_VALUE, Families
+from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
+from budgetflow.streams.service.metrics import Families
 
 if TYPE_CHECKING:
     from budgetflow.schemas.policy import BudgetPolicy
@@ -110,15 +111,16 @@ class _BudgetGauges:
         self.spend.add_metric(label, pico_to_float_usd(s + r))
         self.settled.add_metric(label, pico_to_float_usd(s))
         self.reserved.add_metric(label, pico_to_float_usd(r))
-        self.status.add_metric(owned, STATUS_VALUE[state.status if state else "normal"])
+        self.status.add_metric(owned, STATUS_RANK[state.status if state else "normal"])
         self.requests.add_metric(label, state.requests if state else 0)
         self.reset.add_metric(label, max(0.0, reset_at - now))
         limit = policy.monthly_limit_usd
         if limit is not None:
             self.limit.add_metric(label, pico_to_float_usd(limit))
             self.soft.add_metric(label, pico_to_float_usd(limit * policy.soft_limit_percent // 100))
-            if limit:
-                self.util.add_metric(label, (s + r) * 100 / limit)
+            utilization = utilization_percent(s + r, limit)
+            if limit and utilization is not None:
+                self.util.add_metric(label, utilization)
         self.projected.add_metric(owned, pico_to_float_usd(forecast.month_end_pico))
         if forecast.hard_limit_at is not None:
             self.hard_in.add_metric(label, max(0.0, forecast.hard_limit_at - now))

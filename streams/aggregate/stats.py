@@ -31,6 +31,7 @@ from budgetflow.schemas.money import usd_string
 from budgetflow.schemas.periods import next_month_start
 from budgetflow.streams.gateway.routing import BudgetState, state_json
 from budgetflow.streams.kafka.topics import partition_for
+from budgetflow.streams.rules.status import utilization_percent
 from budgetflow.streams.service.http import FORWARDED, bearer_guard, json_response, peer_origin, worker_app
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def _owned_state(worker: AggregateWorker, ledger: PartitionLedger, budget_id: st
         status=status,
         spend_pico=spend,
         limit_pico=limit,
-        utilization=None if limit is None else (100.0 if limit == 0 else spend * 100 / limit),
+        utilization=utilization_percent(spend, limit),
         soft_limit_percent=policy.soft_limit_percent,
         hard_limit_action=policy.hard_limit_action,
         next_reset=next_month_start(period),

@@ -62,10 +62,9 @@ async def _raw_consume(settings: Settings, topic: str, total: int) -> float:
 
 async def _aggregate_rate(settings: Settings, total: int) -> float:
     """Entries per second of one aggregate worker, real state and exactly-once mechanism included."""
-    from budgetflow.streams.aggregate.worker import AggregateWorker
-    from budgetflow.streams.rules.clock import Clock
+    from budgetflow.streams.aggregate.role import aggregate_worker
 
-    worker = AggregateWorker(settings, Topics.from_settings(settings), Clock())
+    worker = aggregate_worker(settings)  # as `budgetflow worker` runs it: stats API and gauges too
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:

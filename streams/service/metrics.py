@@ -17,15 +17,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from budgetflow.streams.rules.status import STATUS_RANK
-
-__all__ = ["PREFIX", "STATUS_VALUE", "Families", "LabelLimiter", "PipelineMetrics", "exposition"]
+__all__ = ["PREFIX", "Families", "LabelLimiter", "PipelineMetrics", "exposition"]
 
 PREFIX = "budgetflow"
 COST_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DURATION_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 PROPAGATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-STATUS_VALUE = STATUS_RANK  # the status gauge: 0 normal, 1 soft limit, 2 hard limit
 
 
 class LabelLimiter:
