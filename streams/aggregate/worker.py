@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.aggregate.changes import Changes
@@ -36,7 +35,7 @@ from budgetflow.streams.gateway.view import BudgetView
 from budgetflow.streams.kafka.batches import SentBatch, commit_offsets, last_offset, send_in_batches
 from budgetflow.streams.kafka.clients import client_options, group_consumer
 from budgetflow.streams.kafka.dlq import DeadLetter, send_dead_letter
-from budgetflow.streams.kafka.topics import Topics, ensure_topics, partition_for
+from budgetflow.streams.kafka.topics import Topics, ensure_topics_now, partition_for
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.service.crash import crash_due, crash_now, crash_point
@@ -128,14 +127,8 @@ class AggregateWorker:
     # -- life cycle ---------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         options = client_options(self.settings.kafka)
-        admin = AIOKafkaAdminClient(**options)
-        await admin.start()
-        try:
-            await ensure_topics(admin, self.topics)
-            cluster = await admin.describe_cluster()
-            self.recovery.identity = f"{cluster['cluster_id']}/{self.topics.state.name}"
-        finally:
-            await admin.close()
+        cluster_id = await ensure_topics_now(self.settings, self.topics)
+        self.recovery.identity = f"{cluster_id}/{self.topics.state.name}"
         async with contextlib.AsyncExitStack() as stack:
             consumer = await self._start(stack, options, stop)
             log.info("aggregate worker started (group %s)", self.group_id)

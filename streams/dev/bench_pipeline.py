@@ -13,7 +13,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -65,6 +65,18 @@ async def _aggregate_rate(settings: Settings, total: int) -> float:
     from budgetflow.streams.aggregate.role import aggregate_worker
 
     worker = aggregate_worker(settings)  # as `budgetflow worker` runs it: stats API and gauges too
+    return await _rate(worker, total)
+
+
+class _Measured(Protocol):
+    processed: int
+    first_batch_at: float | None
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+async def _rate(worker: _Measured, total: int) -> float:
+    """Records per second of a worker, from its first batch until it has processed ``total``."""
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -272,19 +284,7 @@ def bench_enrich(quick: bool, bootstrap: str) -> dict[str, Any]:
             await ensure_topics_now(settings, topics)
             await fill(settings, topics.requests.name, [(r["request_id"], dumps(r)) for r in requests])
             estimator = Estimator(TokenizerRegistry.default(), PriceTable.default())
-            worker = EnrichWorker(settings, Enricher(estimator, topics), topics)
-            stop = asyncio.Event()
-            task = asyncio.create_task(worker.run(stop))
-            try:
-                while worker.processed < n:  # polling a counter, deliberately cheap
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.005)
-                assert worker.first_batch_at is not None
-                return n / (time.perf_counter() - worker.first_batch_at)
-            finally:
-                stop.set()
-                await asyncio.wait_for(task, 60)
+            return await _rate(EnrichWorker(settings, Enricher(estimator, topics), topics), n)
 
     rate = asyncio.run(run())
     return {

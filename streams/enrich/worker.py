@@ -27,7 +27,7 @@ from budgetflow.streams.enrich.enricher import Enricher
 from budgetflow.streams.kafka.batches import commit_offsets, send_in_batches
 from budgetflow.streams.kafka.clients import client_options, group_consumer
 from budgetflow.streams.kafka.dlq import send_dead_letter
-from budgetflow.streams.kafka.topics import Topics, ensure_topics, partition_for
+from budgetflow.streams.kafka.topics import Topics, ensure_topics_now, partition_for
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver
@@ -119,14 +119,7 @@ class EnrichWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         options = client_options(self.settings.kafka)
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(**options)
-        await admin.start()
-        try:
-            await ensure_topics(admin, self.topics)
-        finally:
-            await admin.close()
+        await ensure_topics_now(self.settings, self.topics)
         producer = AIOKafkaProducer(
             **options, enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=256 * 1024
         )

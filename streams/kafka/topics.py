@@ -337,14 +337,16 @@ def partition_for(key: str, partitions: int) -> int:
     return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
-async def ensure_topics_now(settings: Settings, topics: Topics, specs: list[TopicSpec] | None = None) -> None:
-    """`ensure_topics` with an admin client of its own."""
+async def ensure_topics_now(settings: Settings, topics: Topics, specs: list[TopicSpec] | None = None) -> str:
+    """`ensure_topics` with an admin client of its own; the id of the cluster the topics are on."""
     from budgetflow.streams.kafka.clients import client_options
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
     await admin.start()
     try:
         await ensure_topics(admin, topics, specs)
+        cluster = await admin.describe_cluster()
+        return str(cluster["cluster_id"])
     finally:
         await admin.close()
 
