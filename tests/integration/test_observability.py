@@ -210,9 +210,22 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
                 rows = await promql(http, base, 'up{job="aggregate"} == 0')
                 return len(rows) == 1
 
-            # Once Prometheus has seen the target down, the killed worker's series are stale: the sums
-            # below hold only when the survivor has taken its partitions over.
+            # Once Prometheus has seen the target down, the killed worker's series are stale; once the survivor
+            # holds every partition, the sums hold again, from one owner each.
             await wait_until(one_aggregate_down, 60, "Prometheus to see the killed aggregate down")
+            partitions = pipeline.topics.ledger.partitions
+
+            async def survivor_holds_all() -> bool:
+                for url in aggregates:
+                    try:
+                        health = await _json(http, f"{url}/healthz")
+                    except aiohttp.ClientError:
+                        continue  # the killed one
+                    if health.get("ready") and health.get("partitions") == list(range(partitions)):
+                        return True
+                return False
+
+            await wait_until(survivor_holds_all, 120, "the surviving aggregate to hold every ledger partition")
             await wait_until(spend_matches, 120, "the sums to hold after the rebalance")
             rows = await promql(http, base, 'count by (budget) (budgetflow_budget_spend_usd{budget="global"})')
             assert [r["value"][1] for r in rows] == ["1"], "one series per budget, from its one owner"
