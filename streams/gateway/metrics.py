@@ -44,6 +44,11 @@ class RouterCollector(Collector):
             for outcome in ("cloud", "local", "rejected"):
                 decisions.add_metric([outcome], self.view.decisions.get(outcome, 0))
             yield decisions
+            yield CounterMetricFamily(
+                f"{PREFIX}_router_fallbacks",
+                "Shifted requests a gateway sent to a cloud fallback because the local model failed.",
+                value=self.view.fallbacks_taken,
+            )
             yield GaugeMetricFamily(
                 f"{PREFIX}_router_budgets", "Budgets the view knows.", value=len(self.view.budgets())
             )

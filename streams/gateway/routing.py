@@ -8,7 +8,9 @@ limit, (100 − u) / (100 − soft) between the soft limit and 100 %, and 0 at
 100 % or more. A request may go to cloud iff h < the smallest share of its
 budgets, where h is the first 8 bytes of SHA-256 of the UTF-8 affinity key
 (the session id if given, else the request id) as a big-endian integer / 2^64:
-the same session keeps landing on the same side as the share moves.
+the same session keeps landing on the same side as the share moves. A request
+past the share goes to local first, with cloud kept after it as a fallback
+unless a blocking action (``block_cloud`` at the hard limit, ``block_all``) takes it away.
 """
 
 from __future__ import annotations
@@ -146,10 +148,15 @@ class Decision:
     affinity: float
     deciding: BudgetState | None = None
     flags: tuple[str, ...] = ()
+    fallbacks: tuple[Candidate, ...] = ()  # the candidates (last in ``candidates``) to use only if the others fail
 
     @property
     def ok(self) -> bool:
         return self.rejection is None
+
+    def is_fallback(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` is only a fallback (cloud after local for a request past the cloud share)."""
+        return candidate in self.fallbacks
 
 
 def _strictest(states: Sequence[BudgetState], shares: Sequence[float]) -> BudgetState | None:
@@ -193,11 +200,13 @@ def decide(
     cloud_allowed = h < share
     if cloud_allowed:
         return Decision(tuple(ordered), None, True, share, h, deciding, tuple(flags))
-    if local:
-        flags.append("shifted_to_local")
-        return Decision(tuple(local), None, False, share, h, deciding, tuple(flags))
-    # No local candidate: warn keeps cloud (flagged), and so does a soft limit; a hard block rejects.
     blocking_cloud = [s for s in hard if s.hard_limit_action == "block_cloud"]
+    if local:
+        # Local preferred: cloud stays as a fallback for a local model that fails, unless a block takes it away.
+        flags.append("shifted_to_local")
+        fallbacks = () if blocking_cloud else tuple(cloud)
+        return Decision((*local, *fallbacks), None, False, share, h, deciding, tuple(flags), fallbacks)
+    # No local candidate: warn keeps cloud (flagged), and so does a soft limit; a hard block rejects.
     if blocking_cloud:
         return Decision(
             (),
@@ -251,19 +260,31 @@ def headers_for(state: BudgetState | None, estimated_cost_pico: int | None) -> d
 
 def merge_decisions(parts: Sequence[Decision], candidates: Sequence[Candidate]) -> Decision:
     """One decision from the decisions over groups of candidates charged to different budgets (a model-scoped
-    budget binds only its model's candidates): every candidate some group allows, in score order; a rejection
-    only when every group rejects."""
+    budget binds only its model's candidates): every candidate some group allows, in score order, the fallbacks
+    last; a rejection only when every group rejects."""
     allowed = {id(c) for part in parts for c in part.candidates}
-    ordered = tuple(c for c in sorted(candidates, key=lambda c: -c.score) if id(c) in allowed)
+    fallback = {id(c) for part in parts for c in part.fallbacks}
+    by_score = [c for c in sorted(candidates, key=lambda c: -c.score) if id(c) in allowed]
+    first = tuple(c for c in by_score if id(c) not in fallback)
+    fallbacks = tuple(c for c in by_score if id(c) in fallback)
     flags = tuple(dict.fromkeys(f for part in parts for f in part.flags))
     strictest = min(parts, key=lambda part: part.cloud_share)
-    if not ordered:
+    if not by_score:
         rejected = next((part for part in parts if part.rejection is not None), strictest)
         return Decision(
             (), rejected.rejection, False, strictest.cloud_share, rejected.affinity, rejected.deciding, flags
         )
-    cloud = any(c.backend == "cloud" for c in ordered)
-    return Decision(ordered, None, cloud, strictest.cloud_share, strictest.affinity, strictest.deciding, flags)
+    cloud = any(c.backend == "cloud" for c in first)
+    return Decision(
+        (*first, *fallbacks),
+        None,
+        cloud,
+        strictest.cloud_share,
+        strictest.affinity,
+        strictest.deciding,
+        flags,
+        fallbacks,
+    )
 
 
 def state_json(state: BudgetState) -> dict[str, Any]:

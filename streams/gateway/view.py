@@ -93,6 +93,7 @@ class BudgetView(Lifecycle):
         self.records_seen = 0
         self.stale_records = 0
         self.decisions: dict[str, int] = {}
+        self.fallbacks_taken = 0
         # With the policies followed: the budgets enrich charges (scoped ones, parents) decide routing too.
         self.resolver: BudgetResolver | None = None
         self._policy_source: Callable[[], Mapping[str, BudgetPolicy]] = dict
@@ -310,6 +311,12 @@ class BudgetView(Lifecycle):
         outcome = "rejected" if decision.rejection else ("cloud" if decision.cloud_allowed else "local")
         self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
         return decision
+
+    def fallback_taken(self, decision: Decision, candidate: Candidate) -> None:
+        """Say the gateway called ``candidate`` because the ones before it failed; counts it if it is a fallback
+        (``budgetflow_router_fallbacks_total``)."""
+        if decision.is_fallback(candidate):
+            self.fallbacks_taken += 1
 
     def use_policies(self, source: Callable[[], Mapping[str, BudgetPolicy]]) -> None:
         """Decide with these policies (``start`` does it with the policies topic when VIEW__FOLLOW_POLICIES)."""

@@ -3,8 +3,8 @@
 ``POST /v1/decide`` takes ``{"request_id", "budgets", "candidates": [{"name", "backend", "score",
 "provider"?, "priced"?}], "session_id"?, "estimated_cost_usd"?, "provider"?, "metadata"?}`` and answers the
 ordered candidates, the X-Budget-* headers and, when the request is rejected, the 429 (or 403) body a gateway
-should return. ``POST /v1/admit``
-counts an admitted request; ``GET /v1/status/{id}`` is one budget as a router sees it.
+should return; each candidate says ``"fallback": true`` when it is to be used only if the ones before it fail.
+``POST /v1/admit`` counts an admitted request; ``GET /v1/status/{id}`` is one budget as a router sees it.
 
 An admission moves routing for every gateway using this view, so the server is strict about who may post:
 ``WEB__BEARER_TOKEN`` when set; bodies only as ``application/json`` (a web page can post ``text/plain`` across
@@ -123,7 +123,10 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
             metadata=body.metadata,
         )
         answer: dict[str, Any] = {
-            "candidates": [{"name": c.name, "backend": c.backend, "score": c.score} for c in decision.candidates],
+            "candidates": [
+                {"name": c.name, "backend": c.backend, "score": c.score, "fallback": decision.is_fallback(c)}
+                for c in decision.candidates
+            ],
             "cloud_allowed": decision.cloud_allowed,
             "cloud_share": decision.cloud_share,
             "affinity": decision.affinity,

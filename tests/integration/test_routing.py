@@ -90,9 +90,11 @@ async def test_decide_follows_statuses_from_the_pipeline(pipeline_factory: Any) 
             allowed = sum(view.decide(f"q-{i}", [budget], [cloud, local]).cloud_allowed for i in range(10_000))
             assert abs(allowed / 100 - (100 - u) / 25 * 100) <= 2.0, (budget, allowed)
         # Hard, for each action, with and without a local model.
-        assert view.decide("r", ["r:hard-warn"], [cloud, local]).candidates == (local,)
+        warned = view.decide("r", ["r:hard-warn"], [cloud, local])
+        assert warned.candidates == (local, cloud)
+        assert warned.fallbacks == (cloud,)
         assert view.decide("r", ["r:hard-warn"], [cloud]).candidates == (cloud,)
-        assert view.decide("r", ["r:hard-cloud"], [cloud, local]).candidates == (local,)
+        assert view.decide("r", ["r:hard-cloud"], [cloud, local]).candidates == (local,)  # no cloud fallback
         assert view.decide("r", ["r:hard-cloud"], [cloud]).rejection is not None
         assert view.decide("r", ["r:hard-all"], [cloud, local]).rejection is not None
         # Several budgets: the smallest share, and the strictest block.

@@ -383,3 +383,23 @@ def test_the_chart_listens_on_all_interfaces_and_forwards_only_within_its_statef
     )
     assert proc.returncode != 0
     assert "peerTokenSecret" in proc.stderr
+
+
+async def test_view_serve_flags_the_cloud_fallback_of_a_shifted_request(serve: Serve) -> None:
+    view = BudgetView(Settings())
+    now = datetime.now(UTC)
+    view.apply_status(status("team:a", LIMIT * 99 // 100, "soft_limit", as_of=now, partition=0))
+    view.apply_heartbeat(beat(0, now))
+    base = await serve(view_app(view))
+    candidates = [{"name": "gpt-4o", "backend": "cloud", "score": 1}, {"name": "llama", "backend": "local"}]
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(20):
+            body = {"request_id": f"r-{i}", "budgets": ["team:a"], "candidates": candidates}
+            async with http.post(base + "/v1/decide", json=body) as r:
+                assert r.status == 200
+                answers.append(await r.json())
+    shifted = [a for a in answers if not a["cloud_allowed"]]
+    assert shifted, "at 99 % of a soft limit of 75, most requests are shifted"
+    for answer in shifted:
+        assert [(c["name"], c["fallback"]) for c in answer["candidates"]] == [("llama", False), ("gpt-4o", True)]

@@ -88,7 +88,7 @@ def test_a_session_stays_on_one_side() -> None:
 @pytest.mark.parametrize(
     ("action", "local", "outcome"),
     [
-        ("warn", True, "local"),
+        ("warn", True, "local_then_cloud"),
         ("warn", False, "cloud_flagged"),
         ("block_cloud", True, "local"),
         ("block_cloud", False, "rejected"),
@@ -99,8 +99,13 @@ def test_a_session_stays_on_one_side() -> None:
 def test_hard_limit_per_action(action: str, local: bool, outcome: str) -> None:
     candidates = [CLOUD, LOCAL] if local else [CLOUD]
     decision = decide("r", [state(u=100.0, status="hard_limit", action=action)], candidates)
-    if outcome == "local":
+    if outcome == "local_then_cloud":
+        assert decision.candidates == (LOCAL, CLOUD)
+        assert decision.fallbacks == (CLOUD,)
+        assert decision.rejection is None
+    elif outcome == "local":
         assert decision.candidates == (LOCAL,)
+        assert decision.fallbacks == ()
         assert decision.rejection is None
     elif outcome == "cloud_flagged":
         assert decision.candidates == (CLOUD,)
@@ -109,6 +114,42 @@ def test_hard_limit_per_action(action: str, local: bool, outcome: str) -> None:
         assert decision.candidates == ()
         assert decision.rejection is not None
         assert decision.rejection.budget_id == "team:a"
+
+
+@pytest.mark.parametrize("u", [80.0, 90.0, 99.0])
+def test_a_shifted_request_goes_local_first_and_keeps_cloud_as_its_fallback(u: float) -> None:
+    states = [state(u=u, status="soft_limit")]
+    decisions = [decide(f"r-{i}", states, [CLOUD, LOCAL]) for i in range(10_000)]
+    shifted = [d for d in decisions if not d.cloud_allowed]
+    assert shifted
+    assert all(d.candidates == (LOCAL, CLOUD) and d.fallbacks == (CLOUD,) for d in shifted)
+    assert all(d.is_fallback(CLOUD) and not d.is_fallback(LOCAL) for d in shifted)
+    # The first choice still follows the share: the measured shift is what it was.
+    first_cloud = sum(d.candidates[0].backend == "cloud" for d in decisions)
+    assert abs(first_cloud / 100 - (100 - u) / 25 * 100) <= 2.0
+    assert all(d.fallbacks == () for d in decisions if d.cloud_allowed)
+
+
+def test_block_cloud_at_the_hard_limit_never_offers_cloud() -> None:
+    states = [state(u=100.0, status="hard_limit", action="block_cloud")]
+    decisions = [decide(f"r-{i}", states, [CLOUD, LOCAL], session_id=f"s-{i}") for i in range(200)]
+    assert all(d.candidates == (LOCAL,) and d.fallbacks == () for d in decisions)
+    # A soft budget beside it does not bring cloud back.
+    both = [state("team:b", u=90.0, status="soft_limit"), *states]
+    assert all(CLOUD not in decide(f"r-{i}", both, [CLOUD, LOCAL]).candidates for i in range(200))
+
+
+def test_merged_groups_put_the_fallbacks_last() -> None:
+    from budgetflow.streams.gateway.routing import merge_decisions
+
+    other = Candidate("claude", "cloud", 0.9)
+    soft = [state(u=99.0, status="soft_limit")]
+    shifted = next(d for d in (decide(f"r-{i}", soft, [CLOUD, LOCAL]) for i in range(100)) if not d.cloud_allowed)
+    normal = decide("r", [state("team:b")], [other])
+    merged = merge_decisions([shifted, normal], [CLOUD, other, LOCAL])
+    assert merged.candidates == (other, LOCAL, CLOUD)
+    assert merged.fallbacks == (CLOUD,)
+    assert merged.cloud_allowed
 
 
 def test_soft_limit_without_local_keeps_cloud_flagged() -> None:

@@ -195,3 +195,28 @@ def test_a_budget_that_blocks_unpriced_models_refuses_them_for_cloud() -> None:
     assert refused.rejection is not None
     assert refused.rejection.http_status == 403
     assert "mystery-1" in refused.rejection.message
+
+
+def test_a_fallback_taken_is_counted_only_when_it_is_one() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from budgetflow.streams.gateway.metrics import RouterCollector
+    from budgetflow.streams.service.metrics import exposition
+
+    v = view()
+    v.apply_status(status("team:a", spend=99 * 10**12, state="soft_limit", action="warn"))
+    v.apply_heartbeat(beat())
+    cloud, local = Candidate("gpt-4o", "cloud", 1.0), Candidate("llama", "local", 0.5)
+    decisions = [v.decide(f"r-{i}", ["team:a"], [cloud, local], now=NOW) for i in range(20)]
+    shifted = next(d for d in decisions if not d.cloud_allowed)
+    kept = next(d for d in decisions if d.cloud_allowed) if any(d.cloud_allowed for d in decisions) else None
+    assert shifted.candidates == (local, cloud)
+    v.fallback_taken(shifted, local)  # the first choice: not a fallback
+    if kept is not None:
+        v.fallback_taken(kept, cloud)
+    assert v.fallbacks_taken == 0
+    v.fallback_taken(shifted, cloud)
+    assert v.fallbacks_taken == 1
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(v, now=lambda: NOW))
+    assert "budgetflow_router_fallbacks_total 1.0" in exposition(registry).decode()
