@@ -36,7 +36,7 @@ def test_a_good_file_parses() -> None:
     ("entry", "expected"),
     [
         ({"id": "global", "monthly_limit_usd": 100.5}, "budgets[0].monthly_limit_usd: "),
-        ({"id": "global", "monthly_limit_usd": 100}, "quoted decimal strings"),
+        ({"id": "global", "monthly_limit_usd": 100}, "an int is ambiguous"),
         ({"id": "global", "monthly_limit_usd": "-1"}, "negative"),
         ({"id": "global", "soft_limit_percent": 100}, "budgets[0].soft_limit_percent"),
         ({"id": "global", "soft_limit_percent": 0}, "budgets[0].soft_limit_percent"),
