@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -25,25 +24,27 @@ def policy() -> None:
 @actor_option
 @pass_ctx
 def policy_apply(ctx: Context, file: Path, prune: bool, dry_run: bool, actor: str | None) -> None:
-    """Validate every budget in FILE, then publish what changed; running workers follow without a restart.
+    """Validate every budget in FILE (YAML, or TOML if it ends in .toml), then publish what changed.
 
-    Every change is also appended to the audit topic (`budgetflow audit`).
+    Running workers follow without a restart. The whole file is checked before anything connects to Kafka. Every
+    change is also appended to the audit topic (`budgetflow audit`). Prints one line per budget: + added,
+    ~ changed (field old -> new), - removed; with --dry-run, = for a budget --prune would delete.
     """
-    from budgetflow.schemas.money import format_usd
     from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
     from budgetflow.streams.ops.audit import default_actor
-    from budgetflow.streams.ops.policy_admin import apply_policy_file
+    from budgetflow.streams.ops.policy_admin import apply_policies, load_policy_file, plan_lines
     from budgetflow.streams.rules.clock import Clock
 
+    wanted = asyncio.run(load_policy_file(file))
     settings = ctx.settings()
     specs = Topics.from_settings(settings)
     if not dry_run:
         asyncio.run(ensure_topics_now(settings, specs))
     result = asyncio.run(
-        apply_policy_file(
+        apply_policies(
             settings,
             specs.policies.name,
-            file,
+            wanted,
             prune=prune,
             dry_run=dry_run,
             audit_topic=specs.audit.name,
@@ -51,23 +52,13 @@ def policy_apply(ctx: Context, file: Path, prune: bool, dry_run: bool, actor: st
             now=Clock(settings.clock).now(),
         )
     )
-
-    def limit(p: Any) -> str:
-        return "unlimited" if p.monthly_limit_usd is None else "$" + format_usd(p.monthly_limit_usd, 2)
-
-    for p in result.added:
-        click.echo(f"+ {p.id}: {limit(p)}, soft {p.soft_limit_percent} %, {p.hard_limit_action}")
-    for old, new in result.changed:
-        fields = [f for f in type(new).model_fields if getattr(old, f) != getattr(new, f)]
-        click.echo(f"~ {new.id}: " + ", ".join(f"{f} {getattr(old, f)!s} -> {getattr(new, f)!s}" for f in fields))
-    for budget in result.removed:
-        click.echo(f"- {budget}")
-    verb = "would change" if dry_run else "changed"
-    click.echo(
+    for line in plan_lines(result):
+        click.echo(line)
+    counts = (
         f"{len(result.added)} added, {len(result.changed)} changed, {len(result.removed)} removed, "
-        f"{len(result.unchanged)} unchanged ({verb})",
-        err=True,
+        f"{len(result.unchanged)} unchanged"
     )
+    click.echo(f"dry run: {counts}; nothing was published" if dry_run else f"{counts} (published)", err=True)
 
 
 # -- audit ----------------------------------------------------------------------
