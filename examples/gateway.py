@@ -17,10 +17,14 @@ retry or a replay is charged again like the call it is; a caller's
 ``X-Client-Request-Id`` (or ``X-Request-Id``) is only a label echoed back.
 
 Per request it: decides with the BudgetView (cloud, local, or a 429 that the
-OpenAI and Anthropic SDKs do not retry), publishes the RequestEvent, admits
-the estimate on the view when it goes to cloud, calls the model (here a fake
-that answers deterministically and reports OpenAI-style usage), publishes the
-UsageEvent, and answers with the X-Budget-* headers.
+OpenAI and Anthropic SDKs do not retry), then for each candidate in order:
+publishes the RequestEvent (one attempt each), admits the estimate on the view
+when it goes to cloud, calls the model (here a fake that answers
+deterministically and reports OpenAI-style usage); a model that fails gets a
+``failed`` UsageEvent and the next candidate is tried (a cloud fallback taken
+is reported with ``view.fallback_taken``). It publishes the UsageEvent and
+answers with the X-Budget-* headers, ``X-Budget-Cost-Estimated`` on every
+response: enrich's reservation of the model called (or refused).
 """
 
 from __future__ import annotations
@@ -44,14 +48,16 @@ from prometheus_client import CollectorRegistry
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from budgetflow.schemas.errors import ConfigError, InvalidEvent
-from budgetflow.schemas.events import MAX_TOKENS, BudgetId
+from budgetflow.schemas.events import MAX_TOKENS, BudgetId, RequestEvent
+from budgetflow.schemas.money import format_usd
 from budgetflow.schemas.serde import dumps, loads, validation_message
 from budgetflow.schemas.settings import Settings, load_settings
-from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, from_openai
+from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, RequestHandle, Usage, from_openai
+from budgetflow.streams.gateway.estimates import CostEstimates
 from budgetflow.streams.gateway.metrics import RouterCollector
 from budgetflow.streams.service.http import credential_bytes
 from budgetflow.streams.service.metrics import exposition
-from budgetflow.tokenizers import PriceTable, quick_estimate
+from budgetflow.tokenizers import PriceTable
 from budgetflow.tokenizers.registry import utf8_len
 
 log = logging.getLogger("example-gateway")
@@ -69,10 +75,25 @@ def provider_of(model: str, backend: str) -> str:
     return "openai"
 
 
-class FakeModel:
-    """Answers like a chat model and reports usage the way OpenAI does (prompt, completion, details)."""
+class ModelUnavailable(Exception):
+    """The model did not answer (a local server that is down)."""
 
-    def complete(self, model: str, messages: list[dict[str, Any]], max_tokens: int | None) -> dict[str, Any]:
+
+class FakeModel:
+    """Answers like a chat model and reports usage the way OpenAI does (prompt, completion, details).
+
+    While ``local_down`` (a path) exists, its local models fail as a local server that is down would: how the tests
+    and the demo show a shifted request falling back to cloud.
+    """
+
+    def __init__(self, local_down: Path | None = None) -> None:
+        self.local_down = local_down
+
+    def complete(
+        self, model: str, backend: str, messages: list[dict[str, Any]], max_tokens: int | None
+    ) -> dict[str, Any]:
+        if backend == "local" and self.local_down is not None and self.local_down.exists():
+            raise ModelUnavailable(model)
         text = " ".join(str(m.get("content") or "") for m in messages)
         prompt_tokens = max(1, utf8_len(text) // 4) + 4 * len(messages)
         completion_tokens = min(max_tokens or 64, 64)
@@ -169,9 +190,29 @@ def charged_budgets(caller: Caller, header: str | None) -> list[str] | None:
 _LABEL = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One understood request: who is charged, what it asks, and its estimate on each candidate."""
+
+    request_id: str
+    budgets: list[str]
+    messages: list[Any]
+    max_tokens: int | None
+    session: str | None
+    ask: RequestEvent
+    echo: dict[str, str]
+
+
 class Gateway:
     def __init__(
-        self, settings: Settings, publisher: BudgetPublisher, view: BudgetView, *, local_model: str, keys: KeyMap
+        self,
+        settings: Settings,
+        publisher: BudgetPublisher,
+        view: BudgetView,
+        *,
+        local_model: str,
+        keys: KeyMap,
+        local_down: Path | None = None,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -179,7 +220,8 @@ class Gateway:
         self.local_model = local_model
         self.keys = keys
         self.table = PriceTable.from_settings(settings.pricing)
-        self.model = FakeModel()
+        self.estimates = CostEstimates(settings)
+        self.model = FakeModel(local_down)
         self.requests_seen = 0
         # Session ids are keyed with a secret of this process: a caller cannot pick one whose affinity hash keeps
         # it on cloud while its budget's share shrinks.
@@ -190,11 +232,6 @@ class Gateway:
         caller = self.keys.caller(request.headers.get("Authorization"))
         if caller is None:
             return _error(401, "invalid API key", code="invalid_api_key")
-        budgets = charged_budgets(caller, request.headers.get("X-Budget-Ids"))
-        if budgets is None:
-            return _error(
-                403, "X-Budget-Ids names a budget this API key may not be charged to", code="budget_not_allowed"
-            )
         try:
             body = loads(await request.read())
             model, messages = body["model"], body["messages"]
@@ -208,64 +245,85 @@ class Gateway:
         request_id = f"gw-{uuid.uuid4().hex}"  # one per HTTP request: whatever the caller sends is only a label
         label = request.headers.get("X-Client-Request-Id") or request.headers.get("X-Request-Id") or ""
         echo = {"X-Request-Id": request_id, **({"X-Client-Request-Id": label} if _LABEL.match(label) else {})}
-        session = None
-        if (asked := request.headers.get("X-Session-Id")) is not None:
-            named = f"{caller.key_budget}\0{asked}".encode("utf-8", "surrogateescape")
-            session = "s-" + hmac.new(self._session_key, named, hashlib.sha256).hexdigest()[:32]
-        estimate = quick_estimate(
-            self.table,
-            model,
-            input_bytes=len(dumps(messages)),
-            max_output_tokens=max_tokens,
-            provider=provider_of(model, "cloud"),
-        )
+        try:
+            ask = self.estimates.request(messages=messages, max_tokens=max_tokens, at=self.view.clock.now())
+        except InvalidEvent as exc:
+            return _error(400, f"invalid request: {exc}", headers=echo)
         provider = provider_of(model, "cloud")
         priced = self.table.price(model, provider=provider).priced
         local = Candidate(self.local_model, "local", 0.5, provider=provider_of(self.local_model, "local"))
         candidates = [Candidate(model, "cloud", 1.0, provider=provider, priced=priced), local]
+        budgets = charged_budgets(caller, request.headers.get("X-Budget-Ids"))
+        if budgets is None:
+            refused = {**echo, **_estimated(self.estimates.of(ask, candidates[0]))}
+            message = "X-Budget-Ids names a budget this API key may not be charged to"
+            return _error(403, message, code="budget_not_allowed", headers=refused)
         if request.headers.get("X-Local-Fallback", "yes") == "no":
             candidates = candidates[:1]
-        decision = self.view.decide(request_id, budgets, candidates, session_id=session)
-        headers = {**self.view.headers(budgets, estimate), **echo}
+        session = None
+        if (asked := request.headers.get("X-Session-Id")) is not None:
+            named = f"{caller.key_budget}\0{asked}".encode("utf-8", "surrogateescape")
+            session = "s-" + hmac.new(self._session_key, named, hashlib.sha256).hexdigest()[:32]
+        call = _Call(request_id, budgets, messages, max_tokens, session, ask, echo)
+        return await self._route(call, candidates)
+
+    async def _route(self, call: _Call, candidates: list[Candidate]) -> web.Response:
+        """Decide, then call the candidates in order until one answers; a fallback taken is reported to the view."""
+        decision = self.view.decide(call.request_id, call.budgets, candidates, session_id=call.session)
+        estimate = self.estimates.for_decision(call.ask, decision, candidates)
         if decision.rejection is not None:
             status, error_headers, payload = decision.rejection.to_response()
-            return web.Response(status=status, body=payload, headers={**headers, **error_headers})
-        chosen = decision.candidates[0]
-        try:
-            handle = await self.publisher.publish_request(
-                request_id=request_id,
-                model=chosen.name,
-                provider=provider_of(chosen.name, chosen.backend),
-                backend=chosen.backend,
-                budgets=budgets,
-                messages=messages,
-                max_tokens=max_tokens,
-                session_id=session,
+            headers = {**self.view.headers(call.budgets, estimate), **call.echo, **error_headers}
+            return web.Response(status=status, body=payload, headers=headers)
+        attempt = 0
+        for chosen in decision.candidates:
+            handle = await self._publish(call, chosen, attempt)
+            if handle is None:
+                continue  # cloud, and the publisher could not record it: spend nobody would count
+            estimate = self.estimates.of(call.ask, chosen)
+            if chosen.backend == "cloud":
+                self.view.admit(call.budgets, estimate)
+            try:
+                answer = self.model.complete(chosen.name, chosen.backend, call.messages, call.max_tokens)
+            except ModelUnavailable:
+                await self.publisher.publish_usage(handle, Usage(0, 0), outcome="failed")  # settles it at 0
+                attempt += 1
+                continue
+            self.view.fallback_taken(decision, chosen)
+            await self.publisher.publish_usage(handle, from_openai(answer["usage"]))
+            response = self._answer(call, chosen, answer, estimate, handle)
+            if decision.is_fallback(chosen):
+                response.headers["X-Budgetflow-Fallback"] = "true"
+            return response
+        headers = {**call.echo, **self.view.headers(call.budgets, estimate)}
+        if attempt:
+            return _error(
+                502, "no model could answer; retry shortly", retry=True, code="model_unavailable", headers=headers
             )
-        except InvalidEvent as exc:
-            return _error(400, f"invalid request: {exc}", headers=echo)
+        return _error(503, "budget accounting is unavailable; retry shortly", retry=True, headers=headers)
+
+    async def _publish(self, call: _Call, chosen: Candidate, attempt: int) -> RequestHandle | None:
+        """The RequestEvent of one attempt; None when it is a cloud one the publisher could not record."""
+        handle = await self.publisher.publish_request(
+            request_id=call.request_id,
+            model=chosen.name,
+            provider=provider_of(chosen.name, chosen.backend),
+            backend=chosen.backend,
+            budgets=call.budgets,
+            messages=call.messages,
+            max_tokens=call.max_tokens,
+            session_id=call.session,
+            attempt=attempt,
+        )
         if chosen.backend == "cloud" and not handle.cloud_allowed:
-            # The publisher could not record it (broker away, buffer full): cloud spend would go unseen.
-            fallbacks = [c for c in (*decision.candidates, *candidates) if c.backend == "local"]
-            if not fallbacks:
-                return _error(503, "budget accounting is unavailable; retry shortly", retry=True, headers=echo)
-            chosen = fallbacks[0]
-            handle = await self.publisher.publish_request(
-                request_id=request_id,
-                model=chosen.name,
-                provider=LOCAL_PROVIDER,
-                backend="local",
-                budgets=budgets,
-                messages=messages,
-                max_tokens=max_tokens,
-                session_id=session,
-            )
-        if chosen.backend == "cloud":
-            self.view.admit(budgets, estimate)
-        answer = self.model.complete(chosen.name, messages, max_tokens)
-        await self.publisher.publish_usage(handle, from_openai(answer["usage"]))
+            return None
+        return handle
+
+    def _answer(
+        self, call: _Call, chosen: Candidate, answer: dict[str, Any], estimate: int, handle: RequestHandle
+    ) -> web.Response:
         response = {
-            "id": f"chatcmpl-{request_id}",
+            "id": f"chatcmpl-{call.request_id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": chosen.name,
@@ -274,17 +332,21 @@ class Gateway:
                 {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer["content"]}}
             ],
         }
-        headers.update(
-            {
-                "X-Budgetflow-Backend": chosen.backend,
-                "X-Budgetflow-Model": chosen.name,
-                "X-Budgetflow-Period": f"{handle.occurred_at:%Y-%m}",
-            }
-        )
+        headers = {
+            **self.view.headers(call.budgets, estimate),
+            **call.echo,
+            "X-Budgetflow-Backend": chosen.backend,
+            "X-Budgetflow-Model": chosen.name,
+            "X-Budgetflow-Period": f"{handle.occurred_at:%Y-%m}",
+        }
         return web.Response(body=dumps(response), content_type="application/json", headers=headers)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ready": self.view.is_ready, "requests_seen": self.requests_seen})
+
+
+def _estimated(pico: int) -> dict[str, str]:
+    return {"X-Budget-Cost-Estimated": format_usd(pico, 6)}
 
 
 def _error(
@@ -295,17 +357,20 @@ def _error(
         status=status,
         body=dumps(body),
         content_type="application/json",
-        headers={**(headers or {}), "x-should-retry": "true" if retry else "false"},
+        # Refused before the request was understood: nothing was estimated, and the header says so (0).
+        headers={**_estimated(0), **(headers or {}), "x-should-retry": "true" if retry else "false"},
     )
 
 
-async def make_app(settings: Settings, local_model: str, keys: KeyMap) -> web.Application:
+async def make_app(
+    settings: Settings, local_model: str, keys: KeyMap, local_down: Path | None = None
+) -> web.Application:
     publisher = BudgetPublisher(settings)
     await publisher.start()
     view = BudgetView(settings)
     await view.start()
     await view.ready(timeout_s=60)
-    gateway = Gateway(settings, publisher, view, local_model=local_model, keys=keys)
+    gateway = Gateway(settings, publisher, view, local_model=local_model, keys=keys, local_down=local_down)
     registry = CollectorRegistry()
     registry.register(RouterCollector(view, publisher, now=view.clock.now))
 
@@ -336,6 +401,11 @@ def main() -> None:
         required=True,
         help="key file: the API keys (as SHA-256) and the budgets each is charged to",
     )
+    parser.add_argument(
+        "--local-down-file",
+        type=Path,
+        help="while this file exists, the fake local model fails (to show shifted requests falling back to cloud)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s gateway: %(message)s")
     try:
@@ -344,7 +414,11 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
     web.run_app(
-        make_app(settings, args.local_model, keys), host=args.host, port=args.port, access_log=None, print=log.info
+        make_app(settings, args.local_model, keys, args.local_down_file),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=log.info,
     )
 
 

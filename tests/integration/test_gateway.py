@@ -34,14 +34,14 @@ def key_file(path: Path, keys: dict[str, list[str]]) -> Path:
     return path
 
 
-def start_gateway(pipeline: Any, tmp_path: Path, keys: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
+def start_gateway(pipeline: Any, tmp_path: Path, keys: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, Any]:
     from budgetflow.streams.dev.localkafka import free_port
 
     port = free_port()
     env = dict(pipeline.env_base, BUDGETFLOW_DATA_DIR=str(tmp_path / "gateway"))
     log = (tmp_path / "gateway.log").open("wb")
     gateway = subprocess.Popen(
-        [sys.executable, str(GATEWAY), "--port", str(port), "--keys", str(keys)],
+        [sys.executable, str(GATEWAY), "--port", str(port), "--keys", str(keys), *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
