@@ -134,9 +134,10 @@ def plan_lines(result: PolicyPlan) -> list[str]:
 
 
 def _fields(policy: BudgetPolicy) -> list[str]:
-    """The limit, the soft limit and the action always; any other field only when it is set."""
+    """The limit, the soft limit and the action always; any other field only when it is not its default."""
     always = ("monthly_limit_usd", "soft_limit_percent", "hard_limit_action")
-    return [f for f in type(policy).model_fields if f in always or (f != "id" and getattr(policy, f) is not None)]
+    fields = type(policy).model_fields
+    return [f for f in fields if f in always or (f != "id" and getattr(policy, f) != fields[f].default)]
 
 
 def _shown(policy: BudgetPolicy, name: str) -> str:
