@@ -11,10 +11,12 @@ from prometheus_client.registry import Collector
 
 from budgetflow.schemas.money import pico_to_float_usd
 from budgetflow.schemas.periods import next_month_start
+from budgetflow.streams.kafka.topics import partition_for
 from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
 from budgetflow.streams.service.metrics import Families
 
 if TYPE_CHECKING:
+    from budgetflow.schemas.events import StatusName
     from budgetflow.schemas.policy import BudgetPolicy
     from budgetflow.streams.aggregate.records import PeriodState
     from budgetflow.streams.aggregate.worker import AggregateWorker
@@ -42,7 +44,11 @@ class AggregateCollector(Collector):
             "consumer_lag_records", "Records behind the end of the input, per partition.", ["stage", "partition"]
         )
         age = f.gauge("heartbeat_age_seconds", "Age of each ledger partition's last heartbeat.", ["partition"])
-        exported = set(self._exported_budgets())
+        exported = self._exported_budgets()
+        partitions = worker.topics.ledger.partitions
+        # A budget with a policy is exported by the worker owning its ledger partition from the moment the
+        # policy is read, before any entry: a new budget shows on dashboards (and its limit alerts) from day one.
+        owner_of = {budget: partition_for(budget, partitions) for budget in exported}
         now = worker.clock.now()
         for p, ledger in sorted(worker.ledgers.items()):
             open_res.add_metric([str(p)], ledger.open_reservations)
@@ -50,11 +56,14 @@ class AggregateCollector(Collector):
             if behind is not None:
                 lag.add_metric(["aggregate", str(p)], behind)
             current = worker.publisher.current_period(ledger)
-            for budget in sorted(set(ledger.budgets()) & exported):
+            for budget in sorted(b for b, owner in owner_of.items() if owner == p):
+                policy = worker.policies.policy_for(budget)
+                state = ledger.period_state(budget, current)
                 budgets.add(
                     budget,
-                    ledger.period_state(budget, current),
-                    worker.policies.policy_for(budget),
+                    state,
+                    policy,
+                    state.status if state else worker.publisher.rules.next_status("normal", 0, policy),
                     worker.forecasts.forecast(ledger, budget, current),
                     now=now.timestamp(),
                     reset_at=next_month_start(current).timestamp(),
@@ -98,12 +107,13 @@ class _BudgetGauges:
         budget: str,
         state: PeriodState | None,
         policy: BudgetPolicy,
+        status: StatusName,
         forecast: Forecast,
         *,
         now: float,
         reset_at: float,
     ) -> None:
-        """One budget's current month (``state`` None: nothing counted yet)."""
+        """One budget's current month (``state`` None: nothing counted yet, ``status`` what zero spend means)."""
         s = state.settled if state else 0
         r = state.reserved if state else 0
         label = [budget]
@@ -111,7 +121,7 @@ class _BudgetGauges:
         self.spend.add_metric(label, pico_to_float_usd(s + r))
         self.settled.add_metric(label, pico_to_float_usd(s))
         self.reserved.add_metric(label, pico_to_float_usd(r))
-        self.status.add_metric(owned, STATUS_RANK[state.status if state else "normal"])
+        self.status.add_metric(owned, STATUS_RANK[status])
         self.requests.add_metric(label, state.requests if state else 0)
         self.reset.add_metric(label, max(0.0, reset_at - now))
         limit = policy.monthly_limit_usd
