@@ -105,6 +105,10 @@ async def _local_only(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
+def _candidate_json(candidate: Candidate, fallback: bool) -> dict[str, Any]:
+    return {"name": candidate.name, "backend": candidate.backend, "score": candidate.score, "fallback": fallback}
+
+
 def view_app(view: BudgetView, token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[bearer_guard(token)] if token else [_local_only])
 
@@ -123,10 +127,7 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
             metadata=body.metadata,
         )
         answer: dict[str, Any] = {
-            "candidates": [
-                {"name": c.name, "backend": c.backend, "score": c.score, "fallback": decision.is_fallback(c)}
-                for c in decision.candidates
-            ],
+            "candidates": [_candidate_json(c, decision.is_fallback(c)) for c in decision.candidates],
             "cloud_allowed": decision.cloud_allowed,
             "cloud_share": decision.cloud_share,
             "affinity": decision.affinity,
