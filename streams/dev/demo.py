@@ -5,7 +5,8 @@ and the example gateway, all on one simulated clock that runs a month in
 ``--duration`` seconds (every time rule holds in simulated time), applies a
 sample policy set, and sends chat requests of varied sizes to several models
 through the gateway over HTTP: a daily rhythm, a few malformed events, a
-burst that pushes one team over its hard limit, and the month boundary.
+burst that pushes one team over its hard limit, three days with the local model
+down (shifted requests fall back to cloud), and the month boundary.
 The terminal shows each budget's spend against its limit as it happens; the
 summary checks the pipeline's totals against the demo's own count, to the
 pico-dollar, and says what the shift to local models saved.
@@ -26,7 +27,7 @@ from budgetflow.schemas.periods import next_month_start
 from budgetflow.schemas.serde import dumps
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.dev.demo_pipeline import Demo
-from budgetflow.streams.dev.demo_plan import BUDGETS, DemoConfig
+from budgetflow.streams.dev.demo_plan import BUDGETS, DemoConfig, local_outage
 from budgetflow.streams.dev.demo_screen import live_table, print_summary
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -120,6 +121,7 @@ async def _settle(demo: Demo, http: aiohttp.ClientSession, view: Any, live: Any)
         "exact": exact,
         "rolled_over": rolled,
         "transitions": sorted(transitions),
+        "local_outage": [moment.isoformat() for moment in local_outage(demo.start)],
         "budgets": {
             b: {
                 "pipeline_settled_usd": {p: usd_string(v) for p, v in books[b].items()},
@@ -128,6 +130,8 @@ async def _settle(demo: Demo, http: aiohttp.ClientSession, view: Any, live: Any)
                 "cloud": demo.tallies[b].cloud,
                 "local": demo.tallies[b].local,
                 "rejected": demo.tallies[b].rejected,
+                "fallbacks": demo.tallies[b].fallbacks,
+                "unserved": demo.tallies[b].unserved,
                 "saved_by_shift_usd": usd_string(demo.tallies[b].saved_pico),
             }
             for b in BUDGETS

@@ -32,6 +32,7 @@ from budgetflow.streams.dev.demo_plan import (
     Tally,
     expected_spend,
     gateway_keys,
+    local_outage,
     plan,
     policies,
 )
@@ -147,11 +148,13 @@ class Demo:
         ]
         gateway = _gateway_script()
         keys = self.root / f"{self.prefix}keys.yaml"
+        down = self.local_down
+        down.unlink(missing_ok=True)
         keys.write_text(gateway_keys())
         self.processes.append(
             _Script(
                 "gateway",
-                [str(gateway), "--port", str(self.gateway_port), "--keys", str(keys)],
+                [str(gateway), "--port", str(self.gateway_port), "--keys", str(keys), "--local-down-file", str(down)],
                 env,
                 logs / f"{self.prefix}gateway.log",
             )
@@ -209,16 +212,30 @@ class Demo:
 
         workers = [asyncio.create_task(worker()) for _ in range(self.config.concurrency)]
         malformed_at = {len(planned) // 3, len(planned) // 2, 2 * len(planned) // 3}
+        outage = local_outage(self.start)
         for index, item in enumerate(planned):
             delay = (item.at - self.sim_now()).total_seconds() / self.speed
             if delay > 0:
                 await asyncio.sleep(delay)
+            self._local_model_up(not outage[0] <= item.at < outage[1])
             await queue.put(item)
             if index in malformed_at:
                 await self._malformed()
         for _ in workers:
             await queue.put(None)
         await asyncio.gather(*workers)
+        self._local_model_up(True)
+
+    @property
+    def local_down(self) -> Path:
+        """While this file exists, the example gateway's local model fails."""
+        return self.root / f"{self.prefix}local-down"
+
+    def _local_model_up(self, up: bool) -> None:
+        if up:
+            self.local_down.unlink(missing_ok=True)
+        else:
+            self.local_down.touch()
 
     async def _send(self, http: aiohttp.ClientSession, table: Any, item: Planned) -> None:
         """One request through the gateway, counted on the demo's own books."""
@@ -242,11 +259,17 @@ class Demo:
             f"http://127.0.0.1:{self.gateway_port}/v1/chat/completions", json=body, headers=headers
         ) as response:
             payload = await response.json()
-            if response.status == 429:
+            if response.status in (429, 502):  # refused by a budget; or no model left (local down, cloud blocked)
                 for b in item.budgets:
-                    self.tallies[b].rejected += 1
+                    if response.status == 429:
+                        self.tallies[b].rejected += 1
+                    else:
+                        self.tallies[b].unserved += 1
                 return
             response.raise_for_status()
+            if response.headers.get("X-Budgetflow-Fallback") == "true":
+                for b in item.budgets:
+                    self.tallies[b].fallbacks += 1
             backend = response.headers["X-Budgetflow-Backend"]
             model = response.headers["X-Budgetflow-Model"]
             period = response.headers["X-Budgetflow-Period"]  # the month the gateway stamped on the request

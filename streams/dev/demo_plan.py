@@ -27,6 +27,7 @@ __all__ = [
     "Tally",
     "expected_spend",
     "gateway_keys",
+    "local_outage",
     "plan",
     "policies",
 ]
@@ -57,6 +58,8 @@ class Tally:
     cloud: int = 0
     local: int = 0
     rejected: int = 0
+    fallbacks: int = 0  # shifted to local, the local model down: served by the cloud fallback
+    unserved: int = 0  # the local model down and cloud blocked: no model left to answer (a 502)
     cost_pico: dict[str, int] = field(default_factory=dict)  # per period
     saved_pico: int = 0
 
@@ -105,6 +108,17 @@ def plan(config: DemoConfig, start: datetime) -> list[Planned]:
             )
         )
     return sorted(planned, key=lambda p: p.at)
+
+
+# Days 25 to 28 of the month, while budgets are in their soft band: the local model is down, and shifted requests
+# fall back to cloud (or find no model, where cloud is blocked).
+LOCAL_OUTAGE_DAYS = (25.0, 28.0)
+
+
+def local_outage(start: datetime) -> tuple[datetime, datetime]:
+    """When the demo's local model is down, on the simulated clock."""
+    first, last = LOCAL_OUTAGE_DAYS
+    return start + timedelta(days=first), start + timedelta(days=last)
 
 
 def expected_spend(planned: list[Planned], table: Any) -> dict[str, int]:

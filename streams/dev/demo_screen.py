@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from budgetflow.schemas.money import format_usd, parse_usd
-from budgetflow.streams.dev.demo_plan import BUDGETS
+from budgetflow.streams.dev.demo_plan import BUDGETS, local_outage
 
 if TYPE_CHECKING:
     from budgetflow.streams.dev.demo_pipeline import Demo
@@ -33,10 +34,12 @@ def live_table(demo: Demo, view: Any) -> Any:
         title_justify="left",
         expand=False,
     )
-    for column in ("budget", "spend vs limit (│ soft)", "spend", "limit", "status", "cloud", "local", "rejected"):
-        table.add_column(
-            column, justify="right" if column in ("spend", "limit", "cloud", "local", "rejected") else "left"
-        )
+    down_from, down_until = local_outage(demo.start)
+    if down_from <= now < down_until:
+        table.caption = "[red]the local model is down[/]: shifted requests fall back to cloud where it is not blocked"
+    numbers = ("spend", "limit", "cloud", "local", "fallbacks", "rejected")
+    for column in ("budget", "spend vs limit (│ soft)", "spend", "limit", "status", "cloud", "local", *numbers[4:]):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for budget in BUDGETS:
         state = view.status(budget)
         tally = demo.tallies[budget]
@@ -50,6 +53,7 @@ def live_table(demo: Demo, view: Any) -> Any:
             f"[{colour}]{state.status}[/]" + (" (stale)" if state.stale else ""),
             f"{tally.cloud * 100 // served if served else 0} %",
             f"{tally.local * 100 // served if served else 0} %",
+            str(tally.fallbacks),
             str(tally.rejected),
         )
     return table
@@ -62,7 +66,8 @@ def print_summary(summary: dict[str, Any], demo: Demo) -> None:
 
     console = Console()
     table = Table(title=f"budgetflow demo · {summary['period']} summary", title_justify="left")
-    for column in ("budget", "spend (pipeline)", "counted by the demo", "cloud", "local", "rejected", "saved by shift"):
+    columns = ("spend (pipeline)", "counted by the demo", "cloud", "local", "fallbacks", "rejected", "saved by shift")
+    for column in ("budget", *columns):
         table.add_column(column, justify="left" if column == "budget" else "right")
 
     def usd(text: str) -> str:
@@ -76,6 +81,7 @@ def print_summary(summary: dict[str, Any], demo: Demo) -> None:
             usd(row["demo_counted_usd"].get(month, "0")),
             str(row["cloud"]),
             str(row["local"]),
+            str(row["fallbacks"]),
             str(row["rejected"]),
             usd(row["saved_by_shift_usd"]),
         )
@@ -89,3 +95,10 @@ def print_summary(summary: dict[str, Any], demo: Demo) -> None:
     )
     saved = sum(int(r["saved_by_shift_usd"].replace(".", "")) for b, r in summary["budgets"].items() if b == "global")
     console.print(f"the soft-limit shift to local models saved ${format_usd(saved, 2)} of cloud spend this month")
+    down_from, down_until = (datetime.fromisoformat(t) for t in summary["local_outage"])
+    overall = summary["budgets"]["global"]
+    console.print(
+        f"the local model was down from {down_from:%b %d %H:%M} to {down_until:%b %d %H:%M}: "
+        f"{overall['fallbacks']} shifted requests fell back to cloud, {overall['unserved']} found no model "
+        "(cloud blocked)"
+    )
