@@ -10,6 +10,7 @@ writer after a rebalance.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +25,15 @@ from budgetflow.streams.rules.forecast import Forecast
 from budgetflow.streams.rules.status import StatusRules, build_status
 
 __all__ = ["Outgoing", "StatusPublisher"]
+
+log = logging.getLogger(__name__)
+
+_PHRASES = {
+    "soft_limit": "reached its soft limit",
+    "hard_limit": "reached its hard limit",
+    "normal": "is back to normal",
+    "rollover": "rolled over",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +130,17 @@ class StatusPublisher:
         known_budgets: Iterable[str] = (),
     ) -> list[Outgoing]:
         """Statuses and transition events for what one batch changed on one partition."""
-        out = [self._event(change) for change in changes]
+        out = []
+        for change in changes:
+            self._log_transition(change.budget, change.period, change.event, change.settled + change.reserved)
+            out.append(self._event(change))
         current = self.current_period(ledger)
         done: set[str] = set()
         if rollover is not None:
             budgets = set(ledger.budgets()) | set(known_budgets)
             for budget in sorted(budgets):
+                state = ledger.period_state(budget, current)
+                self._log_transition(budget, current, "rollover", state.spend if state else 0)
                 out.append(self._status(ledger, budget, current, "rollover"))
                 done.add(budget)
         for budget in sorted(set(policy_changed) - done):
@@ -137,6 +152,19 @@ class StatusPublisher:
             out.extend(self._maybe(ledger, budget, period))
             done.add(budget)
         return out
+
+    def _log_transition(self, budget: str, period: str, event: str, spend: int) -> None:
+        """One INFO line per transition, for an operator reading the aggregate's log (amounts in decimal USD)."""
+        limit = self.policy_for(budget).monthly_limit_usd
+        log.info(
+            "budget %s %s in %s: spend $%s of limit %s (event %s)",
+            budget,
+            _PHRASES.get(event, event),
+            period,
+            usd_string(spend),
+            "none" if limit is None else f"${usd_string(limit)}",
+            event,
+        )
 
     def _maybe(self, ledger: PartitionLedger, budget: str, period: str) -> list[Outgoing]:
         state = ledger.period_state(budget, period)

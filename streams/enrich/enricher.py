@@ -145,6 +145,17 @@ class Enricher:
             "ttl_s": estimate.ttl_s,
         }
         budgets = self._budgets_of(event.budgets, event.model, event.provider, event.backend, event.metadata)
+        if log.isEnabledFor(logging.DEBUG):  # counts and ids only: never the prompt
+            log.debug(
+                "request %s attempt %d: %d input tokens (%s), model %s, reserve $%s on %s",
+                event.request_id,
+                event.attempt,
+                estimate.input_tokens,
+                estimate.tier,
+                event.model,
+                format_usd(estimate.pico_usd),
+                ",".join(budgets),
+            )
         return [(budget, entry_json(common, budget)) for budget in budgets]
 
     def settle(self, event: UsageEvent) -> list[tuple[str, bytes]]:
