@@ -180,11 +180,11 @@ def test_every_container_gets_settings_budgetflow_accepts(
 
 
 def test_policies_and_prices_config_maps_load_with_budgetflow(tmp_path: Path) -> None:
-    from budgetflow.schemas.policy import parse_policy_file
+    from budgetflow.schemas.policy import parse_policy_text
     from budgetflow.tokenizers.pricing import PriceTable
 
     maps = {d["metadata"]["name"]: d["data"] for d in render("-f", str(FULL_VALUES)) if d["kind"] == "ConfigMap"}
-    policies = parse_policy_file(yaml.safe_load(maps["bf-budgetflow-policies"]["policies.yaml"]))
+    policies = parse_policy_text(maps["bf-budgetflow-policies"]["policies.yaml"], source="policies.yaml")
     assert [p.id for p in policies.budgets] == ["global", "team:search"]
     prices = tmp_path / "prices.yaml"
     prices.write_text(maps["bf-budgetflow-prices"]["prices.yaml"])

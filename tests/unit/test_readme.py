@@ -331,11 +331,11 @@ def test_the_topics_table_lists_every_topic() -> None:
 
 
 def test_policy_files_shown_are_valid() -> None:
-    import yaml
+    """Every policy file the docs show (YAML or TOML) is read as `budgetflow policy apply` reads it."""
+    from budgetflow.schemas.policy import parse_policy_text
 
-    from budgetflow.schemas import parse_policy_file
-
-    shown = [(p.name, b) for p in pages() for b in fences(p.read_text(), "yaml") if b.startswith("budgets:")]
+    shown = [(p.name, b, False) for p in pages() for b in fences(p.read_text(), "yaml") if b.startswith("budgets:")]
+    shown += [(p.name, b, True) for p in pages() for b in fences(p.read_text(), "toml") if "[[budgets]]" in b]
     assert shown, "the docs show a policy file"
-    for page, body in shown:
-        parse_policy_file(yaml.safe_load(body), source=page)
+    for page, body, toml in shown:
+        assert parse_policy_text(body, source=page, toml=toml).budgets
