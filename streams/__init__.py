@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from budgetflow.streams.gateway.estimates import CostEstimates
     from budgetflow.streams.gateway.publisher import BudgetPublisher, RequestHandle, SpoolFull
     from budgetflow.streams.gateway.routing import (
         BudgetState,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from budgetflow.streams.gateway.view import BudgetView
 
 _HOMES = {
+    "CostEstimates": "estimates",
     "BudgetPublisher": "publisher",
     "RequestHandle": "publisher",
     "SpoolFull": "publisher",
@@ -48,6 +50,7 @@ __all__ = [
     "BudgetState",
     "BudgetView",
     "Candidate",
+    "CostEstimates",
     "Decision",
     "Rejection",
     "RequestHandle",

@@ -14,12 +14,13 @@ from typing import NamedTuple
 from budgetflow.schemas.events import MAX_TOKENS, Backend, RequestEvent, Tier, UsageEvent
 from budgetflow.schemas.money import MAX_ENTRY_PICO, parse_usd
 from budgetflow.schemas.serde import dumps
-from budgetflow.schemas.settings import PricingSettings, ReservationSettings, TokenizerSettings
+from budgetflow.schemas.settings import PricingSettings, ReservationSettings, Settings, TokenizerSettings
 from budgetflow.tokenizers.pricing import Cost, PriceTable
 from budgetflow.tokenizers.registry import (
     HEURISTIC,
     TokenCount,
     TokenizerRegistry,
+    TokenizerRule,
     content_text,
     heuristic_tokens,
     tool_call_text,
@@ -62,6 +63,14 @@ class Estimator:
     reservation: ReservationSettings = field(default_factory=ReservationSettings)
     tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Estimator:
+        """The estimator of a deployment: its tokenizer rules, its price table, its reservation rules (what enrich
+        reserves and what a gateway's ``X-Budget-Cost-Estimated`` says)."""
+        rules = [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
+        table = PriceTable.from_settings(settings.pricing)
+        return cls(TokenizerRegistry.default(rules), table, settings.reservation, settings.tokenizers, settings.pricing)
 
     def margin(self, tier: Tier) -> Fraction:
         if tier == "approximate":

@@ -233,17 +233,11 @@ class _LagCollector(Collector):
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """The enrich role: its estimator from the settings, run until ``stop``."""
-    from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
-    from budgetflow.tokenizers.registry import TokenizerRule
+    from budgetflow.tokenizers import Estimator
 
     topics = Topics.from_settings(settings)
-    registry = TokenizerRegistry.default(
-        [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
-    )
-    table = PriceTable.from_settings(settings.pricing)
-    estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
     enricher = Enricher(
-        estimator,
+        Estimator.from_settings(settings),
         topics,
         keep_raw=settings.dlq.keep_raw,
         clock=Clock(settings.clock),

@@ -23,10 +23,9 @@ from pydantic import ValidationError
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import RequestEvent
 from budgetflow.schemas.serde import describe_validation_error
-from budgetflow.schemas.settings import Settings
+from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.gateway.routing import Candidate, Decision
-from budgetflow.tokenizers import Estimator, PriceTable, TokenizerRegistry
-from budgetflow.tokenizers.registry import TokenizerRule
+from budgetflow.tokenizers import Estimator
 
 __all__ = ["CostEstimates"]
 
@@ -34,14 +33,8 @@ __all__ = ["CostEstimates"]
 class CostEstimates:
     """Pico-dollar estimates of a request on each candidate, by the estimator enrich uses."""
 
-    def __init__(self, settings: Settings, *, estimator: Estimator | None = None) -> None:
-        if estimator is None:
-            registry = TokenizerRegistry.default(
-                [TokenizerRule(r.match, r.encoding, r.tier) for r in settings.tokenizers.rules]
-            )
-            table = PriceTable.from_settings(settings.pricing)
-            estimator = Estimator(registry, table, settings.reservation, settings.tokenizers, settings.pricing)
-        self.estimator = estimator
+    def __init__(self, settings: Settings | None = None, *, estimator: Estimator | None = None) -> None:
+        self.estimator = estimator or Estimator.from_settings(settings or load_settings())
 
     def request(
         self,
