@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from budgetflow.schemas.settings import KafkaSettings
 
-__all__ = ["client_options", "group_consumer"]
+__all__ = ["client_options", "group_consumer", "unreachable"]
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -56,3 +58,44 @@ def group_consumer(kafka: KafkaSettings, group_id: str, *topics: str, **extra: A
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         **extra,
     )
+
+
+class _LastError(logging.Handler):
+    """Keeps the last message aiokafka logs while a probe runs (it logs why a host failed, then raises a summary)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # 'Unable connect to "%s:%s": %s': the cause is the last argument; the caller names the address
+        args = record.args if isinstance(record.args, tuple) else ()
+        self.message = str(args[-1]) if args else record.getMessage()
+
+
+async def unreachable(kafka: KafkaSettings, timeout_s: float) -> str | None:
+    """Why no bootstrap server answers a metadata request within ``timeout_s`` (None when one does).
+
+    For one-shot commands: a connection attempt bounded in time, cleaned up whatever happens, aiokafka's own log
+    lines kept out of the way (its last one becomes the reason).
+    """
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaError
+
+    aiokafka_log = logging.getLogger("aiokafka")
+    last = _LastError()
+    propagate = aiokafka_log.propagate
+    aiokafka_log.addHandler(last)
+    aiokafka_log.propagate = False
+    client = AIOKafkaClient(**{**client_options(kafka), "request_timeout_ms": max(int(timeout_s * 1000), 1)})
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+    except TimeoutError:
+        return last.message or f"no answer within {timeout_s:g} s"
+    except (KafkaError, OSError) as exc:
+        return last.message or str(exc)
+    finally:
+        await client.close()
+        aiokafka_log.removeHandler(last)
+        aiokafka_log.propagate = propagate
+    return None
