@@ -97,3 +97,30 @@ def test_settings_write_refuses_a_file_without_the_markers(tmp_path: Path, text:
     assert proc.returncode == 2
     assert "has no settings markers" in proc.stderr
     assert page.read_text() == text
+
+
+def test_a_broker_lost_during_a_command_is_the_same_one_line_and_exit_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    from budgetflow.streams import cli
+    from budgetflow.streams.kafka import clients
+    from budgetflow.streams.ops import readback
+
+    async def answers(*_: object) -> None:
+        return None
+
+    async def gone(*_: object) -> None:
+        raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9, 2)]")
+
+    monkeypatch.setattr(clients, "unreachable", answers)  # the broker answered the check...
+    monkeypatch.setattr(readback, "read_statuses", gone)  # ...and went away before the read
+    monkeypatch.setattr("sys.argv", ["budgetflow", "status"])
+    monkeypatch.setenv("BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("budgetflow: no Kafka broker answers at 127.0.0.1:9 (")
+    assert "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS" in line
