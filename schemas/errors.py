@@ -4,6 +4,7 @@
     ├── ConfigError        a setting, policy or price file is wrong (one line names it)
     │   └── VocabularyError  a shipped tokenizer vocabulary is missing or altered (budgetflow.tokenizers)
     ├── InvalidEvent       a record failed decoding or validation (it goes to the DLQ)
+    ├── BrokerUnreachable  a one-shot command found no broker (budgetflow.streams.cli.context: exit 1, one line)
     └── LocalKafkaError    the development broker could not be fetched, started or stopped
 
 Third-party errors (pydantic, orjson, aiokafka) are translated where they are

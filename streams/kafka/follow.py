@@ -60,13 +60,13 @@ class Follower:
     async def start(self) -> None:
         """Connect and start following (returns at once; wait on ``caught_up`` for the picture)."""
         consumer = AIOKafkaConsumer(**client_options(self.settings.kafka), enable_auto_commit=False)
-        await consumer.start()
-        self._consumer = consumer
         try:
+            await consumer.start()  # inside the try: a start that fails still closes the client
             ends = await _assign_from_beginning(consumer, self.settings, self.topics)
         except BaseException:
             await consumer.stop()
             raise
+        self._consumer = consumer
         self._task = asyncio.create_task(self._follow(consumer, ends), name=self.name)
 
     async def stop(self) -> None:
@@ -102,8 +102,8 @@ class Follower:
 async def read_records(settings: Settings, topic: str, max_records: int = 50_000) -> list[ConsumerRecord]:
     """Every record of a topic from its beginning to its end now, as the consumer gave them (timestamps too)."""
     consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()  # inside the try: a start that fails still closes the client
         ends = await _assign_from_beginning(consumer, settings, [topic])
         out: list[ConsumerRecord] = []
         pending = {tp for tp, end in ends.items() if end > 0}

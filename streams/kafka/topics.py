@@ -342,8 +342,8 @@ async def ensure_topics_now(settings: Settings, topics: Topics, specs: list[Topi
     from budgetflow.streams.kafka.clients import client_options
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
-    await admin.start()
     try:
+        await admin.start()  # inside the try: a start that fails still closes the client
         await ensure_topics(admin, topics, specs)
         cluster = await admin.describe_cluster()
         return str(cluster["cluster_id"])
@@ -358,10 +358,10 @@ async def topic_partitions(settings: Settings, topic: str, wait_s: float = 15.0)
     from budgetflow.streams.kafka.clients import client_options
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
-    await admin.start()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     try:
+        await admin.start()  # inside the try: a start that fails still closes the client
         while True:
             described = await admin.describe_topics([topic])
             found = [d for d in described if d.get("topic") == topic and d.get("error_code", 0) == 0]
