@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 from integration.test_gateway import API_KEY, key_file, start_gateway, wait_ready
+from integration.test_routing import usage  # a usage event that spends a percent of a $1 budget
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,23 +33,6 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there
 ESTIMATE = re.compile(r"^\d+\.\d{6}$")
 
 
-def fill(budget: str, percent: int, now: datetime) -> bytes:
-    event = {
-        "v": 1,
-        "request_id": f"fill-{budget}",
-        "request_occurred_at": now.isoformat(),
-        "occurred_at": now.isoformat(),
-        "budgets": [budget],
-        "model": "test-small",
-        "provider": "testco",
-        "backend": "cloud",
-        "outcome": "completed",
-        "input_tokens": 0,
-        "output_tokens": 4_000 * percent,
-    }
-    return orjson.dumps(event)
-
-
 async def test_a_failing_local_model_falls_back_to_cloud_unless_cloud_is_blocked(
     pipeline_factory: Any, tmp_path: Path
 ) -> None:
@@ -59,7 +42,7 @@ async def test_a_failing_local_model_falls_back_to_cloud_unless_cloud_is_blocked
     assert pipeline.cli("policy", "apply", str(pipeline.root / "policies.yaml")).returncode == 0
     pipeline.start("enrich")
     pipeline.start("aggregate")
-    await pipeline.produce([(pipeline.topics.usage.name, b.encode(), fill(b, p, now)) for b, p in FILL.items()])
+    await pipeline.produce([(pipeline.topics.usage.name, b.encode(), usage(b, p, now)[2]) for b, p in FILL.items()])
     down = tmp_path / "local-down"
     keys = key_file(tmp_path / "keys.yaml", {API_KEY: list(FILL)})
     gateway, base, log = start_gateway(pipeline, tmp_path, keys, "--local-down-file", str(down))
