@@ -177,7 +177,8 @@ def test_bad_policies_are_refused_before_anything_is_published(pipeline_factory:
     pipeline = pipeline_factory(clock_start=kit.START.isoformat(), speed=1.0)
     assert pipeline.cli("topics", "create").returncode == 0
     cases = {
-        "float limit": 'budgets:\n  - {id: "ok:1", monthly_limit_usd: "1"}\n  - {id: "bad", monthly_limit_usd: 10.5}\n',
+        # Numbers are read exactly as written (10.5 is $10.50); one past the sixth decimal is refused.
+        "seven decimals": 'budgets:\n  - {id: "ok:1", monthly_limit_usd: 1}\n  - {id: "bad", monthly_limit_usd: 10.1234567}\n',
         "soft 100": 'budgets:\n  - {id: "ok:1", monthly_limit_usd: "1"}\n  - {id: "bad", soft_limit_percent: 100}\n',
         "unknown field": 'budgets:\n  - {id: "ok:1"}\n  - {id: "bad", hard_limt_action: warn}\n',
         "bad id": 'budgets:\n  - {id: "ok:1"}\n  - {id: "Not Valid"}\n',
