@@ -126,9 +126,9 @@ def _filled_view(budgets: int, now: datetime) -> tuple[Any, int, int]:
     import tracemalloc
 
     from budgetflow.schemas.events import BudgetStatus
+    from budgetflow.schemas.periods import next_month_start
     from budgetflow.schemas.settings import Settings
     from budgetflow.streams.gateway.view import BudgetView
-    from budgetflow.streams.rules.clock import next_month_start
 
     view = BudgetView(Settings())
     period = f"{now.year:04d}-{now.month:02d}"

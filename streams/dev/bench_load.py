@@ -299,7 +299,7 @@ async def _recovery(
     loaded_rss = _rss(worker.proc.pid)
     worker.stop()
     store_bytes = sum(p.stat().st_size for p in (root / "aggregate").rglob("*") if p.is_file())
-    from budgetflow.streams.ops.readback import read_topic
+    from budgetflow.streams.kafka.follow import read_topic
 
     changelog = len(await read_topic(settings, topics.state.name))
     rocks_s, worker = await _ready_in(env, root, port, "rocksdb")

@@ -142,7 +142,7 @@ async def _settle(demo: Demo, http: aiohttp.ClientSession, view: Any, live: Any)
 async def _transitions(demo: Demo) -> set[str]:
     """Every status a budget moved to this run (from the transition events), rollover to normal included."""
     from budgetflow.schemas.serde import loads
-    from budgetflow.streams.ops.readback import read_topic
+    from budgetflow.streams.kafka.follow import read_topic
 
     seen = set()
     for _, _, value, _ in await read_topic(demo.child_settings(), f"{demo.prefix}budget-events"):

@@ -326,7 +326,7 @@ class Demo:
             return dict(await response.json()) if response.status == 200 else {}
 
     async def count_dead_letters(self) -> int:
-        from budgetflow.streams.ops.readback import read_topic
+        from budgetflow.streams.kafka.follow import read_topic
 
         return len(await read_topic(self.child_settings(), f"{self.prefix}dlq"))
 

@@ -106,8 +106,8 @@ class BudgetView(Lifecycle):
             [self.topics.status.name, self.topics.heartbeats.name],
             lambda r: self._absorb(r.topic == self.topics.heartbeats.name, r.key, r.value),
             name="budget-view",
+            caught_up=self._ready,  # the view is ready when the follower has caught up
         )
-        follower.caught_up = self._ready
         await follower.start()
         self._follower = follower
         if self.settings.view.follow_policies:

@@ -48,12 +48,20 @@ class Follower:
     """Follows ``topics`` from their beginning in a background task; ``caught_up`` is set once it has read them up
     to where they ended when it started."""
 
-    def __init__(self, settings: Settings, topics: Sequence[str], absorb: Absorb, *, name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Sequence[str],
+        absorb: Absorb,
+        *,
+        name: str,
+        caught_up: asyncio.Event | None = None,
+    ) -> None:
         self.settings = settings
         self.topics = list(topics)
         self.absorb = absorb
         self.name = name
-        self.caught_up = asyncio.Event()
+        self.caught_up = caught_up or asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 

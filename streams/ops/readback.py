@@ -9,7 +9,7 @@ from budgetflow.schemas.settings import Settings
 from budgetflow.streams.aggregate.records import PeriodState, decode_key
 from budgetflow.streams.kafka.follow import read_topic
 
-__all__ = ["read_heartbeats", "read_period_states", "read_statuses", "read_topic"]
+__all__ = ["read_heartbeats", "read_period_states", "read_statuses"]
 
 
 async def read_statuses(settings: Settings, topic: str) -> dict[str, BudgetStatus]:

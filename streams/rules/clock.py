@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.settings import ClockSettings
 
-__all__ = ["Clock", "month_start", "next_month_start"]  # the month arithmetic is budgetflow.schemas.periods'
+__all__ = ["Clock"]
 
 
 class Clock:

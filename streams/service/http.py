@@ -26,7 +26,6 @@ __all__ = [
     "bearer_guard",
     "credential_bytes",
     "json_response",
-    "listen",
     "peer_origin",
     "serve",
     "worker_app",
@@ -62,11 +61,11 @@ async def serve(app: web.Application, host: str, port: int, setting: str) -> web
     """Start ``app`` on ``host:port`` (0: a free port, read it from ``runner.addresses``)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await listen(runner, host, port, setting)
+    await _listen(runner, host, port, setting)
     return runner
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, setting: str) -> web.TCPSite:
+async def _listen(runner: web.AppRunner, host: str, port: int, setting: str) -> web.TCPSite:
     """Start a site on ``host:port``; a port in use (or not ours to take) raises :class:`ConfigError` naming the
     address and the setting that chose it."""
     site = web.TCPSite(runner, host, port)
