@@ -54,9 +54,10 @@ promtool:  # Debian's prometheus package: promtool and a Prometheus server for t
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
 
-.typecheck/budgetflow: 
+.PHONY: .typecheck/budgetflow
+.typecheck/budgetflow:  # a link per code folder, made each time (a folder added later gets its link)
 	mkdir -p .typecheck/budgetflow
-	for d in streams schemas tokenizers; do ln -sfn ../../$$d .typecheck/budgetflow/$$d; done
+	for d in streams schemas tokenizers integrations; do ln -sfn ../../$$d .typecheck/budgetflow/$$d; done
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check .

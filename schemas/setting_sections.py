@@ -16,6 +16,7 @@ __all__ = [
     "DefaultPolicySettings",
     "DlqSettings",
     "ForecastSettings",
+    "LiteLLMSettings",
     "MetricsSettings",
     "NotifySettings",
     "PricingSettings",
@@ -241,6 +242,45 @@ class PublisherSettings(Section):
     delivery_timeout_ms: int = Field(15_000, ge=1_000, description="A send not acknowledged by then has failed.")
     linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
     replay_interval_s: float = Field(2.0, gt=0, description="How often spooled usage is retried.")
+
+
+_MODEL_GROUP = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class LiteLLMSettings(Section):
+    """The LiteLLM proxy integration (budgetflow.integrations.litellm), in the proxy's environment."""
+
+    local_models: dict[_MODEL_GROUP, _MODEL_GROUP] = Field(
+        {},
+        description="JSON: a cloud model group -> the local model group its shifted requests go to (cloud stays "
+        "their fallback). A model group not listed is never shifted.",
+    )
+    local_model_groups: list[_MODEL_GROUP] = Field(
+        [], description="More model groups that are local (the values of local_models are local already)."
+    )
+    publish_prompts: bool = Field(
+        False,
+        description="Publish the prompt text on request events (enrich counts its tokens); else only its size in "
+        "bytes, reserved by the byte rule.",
+    )
+    unmetered_calls: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="A call the integration does not meter (embeddings, images, ...): refused with a 400, or let "
+        "through uncounted.",
+    )
+    ready_timeout_s: float = Field(
+        30.0, gt=0, description="How long the first request waits for the budget view to catch up (then stale rules)."
+    )
+    call_ttl_s: float = Field(
+        3600.0, gt=0, description="A request whose usage never came is forgotten after this (its reserve expires)."
+    )
+
+    @model_validator(mode="after")
+    def _not_both(self) -> LiteLLMSettings:
+        both = sorted(set(self.local_models) & ({*self.local_models.values()} | {*self.local_model_groups}))
+        if both:
+            raise ValueError(f"model group {both[0]!r} cannot be both cloud and local")
+        return self
 
 
 class WebSettings(Section):

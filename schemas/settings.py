@@ -29,6 +29,7 @@ from budgetflow.schemas.setting_sections import (
     DefaultPolicySettings,
     DlqSettings,
     ForecastSettings,
+    LiteLLMSettings,
     MetricsSettings,
     NotifySettings,
     PricingSettings,
@@ -48,6 +49,7 @@ __all__ = [
     "DlqSettings",
     "ForecastSettings",
     "KafkaSettings",
+    "LiteLLMSettings",
     "LocalKafkaSettings",
     "MetricsSettings",
     "PricingSettings",
@@ -124,6 +126,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     view: ViewSettings = Field(default_factory=ViewSettings)
     publisher: PublisherSettings = Field(default_factory=PublisherSettings)
+    litellm: LiteLLMSettings = Field(default_factory=LiteLLMSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

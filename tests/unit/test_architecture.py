@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = {"schemas": "budgetflow.schemas", "tokenizers": "budgetflow.tokenizers", "streams": "budgetflow.streams"}
+FOLDERS = {
+    "schemas": "budgetflow.schemas",
+    "tokenizers": "budgetflow.tokenizers",
+    "streams": "budgetflow.streams",
+    "integrations": "budgetflow.integrations",
+}
 LAYERS = {
     "budgetflow.schemas": 0,
     "budgetflow.tokenizers": 1,
@@ -27,6 +32,7 @@ LAYERS = {
     "budgetflow.streams.gateway": 4,
     "budgetflow.streams.enrich": 5,
     "budgetflow.streams.aggregate": 5,
+    "budgetflow.integrations": 5,  # gateways people run (LiteLLM): built on the gateway layer only
     "budgetflow.streams.ops": 6,
     "budgetflow.streams.dev": 7,
     "budgetflow.streams.cli": 8,
