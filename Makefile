@@ -16,7 +16,7 @@ HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/budgetflow/tools/helm-$(HELM_VERS
 # The oldest Kubernetes the chart supports (kubeVersion in helm/budgetflow/Chart.yaml).
 KUBE_MIN := 1.25
 
-.PHONY: help setup kafka-jars promtool lint format typecheck unit integration test run demo bench soak chart clean
+.PHONY: help setup kafka-jars promtool lint format typecheck unit integration test run demo litellm bench soak chart clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ bench: $(STAMP) kafka-jars  ## benchmarks beside their baselines; JSON in bench-
 
 demo: $(STAMP) kafka-jars  ## a month of LLM traffic through the real pipeline in about a minute, watched live
 	$(BIN)/budgetflow demo
+
+litellm: $(STAMP) kafka-jars  ## a LiteLLM proxy under budgetflow's budgets (mocked models), with Kafka and the workers (Ctrl-C stops them)
+	$(BIN)/budgetflow litellm
 
 run: $(STAMP) kafka-jars  ## start Kafka, create topics, apply examples/policies.yaml, run the workers (Ctrl-C stops them)
 	$(BIN)/budgetflow kafka start

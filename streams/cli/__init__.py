@@ -1,8 +1,8 @@
 """The `budgetflow` command: one console script, one subcommand per job.
 
 The root group and ``main`` live here; each group of commands in a module of its own (settings, schema, worker,
-kafka, policy, ledger, view, dev), added to the root below. Every command imports its work when it runs, so that
-`--help` and a bad environment stay cheap.
+kafka, policy, ledger, view, dev, litellm), added to the root below. Every command imports its work when it runs, so
+that `--help` and a bad environment stay cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from budgetflow.streams.cli.context import BrokerUnreachable, Context, unreachab
 from budgetflow.streams.cli.dev import bench, demo, simulate
 from budgetflow.streams.cli.kafka import kafka, topics
 from budgetflow.streams.cli.ledger import ledger, report
+from budgetflow.streams.cli.litellm import litellm
 from budgetflow.streams.cli.policy import audit, policy
 from budgetflow.streams.cli.schema import schema
 from budgetflow.streams.cli.settings import settings_cmd, settings_markdown
@@ -26,7 +27,7 @@ __all__ = ["cli", "main", "settings_markdown"]
 
 
 # The one-shot commands that talk to Kafka: no broker is one line and exit status 1 for them. `worker` and `notify`
-# wait for a broker (service/process.py retries it); `kafka`, `demo` and `bench` run their own.
+# wait for a broker (service/process.py retries it); `kafka`, `demo`, `bench` and `litellm` run their own.
 TALKS_TO_KAFKA = frozenset({"topics", "policy", "audit", "ledger", "report", "status", "view"})
 
 
@@ -58,6 +59,7 @@ for _command in (
     demo,
     bench,
     kafka,
+    litellm,
 ):
     cli.add_command(_command)
 
