@@ -17,6 +17,7 @@ Per proxy request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -70,6 +71,9 @@ class BudgetflowCallback(CustomLogger):
         self.view: BudgetView | None = None
         self._starting: asyncio.Lock | None = None
         self._candidates: dict[str, Candidate] = {}
+        self._warming: asyncio.Task[Any] | None = None
+        with contextlib.suppress(RuntimeError):  # made while the proxy loads its config: start connecting now
+            self._warming = asyncio.get_running_loop().create_task(self.started(), name="budgetflow-start")
 
     # -- start ------------------------------------------------------------------------------
     async def started(self) -> tuple[BudgetPublisher, BudgetView]:
@@ -256,6 +260,8 @@ class BudgetflowCallback(CustomLogger):
             if call.decision.is_fallback(served):
                 headers["X-Budgetflow-Fallback"] = "true"
         headers.setdefault("X-Budget-Cost-Estimated", format_usd(estimate, 6))
+        call.answered = True
+        self.calls.done(call)
         return headers
 
 

@@ -35,6 +35,7 @@ class Call:
     attempts: dict[str, RequestHandle] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     served_by: Candidate | None = None
+    answered: bool = False  # the proxy has asked for its response headers
 
 
 class Calls:
@@ -55,8 +56,9 @@ class Calls:
         return None if request_id is None else self._calls.get(request_id)
 
     def done(self, call: Call) -> None:
-        """Forget a request once every attempt it published has its usage."""
-        if call.settled >= set(call.attempts):
+        """Forget a request once it is answered and every attempt it published has its usage (LiteLLM logs a
+        call's success before or after the proxy answers it, so both hooks call this)."""
+        if call.answered and call.settled >= set(call.attempts):
             self._calls.pop(call.request_id, None)
 
     def __len__(self) -> int:
