@@ -8,7 +8,10 @@ table and the Helm values are generated from :func:`setting_rows`.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +22,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from budgetflow.schemas.errors import ConfigError
 from budgetflow.schemas.kafka_settings import KafkaSettings, LocalKafkaSettings, SecuritySettings, TopicSettings
@@ -195,6 +198,33 @@ def load_settings(**overrides: Any) -> Settings:
         loc = tuple(part for part in at if isinstance(part, str))
         where = f"invalid setting {env_name(loc)}" if loc else "invalid settings"
         raise ConfigError(f"{where}: {message}{more}") from exc
+    except SettingsError as exc:  # a complex setting (a list, a map) whose value is not JSON
+        field = re.search(r'field "([^"]+)"', str(exc))
+        section = ENV_PREFIX + (field[1].upper() if field else "")
+        named = sorted(k for k, v in os.environ.items() if k.startswith(section) and _complex(k) and not _is_json(v))
+        where = f"invalid setting {named[0]}" if named else "invalid settings"
+        raise ConfigError(f"{where}: not valid JSON (lists and maps are written as JSON)") from exc
+
+
+def _complex(variable: str) -> bool:
+    """Whether a BUDGETFLOW_ variable sets a list or a map (read as JSON)."""
+    model: Any = Settings
+    annotation: Any = None
+    for part in variable[len(ENV_PREFIX) :].lower().split("__"):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        model = annotation
+    return typing.get_origin(annotation) in (list, dict)
+
+
+def _is_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

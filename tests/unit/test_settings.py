@@ -55,6 +55,9 @@ def test_nested_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("BUDGETFLOW_LOCAL_KAFKA__JVM_GC", "zgc", "BUDGETFLOW_LOCAL_KAFKA__JVM_GC"),
         ("BUDGETFLOW_KAFKA__BOOTSTRAP_SERVER", "typo:1", "unknown setting BUDGETFLOW_KAFKA__BOOTSTRAP_SERVER"),
         ("BUDGETFLOW_PARTITIONS", "8", "unknown setting BUDGETFLOW_PARTITIONS"),
+        ("BUDGETFLOW_LITELLM__LOCAL_MODELS", "gpt-4o=llama3.1", "BUDGETFLOW_LITELLM__LOCAL_MODELS: not valid JSON"),
+        ("BUDGETFLOW_LITELLM__LOCAL_MODELS", '{"gpt-4o": "gpt-4o"}', "cannot be both cloud and local"),
+        ("BUDGETFLOW_LITELLM__UNMETERED_CALLS", "sometimes", "BUDGETFLOW_LITELLM__UNMETERED_CALLS"),
     ],
 )
 def test_a_bad_setting_fails_with_one_line_naming_it(
