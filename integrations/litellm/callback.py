@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from fastapi import HTTPException
 from litellm import get_llm_provider
 from litellm.exceptions import BadRequestError
@@ -47,6 +48,7 @@ from budgetflow.streams.gateway.estimates import CostEstimates
 from budgetflow.streams.gateway.publisher import BudgetPublisher
 from budgetflow.streams.gateway.routing import Candidate
 from budgetflow.streams.gateway.view import BudgetView
+from budgetflow.streams.kafka.retry import Backoff
 from budgetflow.tokenizers import PriceTable
 
 __all__ = ["BudgetflowCallback"]
@@ -72,12 +74,18 @@ class BudgetflowCallback(CustomLogger):
         self._starting: asyncio.Lock | None = None
         self._candidates: dict[str, Candidate] = {}
         self._warming: asyncio.Task[Any] | None = None
+        self._following: asyncio.Task[None] | None = None
         with contextlib.suppress(RuntimeError):  # made while the proxy loads its config: start connecting now
             self._warming = asyncio.get_running_loop().create_task(self.started(), name="budgetflow-start")
 
     # -- start ------------------------------------------------------------------------------
     async def started(self) -> tuple[BudgetPublisher, BudgetView]:
-        """The publisher and the view of this process, started on first use (in the proxy's event loop)."""
+        """The publisher and the view of this process, started on first use (in the proxy's event loop).
+
+        Neither needs the broker to start: the publisher spools usage until it is back, and the view follows the
+        status topic from a background task that keeps trying; until the view has caught up (at most
+        ``LITELLM__READY_TIMEOUT_S`` is waited for it here) its budgets read as ``VIEW__STALE_MODE`` says.
+        """
         if self.publisher is not None and self.view is not None:
             return self.publisher, self.view
         self._starting = self._starting or asyncio.Lock()
@@ -86,15 +94,31 @@ class BudgetflowCallback(CustomLogger):
                 publisher = _publisher_with_own_spool(self.settings)
                 await publisher.start()
                 view = BudgetView(self.settings)
-                await view.start()
+                self._following = asyncio.create_task(self._follow(view), name="budgetflow-view")
                 try:
-                    await view.ready(self.config.ready_timeout_s)
+                    await asyncio.wait_for(view.ready(), self.config.ready_timeout_s)
                 except TimeoutError:
-                    log.warning("the budget view has not caught up; deciding by its stale rules meanwhile")
+                    log.warning("the budget view has not caught up; its budgets read as VIEW__STALE_MODE says")
                 self.publisher, self.view = publisher, view
         return self.publisher, self.view
 
+    async def _follow(self, view: BudgetView) -> None:
+        """Start the view, again and again while the broker cannot be reached."""
+        backoff = Backoff(1.0, 30.0)
+        while True:
+            try:
+                await view.start()
+                return
+            except KafkaError as exc:
+                log.warning("the budget view cannot reach the broker (%s); trying again", type(exc).__name__)
+                await view.stop()
+                await backoff.wait()
+
     async def stop(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
         if self.publisher is not None:
             await self.publisher.stop()
         if self.view is not None:
@@ -124,6 +148,14 @@ class BudgetflowCallback(CustomLogger):
             groups.append(local)
         candidates = [self._candidate(g) for g in groups]  # named as the price table and budget scopes name them
         group_of = {(c.name, c.backend): g for c, g in zip(candidates, groups, strict=True)}
+        if not view.is_ready and self.settings.view.stale_mode == "closed":
+            candidates = [c for c in candidates if c.backend == "local"]  # nothing known: no cloud spend
+            if not candidates:
+                raise HTTPException(
+                    status_code=503,
+                    detail="budgets are not known yet (the budget view has not caught up); retry shortly",
+                    headers={"Retry-After": "5"},
+                )
         request_id = f"ll-{uuid.uuid4().hex}"
         decision = view.decide(request_id, budgets, candidates)
         estimate = self.estimates.for_decision(ask, decision, candidates)

@@ -245,3 +245,51 @@ async def test_shift_block_and_fallback_through_the_proxy(pipeline_factory: Any,
     assert raw, "no request event was published"
     assert SECRET.encode() not in raw, "the prompt text was published"
     assert b'"input_bytes"' in raw
+
+
+# The broker away: the proxy still answers (VIEW__STALE_MODE open: as budgets were; closed: local only, or a 503),
+# usage waits in the worker's spool, and a proxy started again on the same data dir sends it: the ledger is exact.
+async def test_a_proxy_without_its_broker_serves_spools_and_settles_later(
+    pipeline_factory: Any, tmp_path: Path
+) -> None:
+    from budgetflow.streams.dev.localkafka import free_port
+    from budgetflow.tokenizers import PriceTable
+
+    pipeline = start_pipeline(pipeline_factory)
+    table = PriceTable.from_settings(pipeline.settings().pricing)
+    away = {**pipeline.env_base, "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    models = [
+        model("gpt-4o", "openai/gpt-4o"),
+        model("gpt-4o-solo", "openai/gpt-4o"),  # no local group to shift to
+        model("llama3.1", "ollama/llama3.1", mock="a local answer"),
+    ]
+    env = {"BUDGETFLOW_LITELLM__READY_TIMEOUT_S": "1", "BUDGETFLOW_LITELLM__LOCAL_MODELS": '{"gpt-4o": "llama3.1"}'}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "while the broker is away"}]}
+    spent = 0
+    for mode in ("open", "closed"):
+        stale = {**env, "BUDGETFLOW_VIEW__STALE_MODE": mode}
+        proxy = Proxy(away, tmp_path / "proxy", models=models, keys={ALPHA: {}}, env=stale).start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                await proxy.ready(http)
+                answers = [await chat(http, proxy, ALPHA, body) for _ in range(5)]
+                only_cloud = await chat(http, proxy, ALPHA, {**body, "model": "gpt-4o-solo"})
+        finally:
+            proxy.stop()
+        assert all(a[0] == 200 for a in answers), answers[0]
+        backends = {a[1]["x-budgetflow-backend"] for a in answers}
+        assert backends == ({"cloud"} if mode == "open" else {"local"}), (mode, backends)
+        spent += sum(price_of(table, a[2]) for a in answers if a[1]["x-budgetflow-backend"] == "cloud")
+        assert only_cloud[0] == (200 if mode == "open" else 503), only_cloud
+        if mode == "open":
+            spent += price_of(table, only_cloud[2])
+    assert spent > 0
+    # Started again next to its broker, the proxy sends what its spool kept; the ledger is exact.
+    proxy = Proxy(pipeline.env_base, tmp_path / "proxy", models=models, keys={ALPHA: {}}, env=env).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await proxy.ready(http)
+            await wait_settled(pipeline, {key_budget(ALPHA): spent})
+    finally:
+        proxy.stop()
+        pipeline.close()
