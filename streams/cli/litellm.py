@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -41,7 +40,6 @@ __all__ = ["litellm"]
 ROOT = Path(__file__).resolve().parents[2]  # a checkout of budgetflow: its examples/litellm/
 EXAMPLE = ROOT / "examples" / "litellm"
 EXAMPLE_LOCAL_MODELS = '{"gpt-4o": "llama3.1"}'  # the example config's cloud group -> its local group
-NOT_INSTALLED = "LiteLLM is not installed here: pip install 'budgetflow[litellm-proxy]'"
 START_TIMEOUT_S = 180.0  # the proxy imports all of LiteLLM; on two busy cores that takes a while
 
 
@@ -85,7 +83,9 @@ def litellm(
     the topics, applies the policies, starts the enrich and aggregate workers and `litellm --config ...` with
     budgetflow's settings in its environment, and prints how to try it. Ctrl-C stops what it started.
     """
-    if not _installed():
+    from budgetflow.streams.dev.litellm_proxy import NOT_INSTALLED, installed
+
+    if not installed():
         click.echo(f"budgetflow: {NOT_INSTALLED}", err=True)
         sys.exit(1)
     config = (config or EXAMPLE / "config.yaml").resolve()
@@ -95,18 +95,6 @@ def litellm(
             raise click.UsageError(f"{path} is not there (the examples come with a checkout): pass --config/--policies")
     run = _Run(ctx.settings(), config, policies)
     sys.exit(run.main(port=port, host=host, workers=num_workers, kafka_port=kafka_port))
-
-
-def _installed() -> bool:
-    """LiteLLM and its proxy's server in this interpreter, and its `litellm` script beside it."""
-    return (
-        all(importlib.util.find_spec(name) is not None for name in ("litellm", "fastapi", "uvicorn"))
-        and _litellm_script().exists()
-    )
-
-
-def _litellm_script() -> Path:
-    return Path(sys.executable).with_name("litellm")
 
 
 def _interrupt(*_: object) -> None:
@@ -231,8 +219,8 @@ class _Run:
         """`litellm --config ...` in a process group of its own (Ctrl-C reaches this command, which stops the
         proxy with SIGTERM first, so that its last usage is published), dying with this command."""
         from budgetflow.schemas.settings import settings_from_env
+        from budgetflow.streams.dev.litellm_proxy import proxy_command, spawn_proxy
         from budgetflow.streams.dev.localhost import port_open
-        from budgetflow.streams.service.launch import die_with_parent
 
         if port_open(port):
             raise click.UsageError(f"port {port} is in use by another program: choose another with --port")
@@ -241,19 +229,7 @@ class _Run:
             extra["BUDGETFLOW_LITELLM__LOCAL_MODELS"] = EXAMPLE_LOCAL_MODELS
         env = self._env(address, extra)
         self.local_models = settings_from_env(env).litellm.local_models  # a bad setting: one line, before the start
-        command = [str(_litellm_script()), "--config", str(self.config), "--host", host, "--port", str(port)]
-        if workers > 1:
-            command += ["--num_workers", str(workers)]
-        with self.proxy_log.open("ab") as out:
-            self.proxy = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent(),  # noqa: PLW1509  # this command runs no thread of its own
-            )
+        self.proxy = spawn_proxy(proxy_command(self.config, host, port, workers), env, self.proxy_log)
 
     def _children(self) -> list[tuple[str, bool, Path]]:
         """(name, whether it runs, its log) of every child process."""
@@ -330,33 +306,13 @@ Ctrl-C stops what this command started."""
     def stop(self) -> None:
         """The proxy first (it publishes its last usage), then the workers, then the broker if started here."""
         if self.proxy is not None:
-            _stop_group(self.proxy)
+            from budgetflow.streams.dev.litellm_proxy import stop_group
+
+            stop_group(self.proxy)
         for worker in reversed(self.workers):
             worker.stop()
         if self.broker is not None:
             self.broker.stop()
-
-
-def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    """SIGTERM to the process group, then SIGKILL to whatever of it is left after ``timeout_s``."""
-    group = proc.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _group_alive(group, proc):
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def _group_alive(group: int, proc: subprocess.Popen[bytes]) -> bool:
-    proc.poll()  # reap the leader, so that it does not count as a member
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _answers(url: str) -> bool:
