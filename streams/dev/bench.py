@@ -21,7 +21,7 @@ from typing import Any
 from budgetflow.schemas.serde import dumps
 from budgetflow.streams.dev.bench_common import CODE, OTHER, WORDS, bench_kafka, percentiles_us, sample_text
 
-__all__ = ["KAFKA_SECTIONS", "SECTIONS", "run_bench"]
+__all__ = ["KAFKA_SECTIONS", "OPT_IN", "SECTIONS", "run_bench"]
 
 
 def bench_tokenizers(quick: bool) -> dict[str, Any]:
@@ -208,14 +208,17 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "routing": bench_routing,
 }
 # Sections that need a broker get its bootstrap address as a second argument.
-KAFKA_SECTIONS = ("enrich", "aggregate", "latency", "load", "recovery", "publisher")
+KAFKA_SECTIONS = ("enrich", "aggregate", "latency", "load", "recovery", "publisher", "litellm")
+# Sections that run only when named with --only: they need an optional extra and take minutes.
+OPT_IN = ("litellm",)
 
 
 def _kafka_section(name: str) -> Callable[[bool, str], dict[str, Any]]:
     """The function of a section that needs a broker (their modules load aiokafka: imported when one runs)."""
-    from budgetflow.streams.dev import bench_load, bench_pipeline
+    from budgetflow.streams.dev import bench_litellm, bench_load, bench_pipeline
 
     return {
+        "litellm": bench_litellm.bench_litellm,
         "aggregate": bench_pipeline.bench_aggregate,
         "latency": bench_pipeline.bench_latency,
         "publisher": bench_pipeline.bench_publisher,
@@ -232,7 +235,7 @@ def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its retries during start-up are not results
 
     known = [*SECTIONS, *KAFKA_SECTIONS]
-    chosen = only or known
+    chosen = only or [name for name in known if name not in OPT_IN]
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise ValueError(f"unknown bench section {unknown[0]!r}; known: {', '.join(known)}")

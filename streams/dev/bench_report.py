@@ -140,6 +140,36 @@ def _publisher(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def _litellm(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return ["", f"litellm: skipped ({section['skipped']})"]
+    lines = [
+        "",
+        f"LiteLLM {section['litellm_version']} proxy, mocked models: a ${section['limit_usd']} budget, "
+        f"${section['per_request_usd']} per request, {section['requests']:,} requests "
+        f"(exact: {section['exact']:,} admitted)",
+        "",
+        "| system | budget | proxy workers | concurrency | admitted | admitted / exact | spend |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in section["overshoot"]:
+        source = "ledger" if r["system"] == "budgetflow" else "LiteLLM's cost"
+        lines.append(
+            f"| {r['system']} | {r['budget']} | {r['workers']} | {r['concurrency']} | {r['admitted']:,} "
+            f"| {r['ratio']:.2f} | ${r['spend_usd']} ({source}) |"
+        )
+    q = section["latency"]
+    with_cb, without = q["with_callback"], q["without_callback"]
+    return [
+        *lines,
+        "",
+        f"through the proxy, concurrency 1, {q['requests']:,} requests each (interleaved, after {q['warm_up']}): "
+        f"with budgetflow's callback p50 {with_cb['p50_ms']:.1f} ms, p99 {with_cb['p99_ms']:.1f} ms; "
+        f"without p50 {without['p50_ms']:.1f} ms, p99 {without['p99_ms']:.1f} ms; "
+        f"added p50 {q['added_p50_ms']:+.1f} ms, p99 {q['added_p99_ms']:+.1f} ms",
+    ]
+
+
 # The order of the blocks in the report (not the order the sections ran in).
 _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "tokenizers": _tokenizers,
@@ -151,6 +181,7 @@ _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "recovery": _recovery,
     "routing": _routing,
     "publisher": _publisher,
+    "litellm": _litellm,
 }
 
 
