@@ -162,6 +162,7 @@ class Proxy:
         env: Mapping[str, str] | None = None,
         router_settings: Mapping[str, Any] | None = None,
         general_settings: Mapping[str, Any] | None = None,
+        litellm_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,7 @@ class Proxy:
                 "master_key": "sk-" + secrets.token_hex(32),  # LiteLLM refuses to start without one
                 **(general_settings or {}),
             },
-            "litellm_settings": {"callbacks": CALLBACK} if callback else {},
+            "litellm_settings": {**({"callbacks": CALLBACK} if callback else {}), **(litellm_settings or {})},
         }
         if router_settings:
             config["router_settings"] = dict(router_settings)
