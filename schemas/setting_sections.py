@@ -114,7 +114,10 @@ class PricingSettings(Section):
         None, description="Output rate of unpriced cloud models (default: the table's highest)."
     )
     local_providers: list[str] = Field(
-        default_factory=lambda: ["ollama", "vllm", "llamacpp", "llama.cpp", "lmstudio", "localai", "tgi", "local"],
+        default_factory=lambda: [
+            *("ollama", "ollama_chat", "vllm", "hosted_vllm", "llamacpp", "llama.cpp", "lmstudio", "lm_studio"),
+            *("llamafile", "localai", "tgi", "local"),
+        ],
         description="Providers whose backend=local calls of unlisted models cost nothing.",
     )
     trust_reported_cost: list[str] = Field(
@@ -263,10 +266,10 @@ class LiteLLMSettings(Section):
         description="Publish the prompt text on request events (enrich counts its tokens); else only its size in "
         "bytes, reserved by the byte rule.",
     )
-    unmetered_calls: Literal["refuse", "allow"] = Field(
-        "refuse",
-        description="A call the integration does not meter (embeddings, images, ...): refused with a 400, or let "
-        "through uncounted.",
+    unmetered_calls: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        [],
+        description='JSON: LiteLLM call types let through uncounted (e.g. ["aembedding"]; ["*"]: all). Any other '
+        "call the integration does not meter (it meters chat completions) is refused with a 400.",
     )
     ready_timeout_s: float = Field(
         30.0, gt=0, description="How long the first request waits for the budget view to catch up (then stale rules)."

@@ -33,7 +33,10 @@ from budgetflow.schemas.settings import PricingSettings
 
 __all__ = ["DEFAULT_LOCAL_PROVIDERS", "Cost", "Price", "PriceEntry", "PriceFile", "PriceTable"]
 
-DEFAULT_LOCAL_PROVIDERS = ("ollama", "vllm", "llamacpp", "llama.cpp", "lmstudio", "localai", "tgi", "local")
+DEFAULT_LOCAL_PROVIDERS = (
+    *("ollama", "ollama_chat", "vllm", "hosted_vllm", "llamacpp", "llama.cpp", "lmstudio", "lm_studio"),
+    *("llamafile", "localai", "tgi", "local"),
+)
 _SHIPPED = "prices.yaml"
 
 

@@ -22,12 +22,12 @@ import logging
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka.errors import KafkaError
 from fastapi import HTTPException
 from litellm import get_llm_provider
-from litellm.exceptions import BadRequestError
+from litellm.exceptions import BadRequestError, Timeout
 from litellm.integrations.custom_logger import CustomLogger
 
 from budgetflow.integrations.litellm.budgets import BudgetsError, charged_budgets
@@ -35,6 +35,7 @@ from budgetflow.integrations.litellm.calls import (
     REQUEST_FIELD,
     Call,
     Calls,
+    Failure,
     model_group,
     request_id_of,
     usage_of,
@@ -45,8 +46,9 @@ from budgetflow.schemas.money import format_usd
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.gateway.estimates import CostEstimates
-from budgetflow.streams.gateway.publisher import BudgetPublisher
+from budgetflow.streams.gateway.publisher import BudgetPublisher, SpoolFull
 from budgetflow.streams.gateway.routing import Candidate
+from budgetflow.streams.gateway.usage import Usage
 from budgetflow.streams.gateway.view import BudgetView
 from budgetflow.streams.kafka.retry import Backoff
 from budgetflow.tokenizers import PriceTable
@@ -133,9 +135,10 @@ class BudgetflowCallback(CustomLogger):
         if isinstance(metadata, dict):
             metadata.pop(REQUEST_FIELD, None)  # only this hook names a request
         if call_type not in METERED:
-            if self.config.unmetered_calls == "refuse":
+            if call_type not in self.config.unmetered_calls and "*" not in self.config.unmetered_calls:
                 raise HTTPException(status_code=400, detail=f"budgetflow does not meter {call_type} calls")
             return data
+        data.pop("no-log", None)  # a caller may not turn off the usage that settles its own request
         _, view = await self.started()
         try:
             budgets = charged_budgets(user_api_key_dict)
@@ -210,7 +213,9 @@ class BudgetflowCallback(CustomLogger):
             return None  # not metered, or a retry of a group already published (one attempt per group)
         publisher, view = await self.started()
         candidate = call.allowed.get(group) or self._candidate(group)
-        if candidate.backend == "cloud" and group not in call.allowed:
+        cloud_allowed = any(c.backend == "cloud" for c in call.allowed.values())
+        if candidate.backend == "cloud" and group not in call.allowed and not cloud_allowed:
+            # A cloud fallback of the proxy's own config (router_settings) for a request its budgets keep local.
             raise HTTPException(status_code=429, detail=f"budgetflow: {group} is not allowed for this request")
         model, provider = self._deployment(str(kwargs.get("model") or group), candidate.backend)
         ask = call.ask
@@ -232,6 +237,7 @@ class BudgetflowCallback(CustomLogger):
             raise HTTPException(status_code=503, detail="budget accounting is unavailable; retry shortly")
         call.attempts[group] = handle
         call.served_by = candidate
+        call.last_group = group
         if candidate.backend == "cloud":
             view.admit(call.budgets, self.estimates.of(ask, candidate))
         if len(call.attempts) > 1:
@@ -240,36 +246,69 @@ class BudgetflowCallback(CustomLogger):
 
     def _deployment(self, deployed: str, backend: Backend) -> tuple[str, str]:
         """The model and provider a deployment calls (``openai/gpt-4o`` -> gpt-4o, openai), as the price table
-        names them; a local group's provider is ``local`` unless LiteLLM names a local one (ollama, ...)."""
+        names them. The provider is always the real one: a hosted deployment in a group called local is priced as
+        what it is (only PRICING__LOCAL_PROVIDERS are free)."""
         try:
             model, provider, _, _ = get_llm_provider(deployed)
         except (BadRequestError, ValueError):  # no provider LiteLLM knows: priced under the name as it is
             model, provider = deployed, "unknown"
-        if backend == "local" and provider.lower() not in self.table.local_providers:
-            provider = "local"
         return str(model), str(provider)
 
     # -- after the call -------------------------------------------------------------------------
+    # LiteLLM logs one success per request (the attempt that answered) and at most one failure, whatever the
+    # retries and fallbacks before it: a failure is only noted, and every attempt of the request is settled when
+    # it succeeds or when the proxy answers it with an error.
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        await self._settle(kwargs, response_obj, "completed")
-
-    async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        await self._settle(kwargs, response_obj, "failed")
-
-    async def _settle(self, kwargs: Mapping[str, Any], response: Any, outcome: str) -> None:
         call = self.calls.get(request_id_of(kwargs))
         group = model_group(kwargs)
-        if call is None or group is None or group not in call.attempts or group in call.settled:
+        if call is None or group is None or group not in call.attempts:
             return
-        publisher, _ = await self.started()
-        handle = call.attempts[group]
+        # An answer from LiteLLM's cache called no model: nothing was spent.
+        usage = Usage(0, 0) if kwargs.get("cache_hit") else _usage(call, response_obj, kwargs)
+        await self._publish(call, group, usage, "completed")
+        await self._settle_failed(call)
+
+    async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        call = self.calls.get(request_id_of(kwargs))
+        group = model_group(kwargs)
+        if call is not None and group is not None and group in call.attempts:
+            call.failures[group] = Failure(_usage(call, response_obj, kwargs), _timed_out(kwargs.get("exception")))
+
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict[str, Any],
+        original_exception: Exception,
+        user_api_key_dict: Any,
+        traceback_str: str | None = None,
+    ) -> None:
+        call = self.calls.get(request_id_of(request_data))
+        if call is None:
+            return
+        last = call.last_group
+        if last is not None and last not in call.failures:
+            call.failures[last] = Failure(Usage(0, 0), _timed_out(original_exception))
+        await self._settle_failed(call)  # the error's headers come next: the call is forgotten once they are made
+
+    async def _settle_failed(self, call: Call) -> None:
+        """Settle every attempt of a finished request that has no usage yet as failed: at what its provider
+        reported (0 when nothing); one that timed out is left to expire at its estimate, since the provider may
+        have billed work it did."""
+        for group in [g for g in call.attempts if g not in call.settled]:
+            failure = call.failures.get(group, Failure(Usage(0, 0), timed_out=False))
+            if failure.timed_out:
+                call.settled.add(group)
+                log.info("%s attempt %s timed out: its reservation expires at its estimate", call.request_id, group)
+                continue
+            await self._publish(call, group, failure.usage, "failed")
+
+    async def _publish(self, call: Call, group: str, usage: Usage, outcome: Literal["completed", "failed"]) -> None:
+        if group in call.settled or self.publisher is None:
+            return
         try:
-            usage = usage_of(response, kwargs)
-        except InvalidEvent:
-            log.warning("LiteLLM reported unreadable usage for %s; settled at 0", call.request_id)
-            usage = usage_of(None, {})
+            await self.publisher.publish_usage(call.attempts[group], usage, outcome=outcome)
+        except (SpoolFull, InvalidEvent) as exc:
+            log.error("usage of %s (%s) not recorded: %s; its reservation expires", call.request_id, group, exc)
         call.settled.add(group)
-        await publisher.publish_usage(handle, usage, outcome="completed" if outcome == "completed" else "failed")
         self.calls.done(call)
 
     async def async_post_call_response_headers_hook(
@@ -292,9 +331,23 @@ class BudgetflowCallback(CustomLogger):
             if call.decision.is_fallback(served):
                 headers["X-Budgetflow-Fallback"] = "true"
         headers.setdefault("X-Budget-Cost-Estimated", format_usd(estimate, 6))
+        if response is None:  # the proxy answers an error: the request is over
+            await self._settle_failed(call)
         call.answered = True
         self.calls.done(call)
         return headers
+
+
+def _usage(call: Call, response: Any, kwargs: Mapping[str, Any]) -> Usage:
+    try:
+        return usage_of(response, kwargs)
+    except InvalidEvent:
+        log.warning("LiteLLM reported unreadable usage for %s; counted as 0", call.request_id)
+        return Usage(0, 0)
+
+
+def _timed_out(exc: object) -> bool:
+    return isinstance(exc, Timeout | TimeoutError)
 
 
 def _deployed_model(group: str) -> str:

@@ -14,11 +14,19 @@ from budgetflow.streams.gateway.publisher import RequestHandle
 from budgetflow.streams.gateway.routing import Candidate, Decision
 from budgetflow.streams.gateway.usage import Usage, from_openai
 
-__all__ = ["REQUEST_FIELD", "Call", "Calls", "model_group", "request_id_of", "usage_of"]
+__all__ = ["REQUEST_FIELD", "Call", "Calls", "Failure", "model_group", "request_id_of", "usage_of"]
 
 # The key of the proxy request's metadata that carries budgetflow's request id from hook to hook. The pre-call
 # hook always sets it (whatever a caller sent), and only ids this process made are ever looked up.
 REQUEST_FIELD = "budgetflow_request_id"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed attempt as LiteLLM reported it: the usage its provider reported, and whether it timed out."""
+
+    usage: Usage
+    timed_out: bool
 
 
 @dataclass(slots=True)
@@ -34,21 +42,26 @@ class Call:
     started: float = field(default_factory=time.monotonic)
     attempts: dict[str, RequestHandle] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
+    failures: dict[str, Failure] = field(default_factory=dict)
     served_by: Candidate | None = None
+    last_group: str | None = None
     answered: bool = False  # the proxy has asked for its response headers
 
 
 class Calls:
     """The requests in flight in this process, by request id; one whose usage never came is forgotten after
-    ``ttl_s`` (the aggregate expires its reserve)."""
+    ``ttl_s``, or sooner when ``max_calls`` are held (the aggregate expires its reserve)."""
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, max_calls: int = 100_000) -> None:
         self.ttl_s = ttl_s
+        self.max_calls = max_calls
         self._calls: OrderedDict[str, Call] = OrderedDict()
 
     def add(self, call: Call) -> None:
         horizon = time.monotonic() - self.ttl_s
-        while self._calls and next(iter(self._calls.values())).started < horizon:
+        while self._calls and (
+            len(self._calls) >= self.max_calls or next(iter(self._calls.values())).started < horizon
+        ):
             self._calls.popitem(last=False)
         self._calls[call.request_id] = call
 

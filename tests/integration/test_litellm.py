@@ -293,3 +293,95 @@ async def test_a_proxy_without_its_broker_serves_spools_and_settles_later(
     finally:
         proxy.stop()
         pipeline.close()
+
+
+# What LiteLLM does between the hooks: it retries, falls back, times out, answers from its cache, and honours a
+# caller's "no-log". Each request settles what was spent: a retry that succeeded at its usage (LiteLLM logs one
+# success per request, not one per attempt), every attempt of a request that failed at 0, a timed-out one left to
+# expire at its estimate, a cache hit at 0; "no-log" does not hide usage.
+async def test_retries_fallbacks_timeouts_cache_and_no_log_settle_what_was_spent(
+    pipeline_factory: Any, tmp_path: Path
+) -> None:
+    from fake_openai import USAGE, FakeOpenAI
+
+    from budgetflow.tokenizers import PriceTable
+
+    pipeline = start_pipeline(pipeline_factory)
+    table = PriceTable.from_settings(pipeline.settings().pricing)
+    async with FakeOpenAI(hang_s=5) as upstream:
+        proxy = Proxy(
+            pipeline.env_base,
+            tmp_path / "proxy",
+            models=[
+                model("up", "openai/gpt-4o", mock=None, api_base=upstream.base, timeout=1.5),
+                model("down-local", "ollama/llama3.1", mock=None, api_base="http://127.0.0.1:9", num_retries=0),
+            ],
+            keys={ALPHA: {}},
+            env={"BUDGETFLOW_LITELLM__LOCAL_MODELS": '{"up": "down-local"}'},
+            router_settings={"num_retries": 1},
+            litellm_settings={"cache": True, "cache_params": {"type": "local"}},
+        ).start()
+
+        def ask(text: str, **extra: Any) -> dict[str, Any]:
+            return {"model": "up", "messages": [{"role": "user", "content": text}], "max_tokens": 50, **extra}
+
+        try:
+            async with aiohttp.ClientSession() as http:
+                await proxy.ready(http)
+                retried = await chat(http, proxy, ALPHA, ask("FAILONCE a retry that succeeds"))
+                failed = await chat(http, proxy, ALPHA, ask("FAILALWAYS cloud fails, its local fallback is down"))
+                timed_out = await chat(http, proxy, ALPHA, ask("HANG past the deployment's timeout"))
+                first = await chat(http, proxy, ALPHA, ask("the same question twice", caching=True))
+                cached = await chat(http, proxy, ALPHA, ask("the same question twice", caching=True))
+                unlogged = await chat(http, proxy, ALPHA, ask("no-log asked by the caller", **{"no-log": True}))
+        finally:
+            proxy.stop()
+    assert upstream.hits["FAILONCE a retry that succeeds"] == 2
+    assert (retried[0], failed[0], first[0], cached[0], unlogged[0]) == (200, 500, 200, 200, 200), failed
+    assert timed_out[0] != 200
+    assert upstream.hits["the same question twice"] == 1, "the second answer came from LiteLLM's cache"
+    ids = {
+        name: answer[1]["x-budgetflow-request-id"]
+        for name, answer in {
+            "retried": retried,
+            "failed": failed,
+            "timed_out": timed_out,
+            "first": first,
+            "cached": cached,
+            "unlogged": unlogged,
+        }.items()
+    }
+    priced = price_of(table, USAGE)
+    deadline = time.monotonic() + 120
+    while True:
+        events = [orjson.loads(v) for _, _, v, _ in await pipeline.records(pipeline.topics.usage.name) if v]
+        usage = {(e["request_id"], e["attempt"]): e for e in events}
+        if len(usage) >= 6 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    pipeline.close()
+
+    def tokens(name: str, attempt: int = 0) -> tuple[str, int, int] | None:
+        event = usage.get((ids[name], attempt))
+        return None if event is None else (event["outcome"], event["input_tokens"], event["output_tokens"])
+
+    assert tokens("retried") == ("completed", 11, 7), "the retry's usage settles the request's one attempt"
+    assert tokens("failed", 0) == ("failed", 0, 0)
+    assert tokens("failed", 1) == ("failed", 0, 0), "the local fallback's attempt is settled too"
+    assert tokens("timed_out") is None, "a timed-out attempt is left to expire at its estimate"
+    assert tokens("first") == ("completed", 11, 7)
+    assert tokens("cached") in (None, ("completed", 0, 0)), "a cache hit spent nothing"
+    assert tokens("unlogged") == ("completed", 11, 7), "no-log does not hide usage"
+    states = await wait_settled_or_reserved(pipeline, key_budget(ALPHA))
+    assert states.settled == 3 * priced
+    assert states.reserved > 0, "the timed-out attempt stays reserved"
+
+
+async def wait_settled_or_reserved(pipeline: Any, budget: str) -> Any:
+    deadline = time.monotonic() + 60
+    while True:
+        states = {b: s for (b, _), s in (await pipeline.period_states()).items()}
+        if budget in states and states[budget].settles >= 5:
+            return states[budget]
+        assert time.monotonic() < deadline, states.get(budget)
+        await asyncio.sleep(1)
