@@ -122,6 +122,8 @@ class Burst:
     statuses: Counter[int]
     reported: Decimal  # LiteLLM's x-litellm-response-cost of the admitted requests, summed exactly
     odd: int  # admitted answers not of 20 completion tokens at LiteLLM's $0.001
+    elapsed_s: float = 0.0
+    last_admitted_s: float = 0.0  # when the last 200 came, from the start
 
     @property
     def admitted(self) -> int:
@@ -134,6 +136,7 @@ async def _burst(proxy: Proxy, key: str, model: str, n: int, concurrency: int) -
     pending = iter(range(n))
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
+        began = time.perf_counter()
 
         async def client() -> None:
             for _ in pending:  # one iterator for all clients: each request once
@@ -146,8 +149,10 @@ async def _burst(proxy: Proxy, key: str, model: str, n: int, concurrency: int) -
                     burst.odd += (
                         completion != MOCK_USAGE["completion_tokens"] or cost * PICO_PER_USD != PER_REQUEST_PICO
                     )
+                    burst.last_admitted_s = time.perf_counter() - began
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
+        burst.elapsed_s = time.perf_counter() - began
     return burst
 
 
@@ -196,6 +201,9 @@ def _row(system: tuple[str, str], workers: int, concurrency: int, burst: Burst, 
         "statuses": {str(s): n for s, n in sorted(burst.statuses.items())},
         "reported_cost_usd": str(burst.reported),
         "odd_answers": burst.odd,
+        # The pace of admissions (spend) up to the last one, and of all answers, refusals included.
+        "admitted_per_s": burst.admitted / burst.last_admitted_s if burst.last_admitted_s else 0.0,
+        "requests_per_s": sum(burst.statuses.values()) / burst.elapsed_s,
     }
 
 

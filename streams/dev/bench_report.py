@@ -149,14 +149,14 @@ def _litellm(section: dict[str, Any]) -> list[str]:
         f"${section['per_request_usd']} per request, {section['requests']:,} requests "
         f"(exact: {section['exact']:,} admitted)",
         "",
-        "| system | budget | proxy workers | concurrency | admitted | admitted / exact | spend |",
-        "|---|---|---|---|---|---|---|",
+        "| system | budget | proxy workers | concurrency | admitted | admitted / exact | spend | admitted/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in section["overshoot"]:
         source = "ledger" if r["system"] == "budgetflow" else "LiteLLM's cost"
         lines.append(
             f"| {r['system']} | {r['budget']} | {r['workers']} | {r['concurrency']} | {r['admitted']:,} "
-            f"| {r['ratio']:.2f} | ${r['spend_usd']} ({source}) |"
+            f"| {r['ratio']:.2f} | ${r['spend_usd']} ({source}) | {r['admitted_per_s']:.0f} |"
         )
     q = section["latency"]
     with_cb, without = q["with_callback"], q["without_callback"]
