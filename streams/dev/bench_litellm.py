@@ -123,7 +123,7 @@ class Burst:
     reported: Decimal  # LiteLLM's x-litellm-response-cost of the admitted requests, summed exactly
     odd: int  # admitted answers not of 20 completion tokens at LiteLLM's $0.001
     elapsed_s: float = 0.0
-    last_admitted_s: float = 0.0  # when the last 200 came, from the start
+    before_refusal: int | None = None  # answers admitted before the first refusal (None: nothing refused)
 
     @property
     def admitted(self) -> int:
@@ -149,7 +149,8 @@ async def _burst(proxy: Proxy, key: str, model: str, n: int, concurrency: int) -
                     burst.odd += (
                         completion != MOCK_USAGE["completion_tokens"] or cost * PICO_PER_USD != PER_REQUEST_PICO
                     )
-                    burst.last_admitted_s = time.perf_counter() - began
+                elif burst.before_refusal is None:
+                    burst.before_refusal = burst.admitted
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         burst.elapsed_s = time.perf_counter() - began
@@ -201,9 +202,9 @@ def _row(system: tuple[str, str], workers: int, concurrency: int, burst: Burst, 
         "statuses": {str(s): n for s, n in sorted(burst.statuses.items())},
         "reported_cost_usd": str(burst.reported),
         "odd_answers": burst.odd,
-        # The pace of admissions (spend) up to the last one, and of all answers, refusals included.
-        "admitted_per_s": burst.admitted / burst.last_admitted_s if burst.last_admitted_s else 0.0,
-        "requests_per_s": sum(burst.statuses.values()) / burst.elapsed_s,
+        # Fewer than exact here is budget refused while it was still there (a later answer may use it after all).
+        "admitted_before_first_refusal": burst.before_refusal,
+        "requests_per_s": sum(burst.statuses.values()) / burst.elapsed_s,  # the pace, refusals included
     }
 
 

@@ -140,6 +140,10 @@ def _publisher(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def _count(value: int | None) -> str:
+    return "none refused" if value is None else f"{value:,}"
+
+
 def _litellm(section: dict[str, Any]) -> list[str]:
     if "skipped" in section:
         return ["", f"litellm: skipped ({section['skipped']})"]
@@ -149,14 +153,16 @@ def _litellm(section: dict[str, Any]) -> list[str]:
         f"${section['per_request_usd']} per request, {section['requests']:,} requests "
         f"(exact: {section['exact']:,} admitted)",
         "",
-        "| system | budget | proxy workers | concurrency | admitted | admitted / exact | spend | admitted/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | budget | proxy workers | concurrency | admitted | admitted / exact | spend "
+        "| admitted before the first refusal | requests/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in section["overshoot"]:
         source = "ledger" if r["system"] == "budgetflow" else "LiteLLM's cost"
         lines.append(
             f"| {r['system']} | {r['budget']} | {r['workers']} | {r['concurrency']} | {r['admitted']:,} "
-            f"| {r['ratio']:.2f} | ${r['spend_usd']} ({source}) | {r['admitted_per_s']:.0f} |"
+            f"| {r['ratio']:.2f} | ${r['spend_usd']} ({source}) | {_count(r['admitted_before_first_refusal'])} "
+            f"| {r['requests_per_s']:.0f} |"
         )
     q = section["latency"]
     with_cb, without = q["with_callback"], q["without_callback"]

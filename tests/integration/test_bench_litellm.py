@@ -48,6 +48,8 @@ def test_quick_litellm_bench_makes_its_table(kafka_bootstrap: str, tmp_path: Pat
         assert 0 <= r["admitted"] == r["statuses"].get("200", 0) <= n, r
         assert r["ratio"] == r["admitted"] / exact
         assert Decimal(r["spend_usd"]) == r["admitted"] * Decimal("0.001"), r  # at $0.001 each, exactly
+        before = r["admitted_before_first_refusal"]
+        assert before is None or 0 <= before <= r["admitted"], r
         if r["system"] == "budgetflow":
             assert r["settles"] == r["admitted"], r  # the spend above is the ledger's: one settle per admission
             assert r["ledger_exact"], r
