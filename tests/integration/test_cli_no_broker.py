@@ -28,7 +28,7 @@ KAFKA_COMMANDS: dict[str, list[str]] = {
     "policy apply": ["policy", "apply", "{policy}"],
     "view serve": ["view", "serve", "--port", "0"],
 }
-# The rest: no Kafka (settings, schema, simulate), their own broker (kafka, demo, bench), or they wait for one
+# The rest: no Kafka (settings, schema, simulate), their own broker (kafka, demo, bench, litellm), or they wait for one
 # (worker and notify retry the broker, as a service does).
 OTHER_COMMANDS = {
     "settings",
@@ -39,6 +39,7 @@ OTHER_COMMANDS = {
     "kafka status",
     "demo",
     "bench",
+    "litellm",
     "worker",
     "notify",
 }
