@@ -41,7 +41,7 @@ from budgetflow.integrations.litellm.calls import (
     usage_of,
 )
 from budgetflow.schemas.errors import ConfigError, InvalidEvent
-from budgetflow.schemas.events import MAX_TOKENS, Backend
+from budgetflow.schemas.events import MAX_TOKENS, Backend, RequestEvent
 from budgetflow.schemas.money import format_usd
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings, load_settings
@@ -145,7 +145,7 @@ class BudgetflowCallback(CustomLogger):
         except BudgetsError as exc:
             log.error("request refused: %s", exc)
             raise HTTPException(status_code=500, detail=f"budgetflow: {exc}") from exc
-        ask = self._ask(data, view)
+        ask = self._ask(data)
         groups = [str(data.get("model") or "")]
         if (local := self.config.local_models.get(groups[0])) is not None:
             groups.append(local)
@@ -178,7 +178,7 @@ class BudgetflowCallback(CustomLogger):
         self.calls.add(Call(request_id, budgets, decision, ask, estimate, allowed))
         return data
 
-    def _ask(self, data: Mapping[str, Any], view: BudgetView) -> Any:
+    def _ask(self, data: Mapping[str, Any]) -> RequestEvent:
         """What the request asks (its prompt or only its size, as the settings say), checked; a bad one is a 400."""
         messages = data.get("messages")
         tools = data.get("tools")
