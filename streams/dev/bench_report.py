@@ -176,6 +176,28 @@ def _litellm(section: dict[str, Any]) -> list[str]:
     ]
 
 
+def _caps(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return ["", f"caps: skipped ({section['skipped']})"]
+    lines = [
+        "",
+        f"the example gateway at a hard cap: a ${section['limit_usd']} {section['hard_limit_action']} budget, "
+        f"${section['per_request_usd']} per request, {section['requests']:,} requests round-robin over the gateways "
+        f"(exact: {section['exact']:,} admitted)",
+        "",
+        "| gateways | concurrency | admitted | admitted / exact | settled (ledger) | ledger exact "
+        "| admitted before the first 429 | requests/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section["cells"]:
+        lines.append(
+            f"| {r['gateways']} | {r['concurrency']} | {r['admitted']:,} | {r['ratio']:.2f} | ${r['spend_usd']} "
+            f"| {'yes' if r['ledger_exact'] else 'no'} | {_count(r['admitted_before_first_429'])} "
+            f"| {r['requests_per_s']:.0f} |"
+        )
+    return lines
+
+
 # The order of the blocks in the report (not the order the sections ran in).
 _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "tokenizers": _tokenizers,
@@ -188,6 +210,7 @@ _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "routing": _routing,
     "publisher": _publisher,
     "litellm": _litellm,
+    "caps": _caps,
 }
 
 
