@@ -221,6 +221,10 @@ class LedgerEntry(Event):
     outcome: Outcome | None = None
     ttl_s: Annotated[int, Field(gt=0, le=7 * 86400, strict=True)] | None = None
     expire: bool = False
+    # Where the event it came from was (partition, offset): a reserve's request event on the requests topic, a
+    # settle's usage event on the usage topic. What a status says it covers.
+    source_partition: Annotated[int, Field(ge=0, strict=True)] | None = None
+    source_offset: Annotated[int, Field(ge=0, strict=True)] | None = None
 
     @model_validator(mode="after")
     def _budget_unless_tick(self) -> LedgerEntry:
@@ -253,6 +257,12 @@ class BudgetStatus(Event):
     seq: Annotated[int, Field(ge=-1)]
     projected_month_end_usd: PicoUsd | None = None
     projected_hard_limit_at: Timestamp | None = None
+    # Per requests-topic partition, the highest offset of a request event whose reserve this status counts, and
+    # per usage-topic partition the same of usage events and settles (JSON keys are the partitions as strings). A
+    # router stops counting its own admission of a request once a status covers its request or its usage event:
+    # every earlier event of that partition is in it too.
+    covers: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = {}
+    covers_usage: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = {}
 
 
 class Heartbeat(Event):

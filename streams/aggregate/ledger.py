@@ -204,11 +204,25 @@ class PartitionLedger:
             return "replayed"
         after = self._next_state(before, entry, offset, req_at, entry.ttl_s or self.config.default_ttl_s)
         if after is None:
+            self._cover(entry)
             return "duplicate"
         result = self._count(entry, before, after, offset)
         if result == "applied":
             self._put_request(before, after)
+        self._cover(entry)
         return result
+
+    def _cover(self, entry: LedgerEntry) -> None:
+        """A reserve's request event, or a settle's usage event, is counted (or refused for good): the period's
+        statuses cover its position."""
+        if entry.source_partition is None or entry.source_offset is None or entry.kind not in ("reserve", "settle"):
+            return
+        assert entry.budget_id is not None
+        period = self._period(entry.budget_id, entry.period)
+        covers = period.covers if entry.kind == "reserve" else period.covers_usage
+        if covers.get(entry.source_partition, -1) < entry.source_offset:
+            covers[entry.source_partition] = entry.source_offset
+            self._changes.period(period)
 
     def _late(self, state: RequestState | None, req_at: float) -> bool:
         """Past the dedupe horizon: the request's state may be swept, so an entry could no longer be deduplicated.

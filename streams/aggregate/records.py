@@ -68,12 +68,20 @@ class PeriodState:
     # Offsets of entries refused as out_of_range since the partition's last durable batch: a replay after a
     # crash must refuse them again even when this record (written first) is durable and its sums are past them.
     refused: list[int] = field(default_factory=list)
+    # Per requests-topic partition, the highest offset of a request event whose reserve reached this record, and
+    # per usage-topic partition that of a settle's usage event (BudgetStatus.covers, covers_usage): they only
+    # grow, so replaying an entry never changes them.
+    covers: dict[int, int] = field(default_factory=dict)
+    covers_usage: dict[int, int] = field(default_factory=dict)
 
     @property
     def spend(self) -> int:
         return self.settled + self.reserved
 
     def encode(self) -> bytes:
+        covers = []  # none: written as the code before covers was
+        if self.covers or self.covers_usage:
+            covers = [sorted(self.covers.items()), sorted(self.covers_usage.items())]
         return dumps(
             [
                 _wide(self.settled),
@@ -87,12 +95,17 @@ class PeriodState:
                 self.events,
                 self.ledger_offset,
                 self.refused,
+                *covers,
             ]
         )
 
     @classmethod
     def decode(cls, budget: str, period: str, raw: bytes) -> PeriodState:
-        s, r, n, st, ex, ad, un, status, events, offset, *refused = loads(raw)  # stores before refusals lack them
+        # Records written before refusals (or covers) were kept lack them.
+        s, r, n, st, ex, ad, un, status, events, offset, *later = loads(raw)
+        refused = later[0] if later else []
+        covers = {int(p): int(o) for p, o in later[1]} if len(later) > 1 else {}
+        covers_usage = {int(p): int(o) for p, o in later[2]} if len(later) > 2 else {}
         return cls(
             budget,
             period,
@@ -106,7 +119,9 @@ class PeriodState:
             status,
             list(events),
             offset,
-            list(refused[0]) if refused else [],
+            list(refused),
+            covers,
+            covers_usage,
         )
 
 

@@ -82,11 +82,14 @@ class StatusPublisher:
     def _status(self, ledger: PartitionLedger, budget: str, period: str, reason: StatusReason) -> Outgoing:
         state = ledger.period_state(budget, period)
         policy = self.policy_for(budget)
+        covers: dict[int, int] = {}
+        covers_usage: dict[int, int] = {}
         if state is None:
             settled = reserved = 0
             status = self.rules.next_status("normal", 0, policy)
         else:
             settled, reserved, status = state.settled, state.reserved, state.status
+            covers, covers_usage = state.covers, state.covers_usage
         last = self._last.get(budget)
         previous = last.status if last is not None and last.period == period else None
         record = build_status(
@@ -101,6 +104,8 @@ class StatusPublisher:
             reason=reason,
             partition=ledger.partition,
             seq=ledger.meta.applied if ledger.meta.applied >= 0 else -1,
+            covers=covers,
+            covers_usage=covers_usage,
         )
         if self.forecast is not None:
             projection = self.forecast(ledger, budget, period)

@@ -75,12 +75,12 @@ class Enricher:
             if is_request:
                 request, unknown = decode(RequestEvent, value)
                 self._not_future(request.occurred_at, "occurred_at")
-                result = EnrichResult(self.reserve(request))
+                result = EnrichResult(self.reserve(request, source=(partition, offset)))
             else:
                 usage, unknown = decode(UsageEvent, value)
                 self._not_future(usage.request_occurred_at, "request_occurred_at")
                 self._not_future(usage.occurred_at, "occurred_at")
-                result = EnrichResult(self.settle(usage))
+                result = EnrichResult(self.settle(usage, source=(partition, offset)))
         except InvalidEvent as exc:
             return self._dead(exc.reason, str(exc), topic, partition, offset, key, value)
         except Exception as exc:  # a defect must not stop the stream on one record: DLQ it, loudly
@@ -114,7 +114,9 @@ class Enricher:
         price = self.estimator.table.price(model, backend=backend, provider=provider)
         return self.metrics.models(price.match) if price.priced else "other"
 
-    def reserve(self, event: RequestEvent) -> list[tuple[str, bytes]]:
+    def reserve(self, event: RequestEvent, source: tuple[int, int] | None = None) -> list[tuple[str, bytes]]:
+        """The reserve entries of a request event, one per budget it is charged to; ``source`` is the event's
+        (partition, offset) on the requests topic, which the statuses that count it will say they cover."""
         began = time.perf_counter()
         estimate = self.estimator.estimate(event)
         if estimate.input_tokens > MAX_TOKENS:
@@ -144,6 +146,8 @@ class Enricher:
             "occurred_at": event.occurred_at,
             "ttl_s": estimate.ttl_s,
         }
+        if source is not None:
+            common["source_partition"], common["source_offset"] = source
         budgets = self._budgets_of(event.budgets, event.model, event.provider, event.backend, event.metadata)
         if log.isEnabledFor(logging.DEBUG):  # counts and ids only: never the prompt
             log.debug(
@@ -158,7 +162,9 @@ class Enricher:
             )
         return [(budget, entry_json(common, budget)) for budget in budgets]
 
-    def settle(self, event: UsageEvent) -> list[tuple[str, bytes]]:
+    def settle(self, event: UsageEvent, source: tuple[int, int] | None = None) -> list[tuple[str, bytes]]:
+        """The settle entries of a usage event, one per budget; ``source`` is its (partition, offset) on the usage
+        topic."""
         cost = self.estimator.price_usage(event)
         if cost.pico_usd > MAX_ENTRY_PICO:
             raise InvalidEvent(
@@ -196,6 +202,8 @@ class Enricher:
             "outcome": event.outcome,
             "ttl_s": ttl,
         }
+        if source is not None:
+            common["source_partition"], common["source_offset"] = source
         budgets = self._budgets_of(
             event.budgets, event.request_model or event.model, event.provider, event.backend, event.metadata
         )

@@ -89,8 +89,10 @@ def build_status(
     reason: StatusReason,
     partition: int,
     seq: int,
+    covers: dict[int, int] | None = None,
+    covers_usage: dict[int, int] | None = None,
 ) -> BudgetStatus:
-    """The record routers read, from a period's exact sums."""
+    """The record routers read, from a period's exact sums (and the events they count, ``covers``)."""
     spend = settled + reserved
     limit = policy.monthly_limit_usd
     u = utilization_percent(spend, limit)
@@ -112,4 +114,6 @@ def build_status(
         reason=reason,
         partition=partition,
         seq=seq,
+        covers=covers or {},
+        covers_usage=covers_usage or {},
     )

@@ -42,6 +42,8 @@ def test_a_request_becomes_one_reserve_per_budget_with_global_once() -> None:
     assert [e.entry_id for e in entries] == ["r-1:2:reserve:team:a", "r-1:2:reserve:global"]
     assert all(e.kind == "reserve" and e.period == "2026-11" and e.amount_pico_usd > 0 for e in entries)
     assert all(b"secret plan" not in raw for _, raw in result.entries)
+    # Where the request event was: the statuses that count these reserves will say they cover it.
+    assert {(e.source_partition, e.source_offset) for e in entries} == {(0, 5)}
 
 
 def test_the_fast_entry_json_is_what_the_model_would_write() -> None:
@@ -69,6 +71,7 @@ def test_usage_becomes_a_settle_with_the_request_time() -> None:
     entry = decode_fast(LedgerEntry, raw)
     assert (budget, entry.kind, entry.period, entry.tier) == ("global", "settle", "2026-10", "reported")
     assert entry.amount_pico_usd == 1000 * 2_500_000 + 100 * 10_000_000
+    assert (entry.source_partition, entry.source_offset) == (0, 1)  # the usage event's place on its topic
 
 
 def test_a_bad_request_is_a_redacted_dead_letter() -> None:

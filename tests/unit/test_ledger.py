@@ -328,3 +328,30 @@ def test_a_store_written_by_the_previous_code_loads_and_skips_what_it_reflects()
     period = ledger.period_state("team:x", "2026-11")
     assert period is not None
     assert (period.settled, period.reserved, period.requests, period.ledger_offset) == (4, 0, 1, 42)
+
+
+def test_a_period_keeps_the_highest_request_event_position_its_reserves_reached() -> None:
+    ledger = PartitionLedger(0, MemoryStore(), LedgerConfig(), lambda b: BudgetPolicy(id=b))
+    at = datetime(2026, 11, 20, tzinfo=UTC)
+
+    def reserve(request: str, partition: int, offset: int, kind: str = "reserve") -> LedgerEntry:
+        return LedgerEntry(
+            entry_id=entry_id(request, 0, kind, "team:a"),
+            budget_id="team:a",
+            request_id=request,
+            kind=kind,  # type: ignore[arg-type]
+            period="2026-11",
+            amount_pico_usd=5,
+            occurred_at=at,
+            source_partition=partition,
+            source_offset=offset,
+        )
+
+    assert ledger.apply(reserve("r1", 0, 10), 0) == "applied"
+    assert ledger.apply(reserve("r2", 1, 3), 1) == "applied"
+    assert ledger.apply(reserve("r1", 0, 12), 2) == "duplicate"  # a replayed request event is counted already
+    assert ledger.apply(reserve("r0", 0, 11), 3) == "applied"  # never lowers what is covered
+    assert ledger.apply(reserve("r9", 0, 4, "settle"), 4) == "applied"  # a usage event: the other topic's
+    period = ledger.periods[("team:a", "2026-11")]
+    assert (period.covers, period.covers_usage) == ({0: 12, 1: 3}, {0: 4})
+    assert PeriodState.decode("team:a", "2026-11", period.encode()) == period

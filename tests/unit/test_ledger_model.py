@@ -101,6 +101,7 @@ class Reference:
         self.policy_for = policy_for
         self.requests: dict[tuple[str, str, int], Req] = {}
         self.periods: dict[tuple[str, str], Period] = {}
+        self.covers: dict[tuple[str, str], dict[int, int]] = {}  # per period: the highest source offset counted
         self.stream_time = 0.0
 
     def _sums(self, budget: str, period: str) -> tuple[int, int]:
@@ -139,6 +140,10 @@ class Reference:
             return "late_horizon"
         if req is None and req_at + CONFIG.horizon_s < self.stream_time:
             return "late_horizon"
+        if e.source_partition is not None and e.source_offset is not None:
+            # Counted, found a duplicate or refused: past this entry, its request (or usage) event is covered.
+            covers = self.covers.setdefault((e.kind, e.budget_id, e.period), {})
+            covers[e.source_partition] = max(covers.get(e.source_partition, -1), e.source_offset)
         new = req is None
         after = Req(e.period, req_at, e.ttl_s or CONFIG.default_ttl_s) if new else Req(**vars(req))  # type: ignore[arg-type]
         if e.kind == "reserve":
@@ -193,6 +198,8 @@ class LedgerModel(RuleBasedStateMachine):
         self.ref_position = 0
         self.high = -1  # the highest offset any run of the ledger applied
         self.adjustments = 0
+        # The next offset of each partition of the requests and of the usage topic (enrich reads each in order).
+        self.sources = {"reserve": [0, 0], "settle": [0, 0]}
 
     def policy_for(self, budget: str) -> BudgetPolicy:
         return self.policies.get(budget) or BudgetPolicy(id=budget)
@@ -218,11 +225,24 @@ class LedgerModel(RuleBasedStateMachine):
         ttl=st.sampled_from([None, 60, 600, 3600]),
         back=st.sampled_from([0, 60, 3000, 9000]),
         priced=st.booleans(),
+        source=st.integers(0, 1),
     )
     def entry(
-        self, budget: str, request: str, attempt: int, kind: str, amount: int, ttl: int | None, back: int, priced: bool
+        self,
+        budget: str,
+        request: str,
+        attempt: int,
+        kind: str,
+        amount: int,
+        ttl: int | None,
+        back: int,
+        priced: bool,
+        source: int,
     ) -> None:
         at = datetime.fromtimestamp(self._request_time(request, attempt, back), UTC)
+        # The request (or usage) event's place on its topic.
+        position = {"source_partition": source, "source_offset": self.sources[kind][source]}
+        self.sources[kind][source] += 1
         self._append(
             LedgerEntry(
                 entry_id=entry_id(request, attempt, kind, budget),
@@ -235,6 +255,7 @@ class LedgerModel(RuleBasedStateMachine):
                 occurred_at=at,
                 ttl_s=ttl,  # type: ignore[arg-type]
                 priced=priced,
+                **position,  # type: ignore[arg-type]
             )
         )
 
@@ -338,6 +359,9 @@ class LedgerModel(RuleBasedStateMachine):
             for k, p in self.reference.periods.items()
         }
         assert got == want
+        covers = {("reserve", *k): p.covers for k, p in self.ledger.periods.items() if p.covers}
+        covers |= {("settle", *k): p.covers_usage for k, p in self.ledger.periods.items() if p.covers_usage}
+        assert covers == {k: c for k, c in self.reference.covers.items() if c}
         opened = {k: r.est for k, r in self.reference.requests.items() if r.is_open}
         assert {k: r.est for k, r in self.ledger._open.items()} == opened
 
