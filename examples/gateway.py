@@ -282,7 +282,7 @@ class Gateway:
                 continue  # cloud, and the publisher could not record it: spend nobody would count
             estimate = self.estimates.of(call.ask, chosen)
             if chosen.backend == "cloud":
-                self.view.admit(call.budgets, estimate)
+                self.view.admit(call.budgets, estimate, request=handle)
             try:
                 answer = self.model.complete(chosen.name, chosen.backend, call.messages, call.max_tokens)
             except ModelUnavailable:

@@ -222,10 +222,12 @@ class ViewSettings(Section):
     follow_policies: bool = Field(
         True, description="Follow the policies too, so decisions apply scoped and parent budgets as enrich charges."
     )
-    admit_grace_s: float = Field(
-        0.5, ge=0, description="A status this much newer than an admission is taken to include it."
+    admit_max_age_s: float = Field(
+        60.0,
+        gt=0,
+        description="An admission whose request event no status has covered is forgotten after this long "
+        "(its event was lost, or its position never given).",
     )
-    admit_max_age_s: float = Field(60.0, gt=0, description="Admissions older than this are forgotten.")
 
     @model_validator(mode="after")
     def _order(self) -> ViewSettings:

@@ -239,7 +239,7 @@ class BudgetflowCallback(CustomLogger):
         call.served_by = candidate
         call.last_group = group
         if candidate.backend == "cloud":
-            view.admit(call.budgets, self.estimates.of(ask, candidate))
+            view.admit(call.budgets, self.estimates.of(ask, candidate), request=handle)
         if len(call.attempts) > 1:
             view.fallback_taken(call.decision, candidate)
         return None

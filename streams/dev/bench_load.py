@@ -229,7 +229,7 @@ async def _route(
                 max_tokens=4000,
             )
             if admit:
-                view.admit([budget], cost)
+                view.admit([budget], cost, request=handle)
             await publisher.publish_usage(handle, Usage(input_tokens=20_000, output_tokens=4_000))
             allowed += 1
         await asyncio.sleep(0.001)

@@ -96,7 +96,6 @@ class Demo:
                 # Routers judge staleness on the simulated clock: give them wall-clock seconds' worth of it.
                 "BUDGETFLOW_VIEW__STALE_AFTER_S": repr(3 * self.speed),
                 "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": repr(30 * self.speed),
-                "BUDGETFLOW_VIEW__ADMIT_GRACE_S": repr(0.05 * self.speed),
                 "BUDGETFLOW_VIEW__ADMIT_MAX_AGE_S": repr(1 * self.speed),
             }
         )

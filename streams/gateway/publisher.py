@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -70,6 +70,10 @@ class RequestHandle:
     metadata: tuple[tuple[str, str], ...] = ()
     accepted: bool = True
     cloud_allowed: bool = True
+    # Where the request event went on the requests topic, (partition, offset), once the broker acknowledges it;
+    # None when it was not recorded. ``BudgetView.admit(..., request=handle)`` counts an admission until then.
+    delivery: asyncio.Future[tuple[int, int] | None] | None = field(default=None, compare=False, repr=False)
+    usage_delivery: asyncio.Future[tuple[int, int] | None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ class _Item:
     value: bytes
     segment: Segment | None = None  # a usage event: the spool segment that holds it until acknowledged
     replayed: bool = False
+    delivery: asyncio.Future[tuple[int, int] | None] | None = None  # where the event went, once acknowledged
 
     @property
     def usage(self) -> bool:
@@ -242,9 +247,11 @@ class BudgetPublisher(Lifecycle):
             event.provider,
             event.backend,
             tuple(sorted(event.metadata.items())),
+            delivery=asyncio.get_running_loop().create_future(),
+            usage_delivery=asyncio.get_running_loop().create_future(),
         )
         return await self._enqueue_request(
-            handle, _Item(self.topics.requests.name, handle.request_id.encode(), dumps(event))
+            handle, _Item(self.topics.requests.name, handle.request_id.encode(), dumps(event), delivery=handle.delivery)
         )
 
     async def _enqueue_request(self, handle: RequestHandle, item: _Item) -> RequestHandle:
@@ -252,9 +259,11 @@ class BudgetPublisher(Lifecycle):
         if self._queue.full():
             if self.on_full == "drop_request":
                 self.counts["requests_dropped"] += 1
+                _place(item, None)
                 return _replace(handle, accepted=False)
             if self.on_full == "reject_cloud":
                 self.counts["requests_rejected_cloud"] += 1
+                _place(item, None)
                 return _replace(handle, accepted=False, cloud_allowed=False)
             self.counts["requests_blocked"] += 1
         await self._queue.put(item)
@@ -298,7 +307,7 @@ class BudgetPublisher(Lifecycle):
         # Written ahead: from here on a crash of this process cannot lose it.
         segment = self._spool.append(topic, key, value)
         try:
-            self._queue.put_nowait(_Item(topic, key, value, segment))
+            self._queue.put_nowait(_Item(topic, key, value, segment, delivery=handle.usage_delivery))
         except asyncio.QueueFull:
             self._spool.resolve(segment, delivered=False)  # sent from the spool when there is room
             self.counts["usage_spooled"] += 1
@@ -336,11 +345,15 @@ class BudgetPublisher(Lifecycle):
     def _delivered(self, future: asyncio.Future[Any], item: _Item) -> None:
         self._in_flight.discard(future)
         error = None if future.cancelled() else future.exception()
-        self._resolve(item, error, delivered=not future.cancelled() and error is None)
+        delivered = not future.cancelled() and error is None
+        self._resolve(item, error, delivered=delivered, metadata=future.result() if delivered else None)
 
-    def _resolve(self, item: _Item, error: BaseException | None, *, delivered: bool) -> None:
-        """An item left memory, acknowledged or not. Never raises: the send loop must not die here."""
+    def _resolve(self, item: _Item, error: BaseException | None, *, delivered: bool, metadata: Any = None) -> None:
+        """An item left memory, acknowledged (with the broker's ``metadata``) or not. Never raises: the send loop
+        must not die here."""
         try:
+            if metadata is not None:
+                _place(item, (metadata.partition, metadata.offset))
             if item.replayed:
                 self._replay_slots.release()
             if item.segment is not None:
@@ -360,6 +373,7 @@ class BudgetPublisher(Lifecycle):
                     )
             else:
                 self.counts["requests_failed"] += 1
+            _place(item, None)
         except Exception:
             self.counts["send_errors"] += 1
             log.exception("publisher: could not account for a sent event")
@@ -404,6 +418,12 @@ class BudgetPublisher(Lifecycle):
             return True
         # Nothing acknowledged lately: probe with the oldest segment when nothing else is in flight.
         return self._queue.qsize() == 0 and not self._in_flight
+
+
+def _place(item: _Item, position: tuple[int, int] | None) -> None:
+    """Tell whoever waits on a request event where it went (None: nowhere); the first answer stands."""
+    if item.delivery is not None and not item.delivery.done():
+        item.delivery.set_result(position)
 
 
 def _name(error: BaseException | None) -> str:

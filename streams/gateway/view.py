@@ -9,9 +9,9 @@ A gateway or router keeps one view per process::
 It keeps the latest status per budget (highest ``seq``; on a tie the later
 record), reads a status of a past month as ``normal`` for the new one
 (rollover on read), marks budgets stale when their partition's heartbeat is
-old or reports lag, and counts what this router admitted since its last
-status, so that one router alone cannot overrun the remaining budget between
-two statuses. ``decide`` is pure and never raises.
+old or reports lag, and counts what this router admitted until a status
+covers it, so that one router alone cannot overrun the remaining budget
+between two statuses (:mod:`budgetflow.streams.gateway.admissions`). ``decide`` is pure and never raises.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetStatus, Heartbeat, period_of
@@ -29,6 +29,7 @@ from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
+from budgetflow.streams.gateway.admissions import Admission, Admissions, Covers
 from budgetflow.streams.gateway.routing import (
     Action,
     BudgetState,
@@ -47,6 +48,9 @@ from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver, with_global
 from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
 from budgetflow.streams.service.lifecycle import Lifecycle
+
+if TYPE_CHECKING:
+    from budgetflow.streams.gateway.publisher import RequestHandle
 
 __all__ = ["BudgetView"]
 
@@ -67,6 +71,7 @@ class _Status:
     partition: int
     as_of: float
     reset_ts: float
+    covers: Covers
     base: BudgetState | None = None  # built on first use, then shared by every decision on the budget
 
 
@@ -86,7 +91,7 @@ class BudgetView(Lifecycle):
         self.clock = clock or Clock(self.settings.clock)
         self._statuses: dict[str, _Status] = {}
         self._beats: dict[int, _Beat] = {}
-        self._admitted: dict[str, list[tuple[float, int]]] = {}
+        self.admissions = Admissions(self.settings.view.admit_max_age_s, self._covers_of)
         self._unseen: dict[str, tuple[float, float, BudgetState]] = {}  # budgets with no status: normal
         self._ready = asyncio.Event()
         self._follower: Follower | None = None
@@ -167,12 +172,9 @@ class BudgetView(Lifecycle):
             partition=record.partition,
             as_of=record.as_of.timestamp(),
             reset_ts=record.next_reset.timestamp(),
+            covers=(record.covers, record.covers_usage),
         )
-        # What this router admitted before the status was taken is in it now.
-        admitted = self._admitted.get(record.budget_id)
-        if admitted:
-            grace = self.settings.view.admit_grace_s
-            self._admitted[record.budget_id] = [(t, a) for t, a in admitted if t + grace > record.as_of.timestamp()]
+        self.admissions.status_arrived(record.budget_id, (record.covers, record.covers_usage))
         return True
 
     def apply_heartbeat(self, beat: Heartbeat) -> None:
@@ -199,7 +201,7 @@ class BudgetView(Lifecycle):
         record = self._statuses.get(budget_id)
         if record is None:
             unseen = self._unseen_state(budget_id, moment)
-            return self._with_admitted(unseen, ts) if budget_id in self._admitted else unseen
+            return self._with_admitted(unseen, ts) if budget_id in self.admissions else unseen
         base = _published(budget_id, record)
         if ts >= record.reset_ts:
             return self._with_admitted(_rolled_over(base, moment), ts)
@@ -214,7 +216,7 @@ class BudgetView(Lifecycle):
             return replace(closed, stale=True)
         if age > view.stale_after_s or lag > view.stale_after_s:
             base = replace(base, stale=True)
-        return self._with_admitted(base, ts) if budget_id in self._admitted else base
+        return self._with_admitted(base, ts) if budget_id in self.admissions else base
 
     def _unseen_state(self, budget_id: str, moment: datetime) -> BudgetState:
         """A budget with no status yet: normal this month (cached per month, the cache bounded)."""
@@ -252,11 +254,7 @@ class BudgetView(Lifecycle):
         return replace(state, stale=True) if stale else state
 
     def _with_admitted(self, state: BudgetState, ts: float) -> BudgetState:
-        admitted = self._admitted.get(state.budget_id)
-        if not admitted:
-            return state
-        horizon = ts - self.settings.view.admit_max_age_s
-        extra = sum(a for t, a in admitted if t > horizon)
+        extra = self.admissions.pending(state.budget_id, state.period, ts)
         if not extra:
             return state
         spend = state.spend_pico + extra
@@ -268,14 +266,34 @@ class BudgetView(Lifecycle):
             status = "soft_limit"
         return replace(state, status=status, spend_pico=spend, utilization=u)
 
-    def admit(self, budgets: Sequence[str], estimate_pico: int, *, now: datetime | None = None) -> None:
-        """Count a request this router let through, until a status that includes it arrives."""
-        ts = (now or self.clock.now()).timestamp()
-        horizon = ts - self.settings.view.admit_max_age_s
-        for budget in with_global(budgets):
-            kept = [(t, a) for t, a in self._admitted.get(budget, ()) if t > horizon]
-            kept.append((ts, estimate_pico))
-            self._admitted[budget] = kept
+    def admit(
+        self,
+        budgets: Sequence[str],
+        estimate_pico: int,
+        *,
+        now: datetime | None = None,
+        request: RequestHandle | None = None,
+        source: tuple[int, int] | None = None,
+    ) -> Admission:
+        """Count cloud spend this router let through, until a status of each budget covers its request event.
+
+        Say where the request event went: ``request``, the publisher's handle (its position is noted when the
+        broker acknowledges it), or ``source``, its (partition, offset) on the requests topic.
+        """
+        moment = now or self.clock.now()
+        admission = Admission(moment.timestamp(), estimate_pico, period_of(moment), tuple(with_global(budgets)))
+        self.admissions.add(admission)
+        if source is not None:
+            self.admissions.placed(admission, source)
+        elif request is not None and request.delivery is not None:
+            self.admissions.follow(admission, request.delivery, usage=False)
+        if request is not None and request.usage_delivery is not None:
+            self.admissions.follow(admission, request.usage_delivery, usage=True)
+        return admission
+
+    def _covers_of(self, budget: str) -> Covers | None:
+        record = self._statuses.get(budget)
+        return record.covers if record is not None else None
 
     def decide(
         self,

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetId, Metadata
@@ -70,6 +70,22 @@ class _AdmitIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     budgets: list[BudgetId] = Field(default_factory=list, max_length=64)
     estimated_cost_usd: Estimate
+    # Where the caller's request event went on the requests topic: the admission counts until a status covers it
+    # (without them, until VIEW__ADMIT_MAX_AGE_S).
+    request_partition: int | None = Field(None, ge=0)
+    request_offset: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _both(self) -> _AdmitIn:
+        if (self.request_partition is None) != (self.request_offset is None):
+            raise ValueError("request_partition and request_offset go together")
+        return self
+
+    @property
+    def source(self) -> tuple[int, int] | None:
+        if self.request_partition is None or self.request_offset is None:
+            return None
+        return (self.request_partition, self.request_offset)
 
 
 async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
@@ -142,7 +158,7 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
 
     async def admit(request: web.Request) -> web.Response:
         body: _AdmitIn = await _parse(request, _AdmitIn)
-        view.admit(body.budgets, body.estimated_cost_usd)
+        view.admit(body.budgets, body.estimated_cost_usd, source=body.source)
         return web.Response(status=204)
 
     async def status(request: web.Request) -> web.Response:

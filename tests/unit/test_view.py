@@ -30,6 +30,8 @@ def status(
     as_of: datetime = NOW,
     action: str = "block_cloud",
     partition: int = 0,
+    covers: dict[int, int] | None = None,
+    covers_usage: dict[int, int] | None = None,
 ) -> BudgetStatus:
     return BudgetStatus(
         budget_id=budget,
@@ -48,6 +50,8 @@ def status(
         reason="threshold",
         partition=partition,
         seq=seq,
+        covers=covers or {},
+        covers_usage=covers_usage or {},
     )
 
 
@@ -102,16 +106,80 @@ def test_lag_reported_by_the_heartbeat_makes_a_budget_stale() -> None:
     assert v.status("team:a", now=NOW).stale
 
 
-def test_admitted_spend_counts_until_a_status_includes_it() -> None:
-    v = view(admit_grace_s=5)
-    v.apply_status(status(spend=90 * 10**12, state="soft_limit", as_of=NOW))
+def test_admitted_spend_counts_until_a_status_covers_its_request_event() -> None:
+    v = view()
+    v.apply_status(status(spend=90 * 10**12, state="soft_limit", covers={3: 100}))
     v.apply_heartbeat(beat())
-    v.admit(["team:a"], 11 * 10**12, now=NOW)
+    v.admit(["team:a"], 11 * 10**12, now=NOW, source=(3, 120))
     assert v.status("team:a", now=NOW).status == "hard_limit"
     assert v.status("global", now=NOW).spend_pico == 11 * 10**12  # global is implied
-    # A status taken after the admission (plus the grace) includes it: the admission is dropped.
-    v.apply_status(status(spend=91 * 10**12, seq=11, state="soft_limit", as_of=NOW + timedelta(seconds=6)))
-    assert v.status("team:a", now=NOW + timedelta(seconds=6)).spend_pico == 91 * 10**12
+    # Newer statuses that do not count the request event yet (an earlier offset, another partition) keep it
+    # counted, however much later they were taken: no fixed grace.
+    later = NOW + timedelta(seconds=30)
+    v.apply_status(status(spend=91 * 10**12, seq=11, state="soft_limit", as_of=later, covers={3: 119, 5: 900}))
+    assert v.status("team:a", now=later).spend_pico == 102 * 10**12
+    # The status that covers its position includes it: counted once, not twice.
+    v.apply_status(status(spend=99 * 10**12, seq=12, state="soft_limit", covers={3: 120}))
+    assert v.status("team:a", now=NOW).spend_pico == 99 * 10**12
+    assert v.status("team:a", now=NOW).status == "soft_limit"
+    assert v.status("global", now=NOW).spend_pico == 11 * 10**12  # global's own status has not come yet
+
+
+def test_an_admission_placed_after_its_status_arrived_stops_counting_at_once() -> None:
+    # Traffic stopped: the status that counts the request event came before the broker's acknowledgement did.
+    v = view()
+    v.apply_heartbeat(beat())
+    admission = v.admit(["team:a"], 20 * 10**12, now=NOW)
+    v.apply_status(status(spend=95 * 10**12, state="soft_limit", covers={0: 7}))
+    assert v.status("team:a", now=NOW).status == "hard_limit"  # its position is not known yet: still counted
+    v.admissions.placed(admission, (0, 7))
+    assert v.status("team:a", now=NOW).spend_pico == 95 * 10**12
+
+
+async def test_an_admission_learns_its_position_from_the_publishers_handle() -> None:
+    import asyncio
+
+    from budgetflow.streams.gateway.publisher import RequestHandle
+
+    v = view()
+    v.apply_heartbeat(beat())
+    v.apply_status(status(spend=95 * 10**12, state="soft_limit", covers={2: 40}))
+    delivery: asyncio.Future[tuple[int, int] | None] = asyncio.get_running_loop().create_future()
+    handle = RequestHandle("r", 0, NOW, ("team:a",), "gpt-4o", "openai", "cloud", delivery=delivery)
+    v.admit(["team:a"], 20 * 10**12, now=NOW, request=handle)
+    assert v.status("team:a", now=NOW).spend_pico == 115 * 10**12
+    delivery.set_result((2, 40))
+    await asyncio.sleep(0)  # the future's callbacks run on the loop
+    assert v.status("team:a", now=NOW).spend_pico == 95 * 10**12
+
+
+def test_a_status_that_counts_the_usage_before_the_reserve_covers_the_admission() -> None:
+    # The settle reached the ledger first: the status counts the request's cost, not its request event yet.
+    v = view()
+    v.apply_heartbeat(beat())
+    admission = v.admit(["team:a"], 20 * 10**12, now=NOW, source=(0, 7))
+    v.admissions.placed(admission, (4, 30), usage=True)
+    v.apply_status(status(spend=95 * 10**12, state="soft_limit", covers={0: 6}, covers_usage={4: 29}))
+    assert v.status("team:a", now=NOW).spend_pico == 115 * 10**12
+    v.apply_status(status(spend=95 * 10**12, seq=11, state="soft_limit", covers={0: 6}, covers_usage={4: 30}))
+    assert v.status("team:a", now=NOW).spend_pico == 95 * 10**12
+
+
+def test_an_admission_never_placed_is_forgotten_after_its_max_age() -> None:
+    v = view(admit_max_age_s=60)
+    v.apply_heartbeat(beat())
+    v.apply_status(status(spend=95 * 10**12, state="soft_limit", covers={0: 10**6}))
+    v.admit(["team:a"], 20 * 10**12, now=NOW)  # its request event never reached the broker
+    assert v.status("team:a", now=NOW + timedelta(seconds=59)).status == "hard_limit"
+    v.apply_heartbeat(beat(as_of=NOW + timedelta(seconds=61)))
+    assert v.status("team:a", now=NOW + timedelta(seconds=61)).status == "soft_limit"
+
+
+def test_last_months_admissions_do_not_count_in_the_new_month() -> None:
+    v = view(admit_max_age_s=3600)
+    v.admit(["team:a"], 20 * 10**12, now=datetime(2026, 11, 30, 23, 59, 50, tzinfo=UTC))
+    assert v.status("team:a", now=datetime(2026, 11, 30, 23, 59, 55, tzinfo=UTC)).spend_pico == 20 * 10**12
+    assert v.status("team:a", now=datetime(2026, 12, 1, 0, 0, 5, tzinfo=UTC)).spend_pico == 0
 
 
 def test_decide_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
