@@ -13,6 +13,7 @@ never reached the broker (or whose positions nobody gave) is forgotten after ``V
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -65,11 +66,23 @@ class Admissions:
             self._by_budget[budget] = kept
 
     def follow(self, admission: Admission, delivery: asyncio.Future[tuple[int, int] | None], *, usage: bool) -> None:
-        """Learn where the admission's request (or ``usage``) event went when the broker acknowledges it."""
+        """Learn where the admission's request (or ``usage``) event went when the broker acknowledges it.
+
+        The future may belong to another thread's loop (the blocking publisher runs its own): the answer is then
+        handed to this thread's loop, so the admissions are only ever changed from one thread.
+        """
+        try:
+            home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            home = None
 
         def delivered(done: asyncio.Future[tuple[int, int] | None]) -> None:
-            if not done.cancelled() and done.exception() is None and (position := done.result()) is not None:
+            if done.cancelled() or done.exception() is not None or (position := done.result()) is None:
+                return
+            if home is None or home is done.get_loop():
                 self.placed(admission, position, usage=usage)
+            else:
+                home.call_soon_threadsafe(functools.partial(self.placed, admission, position, usage=usage))
 
         delivery.add_done_callback(delivered)
 
