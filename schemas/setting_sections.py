@@ -222,6 +222,12 @@ class ViewSettings(Section):
     follow_policies: bool = Field(
         True, description="Follow the policies too, so decisions apply scoped and parent budgets as enrich charges."
     )
+    admit_grace_s: float = Field(
+        0.5,
+        ge=0,
+        description="An admission whose request event's position is not given is taken to be in a status this "
+        "much newer than it (with the position, a status says whether it counts it).",
+    )
     admit_max_age_s: float = Field(
         60.0,
         gt=0,

@@ -223,6 +223,7 @@ class PartitionLedger:
         if covers.get(entry.source_partition, -1) < entry.source_offset:
             covers[entry.source_partition] = entry.source_offset
             self._changes.period(period)
+            self.touched.add((period.budget, period.period))
 
     def _late(self, state: RequestState | None, req_at: float) -> bool:
         """Past the dedupe horizon: the request's state may be swept, so an entry could no longer be deduplicated.

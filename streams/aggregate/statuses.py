@@ -52,6 +52,7 @@ class _Published:
     step: int | None
     spend: int
     at: float
+    covered: int  # the sum of the offsets its covers name: grows with every event newly covered
 
 
 class StatusPublisher:
@@ -120,7 +121,12 @@ class StatusPublisher:
             self.on_publish(reason)
         spend = settled + reserved
         self._last[budget] = _Published(
-            period, status, self.rules.step_of(spend, policy.monthly_limit_usd), spend, time.monotonic()
+            period,
+            status,
+            self.rules.step_of(spend, policy.monthly_limit_usd),
+            spend,
+            time.monotonic(),
+            _covered(covers, covers_usage),
         )
         self._dirty.discard(budget)
         return Outgoing("status", budget.encode(), dumps(record))
@@ -183,7 +189,9 @@ class StatusPublisher:
             return [self._status(ledger, budget, period, "threshold")]
         if last.step != step:
             return [self._status(ledger, budget, period, "step")]
-        if last.spend != state.spend:
+        if last.spend != state.spend or last.covered != _covered(state.covers, state.covers_usage):
+            # Refreshed within refresh_s: a spend not yet published, or events counted that no status says it
+            # counts (a failed attempt settled at 0: routers count its admission until a status covers it).
             self._dirty.add(budget)
         return []
 
@@ -258,3 +266,7 @@ class StatusPublisher:
             owner=owner,
         )
         return Outgoing("heartbeats", str(ledger.partition).encode(), dumps(record))
+
+
+def _covered(covers: dict[int, int], covers_usage: dict[int, int]) -> int:
+    return sum(covers.values()) + sum(covers_usage.values())

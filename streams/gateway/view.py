@@ -29,7 +29,7 @@ from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
-from budgetflow.streams.gateway.admissions import Admission, Admissions, Covers
+from budgetflow.streams.gateway.admissions import Admission, Admissions, Seen, charged_budgets
 from budgetflow.streams.gateway.routing import (
     Action,
     BudgetState,
@@ -71,7 +71,7 @@ class _Status:
     partition: int
     as_of: float
     reset_ts: float
-    covers: Covers
+    seen: Seen
     base: BudgetState | None = None  # built on first use, then shared by every decision on the budget
 
 
@@ -91,7 +91,8 @@ class BudgetView(Lifecycle):
         self.clock = clock or Clock(self.settings.clock)
         self._statuses: dict[str, _Status] = {}
         self._beats: dict[int, _Beat] = {}
-        self.admissions = Admissions(self.settings.view.admit_max_age_s, self._covers_of)
+        view = self.settings.view
+        self.admissions = Admissions(view.admit_max_age_s, view.admit_grace_s, self._seen)
         self._unseen: dict[str, tuple[float, float, BudgetState]] = {}  # budgets with no status: normal
         self._ready = asyncio.Event()
         self._follower: Follower | None = None
@@ -172,9 +173,9 @@ class BudgetView(Lifecycle):
             partition=record.partition,
             as_of=record.as_of.timestamp(),
             reset_ts=record.next_reset.timestamp(),
-            covers=(record.covers, record.covers_usage),
+            seen=Seen(record.period, record.as_of.timestamp(), (record.covers, record.covers_usage)),
         )
-        self.admissions.status_arrived(record.budget_id, (record.covers, record.covers_usage))
+        self.admissions.status_arrived(record.budget_id, self._statuses[record.budget_id].seen)
         return True
 
     def apply_heartbeat(self, beat: Heartbeat) -> None:
@@ -275,25 +276,20 @@ class BudgetView(Lifecycle):
         request: RequestHandle | None = None,
         source: tuple[int, int] | None = None,
     ) -> Admission:
-        """Count cloud spend this router let through, until a status of each budget covers its request event.
+        """Count cloud spend this router let through, until a status of each budget it is charged to (parents and
+        scopes included, as ``decide`` holds it to them) covers its request or usage event.
 
-        Say where the request event went: ``request``, the publisher's handle (its position is noted when the
-        broker acknowledges it), or ``source``, its (partition, offset) on the requests topic.
+        Say where the request event went: ``request``, the publisher's handle (its positions are noted when the
+        broker acknowledges them), or ``source``, its (partition, offset) on the requests topic. Without either,
+        a status ``VIEW__ADMIT_GRACE_S`` newer than the admission is taken to include it.
         """
         moment = now or self.clock.now()
-        admission = Admission(moment.timestamp(), estimate_pico, period_of(moment), tuple(with_global(budgets)))
-        self.admissions.add(admission)
-        if source is not None:
-            self.admissions.placed(admission, source)
-        elif request is not None and request.delivery is not None:
-            self.admissions.follow(admission, request.delivery, usage=False)
-        if request is not None and request.usage_delivery is not None:
-            self.admissions.follow(admission, request.usage_delivery, usage=True)
-        return admission
+        charged = charged_budgets(self.resolver, budgets, request)
+        return self.admissions.admit(moment, estimate_pico, charged, request=request, source=source)
 
-    def _covers_of(self, budget: str) -> Covers | None:
+    def _seen(self, budget: str) -> Seen | None:
         record = self._statuses.get(budget)
-        return record.covers if record is not None else None
+        return record.seen if record is not None else None
 
     def decide(
         self,
