@@ -30,7 +30,7 @@ import aiohttp
 
 from budgetflow.schemas.money import format_usd, parse_usd
 from budgetflow.schemas.settings import Settings, settings_from_env
-from budgetflow.streams.dev.bench_common import bench_env, wait_heartbeats
+from budgetflow.streams.dev.bench_common import bench_env, cap_policies, settle_cells
 from budgetflow.streams.dev.litellm_proxy import spawn_proxy, stop_group
 from budgetflow.streams.dev.localhost import free_port
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
@@ -235,47 +235,6 @@ async def _measure(env: dict[str, str], settings: Settings, keys: Path, root: Pa
     return {"fake_usage": checked, "budgetflow_cost_usd": format_usd(cost, 12), "cells": rows}
 
 
-async def _prepare(settings: Settings, topics: Topics, root: Path, sizes: Sizes) -> None:
-    """The workers up, then the cells' policies, then a status of each on the topic (gateways decide on it)."""
-    from budgetflow.streams.ops.policy_admin import apply_policy_file
-    from budgetflow.streams.ops.readback import read_statuses
-
-    await wait_heartbeats(settings, topics)
-    budgets = [_budget(g, c) for g, c in sizes.cells]
-    line = '  - {{id: "{}", monthly_limit_usd: "{}", hard_limit_action: block_all}}\n'
-    policies = root / "policies.yaml"
-    policies.write_text("budgets:\n" + "".join(line.format(b, sizes.limit_usd) for b in budgets))
-    await apply_policy_file(settings, topics.policies.name, policies, prune=False)
-    deadline = time.monotonic() + 60
-    while not set(budgets) <= set(await read_statuses(settings, topics.status.name)):
-        if time.monotonic() > deadline:
-            raise TimeoutError("no status of the bench's budgets within 60 s")
-        await asyncio.sleep(0.5)
-
-
-async def _settle(settings: Settings, topics: Topics, rows: list[dict[str, Any]], timeout_s: float = 120) -> None:
-    """Wait until the ledger has settled every admitted request of each cell; its spend into the rows."""
-    from budgetflow.streams.ops.readback import read_period_states
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = {b: s for (b, _), s in (await read_period_states(settings, topics.state.name)).items()}
-        found = [states.get(r["budget_id"]) for r in rows]
-        done = all(
-            (s.settles, s.reserved) == (r["admitted"], 0) if s else r["admitted"] == 0
-            for r, s in zip(rows, found, strict=True)
-        )
-        if done or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1)
-    for row, state in zip(rows, found, strict=True):
-        settled, reserved = (state.settled, state.reserved) if state else (0, 0)
-        row["spend_usd"] = format_usd(settled, 6)
-        row["settles"] = state.settles if state else 0
-        row["reserved_usd"] = format_usd(reserved, 6)
-        row["ledger_exact"] = settled == row["admitted"] * PER_REQUEST_PICO and reserved == 0
-
-
 def _check_reservation(settings: Settings) -> int:
     """What enrich's estimator reserves for the bench's request (``max_tokens: 20`` at $0 input): $0.001, or the
     bench is wrong (the gateways' answers then confirm their usage costs as much)."""
@@ -309,9 +268,9 @@ def bench_caps(quick: bool, bootstrap: str) -> dict[str, Any]:
         try:
 
             async def run() -> dict[str, Any]:
-                await _prepare(settings, topics, root, sizes)
+                await cap_policies(settings, topics, root, [_budget(g, c) for g, c in sizes.cells], sizes.limit_usd)
                 measured = await _measure(env, settings, keys, root / "gateways", sizes)
-                await _settle(settings, topics, measured["cells"])
+                await settle_cells(settings, topics, measured["cells"], PER_REQUEST_PICO)
                 return measured
 
             measured = asyncio.run(run())

@@ -34,11 +34,13 @@ __all__ = [
     "bench_env",
     "bench_kafka",
     "bench_settings",
+    "cap_policies",
     "fill",
     "ledger_entries",
     "percentiles_us",
     "quantiles_ms",
     "sample_text",
+    "settle_cells",
     "wait_heartbeats",
 ]
 
@@ -197,3 +199,48 @@ async def wait_heartbeats(settings: Settings, topics: Topics, timeout_s: float =
             return
         await asyncio.sleep(0.5)
     raise TimeoutError(f"workers did not come up within {timeout_s:.0f} s")
+
+
+async def cap_policies(settings: Settings, topics: Topics, root: Path, budgets: list[str], limit_usd: str) -> None:
+    """The workers up, then a ``block_all`` policy of ``limit_usd`` on each budget, then a status of each on the
+    topic (the routers under test decide on it): the hard-cap benches' start."""
+    from budgetflow.streams.ops.policy_admin import apply_policy_file
+    from budgetflow.streams.ops.readback import read_statuses
+
+    await wait_heartbeats(settings, topics)
+    line = '  - {{id: "{}", monthly_limit_usd: "{}", hard_limit_action: block_all}}\n'
+    policies = root / "policies.yaml"
+    policies.write_text("budgets:\n" + "".join(line.format(b, limit_usd) for b in budgets))
+    await apply_policy_file(settings, topics.policies.name, policies, prune=False)
+    deadline = time.monotonic() + 60
+    while not set(budgets) <= set(await read_statuses(settings, topics.status.name)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no status of the bench's budgets within 60 s")
+        await asyncio.sleep(0.5)
+
+
+async def settle_cells(
+    settings: Settings, topics: Topics, rows: list[dict[str, Any]], per_request_pico: int, timeout_s: float = 120
+) -> None:
+    """Wait until the ledger has settled every admitted request of each row (``budget_id``, ``admitted``); its
+    settled spend, settles and reservations into the rows, and whether it is exact (admitted x the cost)."""
+    from budgetflow.schemas.money import format_usd
+    from budgetflow.streams.ops.readback import read_period_states
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {b: s for (b, _), s in (await read_period_states(settings, topics.state.name)).items()}
+        found = [states.get(r["budget_id"]) for r in rows]
+        done = all(
+            (s.settles, s.reserved) == (r["admitted"], 0) if s else r["admitted"] == 0
+            for r, s in zip(rows, found, strict=True)
+        )
+        if done or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    for row, state in zip(rows, found, strict=True):
+        settled, reserved = (state.settled, state.reserved) if state else (0, 0)
+        row["spend_usd"] = format_usd(settled, 6)
+        row["settles"] = state.settles if state else 0
+        row["reserved_usd"] = format_usd(reserved, 6)
+        row["ledger_exact"] = settled == row["admitted"] * per_request_pico and reserved == 0

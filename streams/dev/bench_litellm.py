@@ -36,7 +36,7 @@ import aiohttp
 
 from budgetflow.schemas.money import PICO_PER_USD, format_usd, parse_usd
 from budgetflow.schemas.settings import Settings, settings_from_env
-from budgetflow.streams.dev.bench_common import bench_env, quantiles_ms, wait_heartbeats
+from budgetflow.streams.dev.bench_common import bench_env, cap_policies, quantiles_ms, settle_cells
 from budgetflow.streams.dev.litellm_proxy import NOT_INSTALLED, Proxy, chat, installed, mocked_model
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
 from budgetflow.streams.service.launch import WorkerProcess
@@ -253,46 +253,9 @@ async def _measure(env: dict[str, str], root: Path, sizes: Sizes) -> dict[str, A
     return {"litellm_reported_cost_usd": reported, "overshoot": rows, "latency": latency}
 
 
-async def _prepare(settings: Settings, topics: Topics, root: Path, sizes: Sizes) -> None:
-    """The workers up, then the cells' policies, then a status of each on the topic (proxies decide on it)."""
-    from budgetflow.streams.ops.policy_admin import apply_policy_file
-    from budgetflow.streams.ops.readback import read_statuses
-
-    await wait_heartbeats(settings, topics)
-    budgets = [_budget(w, c) for w in sizes.workers for c in sizes.concurrency]
-    line = '  - {{id: "{}", monthly_limit_usd: "{}", hard_limit_action: block_all}}\n'
-    policies = root / "policies.yaml"
-    policies.write_text("budgets:\n" + "".join(line.format(b, sizes.limit_usd) for b in budgets))
-    await apply_policy_file(settings, topics.policies.name, policies, prune=False)
-    deadline = time.monotonic() + 60
-    while not set(budgets) <= set(await read_statuses(settings, topics.status.name)):
-        if time.monotonic() > deadline:
-            raise TimeoutError("no status of the bench's budgets within 60 s")
-        await asyncio.sleep(0.5)
-
-
-async def _settle(settings: Settings, topics: Topics, rows: list[dict[str, Any]], timeout_s: float = 120) -> None:
-    """Wait until budgetflow's ledger has settled every admitted request of its cells; its spend into the rows."""
-    from budgetflow.streams.ops.readback import read_period_states
-
-    ours = [r for r in rows if r["system"] == "budgetflow"]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = {b: s for (b, _), s in (await read_period_states(settings, topics.state.name)).items()}
-        found = {r["budget_id"]: states.get(r["budget_id"]) for r in ours}
-        done = all(
-            (s.settles, s.reserved) == (r["admitted"], 0) if s else r["admitted"] == 0
-            for r, s in zip(ours, found.values(), strict=True)
-        )
-        if done or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1)
-    for row, state in zip(ours, found.values(), strict=True):
-        settled, reserved = (state.settled, state.reserved) if state else (0, 0)
-        row["spend_usd"] = format_usd(settled, 6)
-        row["settles"] = state.settles if state else 0
-        row["reserved_usd"] = format_usd(reserved, 6)
-        row["ledger_exact"] = settled == row["admitted"] * PER_REQUEST_PICO and reserved == 0
+async def _settle(settings: Settings, topics: Topics, rows: list[dict[str, Any]]) -> None:
+    """budgetflow's rows from its ledger once every admitted request settled; LiteLLM's from its reported cost."""
+    await settle_cells(settings, topics, [r for r in rows if r["system"] == "budgetflow"], PER_REQUEST_PICO)
     for row in rows:
         if row["system"] != "budgetflow":
             row["spend_usd"] = format_usd(int(Decimal(row["reported_cost_usd"]) * PICO_PER_USD), 6)
@@ -321,7 +284,8 @@ def bench_litellm(quick: bool, bootstrap: str) -> dict[str, Any]:
         try:
 
             async def run() -> dict[str, Any]:
-                await _prepare(settings, topics, root, sizes)
+                budgets = [_budget(w, c) for w in sizes.workers for c in sizes.concurrency]
+                await cap_policies(settings, topics, root, budgets, sizes.limit_usd)
                 measured = await _measure(env, root / "proxies", sizes)
                 await _settle(settings, topics, measured["overshoot"])
                 return measured
