@@ -22,8 +22,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from budgetflow.schemas.money import format_usd
+from budgetflow.schemas.periods import next_month_start
+from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import dumps
-from budgetflow.streams.rules.status import STATUS_RANK
+from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
 
 __all__ = [
     "BudgetState",
@@ -35,6 +37,7 @@ __all__ = [
     "decide",
     "headers_for",
     "state_json",
+    "unseen_state",
 ]
 
 Backend = Literal["cloud", "local"]
@@ -92,6 +95,27 @@ class BudgetState:
     @property
     def share(self) -> float:
         return cloud_share(self.utilization, self.soft_limit_percent, self.status)
+
+
+def unseen_state(budget_id: str, period: str, policy: BudgetPolicy | None) -> BudgetState:
+    """A budget with no status yet: nothing spent this month, under its policy's limit already when the policy is
+    known (routers that admit before the first status must not admit without its limit)."""
+    reset = next_month_start(period)
+    limit = policy.monthly_limit_usd if policy is not None else None
+    if policy is None or limit is None:
+        return BudgetState(budget_id, period, next_reset=reset, seen=False)
+    u = utilization_percent(0, limit)
+    return BudgetState(
+        budget_id,
+        period,
+        status="hard_limit" if u is not None and u >= 100 else "normal",
+        limit_pico=limit,
+        utilization=u,
+        soft_limit_percent=policy.soft_limit_percent,
+        hard_limit_action=policy.hard_limit_action,
+        next_reset=reset,
+        seen=False,
+    )
 
 
 @dataclass(frozen=True)

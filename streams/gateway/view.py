@@ -40,6 +40,7 @@ from budgetflow.streams.gateway.routing import (
     decide,
     headers_for,
     merge_decisions,
+    unseen_state,
 )
 from budgetflow.streams.kafka.follow import Follower
 from budgetflow.streams.kafka.topics import Topics
@@ -220,13 +221,14 @@ class BudgetView(Lifecycle):
         return self._with_admitted(base, ts) if budget_id in self.admissions else base
 
     def _unseen_state(self, budget_id: str, moment: datetime) -> BudgetState:
-        """A budget with no status yet: normal this month (cached per month, the cache bounded)."""
+        """A budget with no status yet: unspent this month, under its policy if known (cached per month and
+        policies, the cache bounded)."""
         ts = moment.timestamp()
         cached = self._unseen.get(budget_id)
         if cached is None or not cached[0] <= ts < cached[1]:
             current = period_of(moment)
             reset = next_month_start(current)
-            state = BudgetState(budget_id, current, next_reset=reset, seen=False)
+            state = unseen_state(budget_id, current, self._policy_source().get(budget_id))
             cached = (month_start(current).timestamp(), reset.timestamp(), state)
             if len(self._unseen) > 10_000:
                 self._unseen.clear()
@@ -336,8 +338,10 @@ class BudgetView(Lifecycle):
         """Decide with these policies (``start`` does it with the policies topic when VIEW__FOLLOW_POLICIES)."""
         self._policy_source = source
         self.resolver = BudgetResolver(source)
+        self._unseen.clear()
 
     def _policies_changed(self) -> None:
+        self._unseen.clear()
         if self.resolver is not None:
             self.resolver.invalidate()
 

@@ -288,3 +288,22 @@ def test_a_fallback_taken_is_counted_only_when_it_is_one() -> None:
     registry = CollectorRegistry()
     registry.register(RouterCollector(v, now=lambda: NOW))
     assert "budgetflow_router_fallbacks_total 1.0" in exposition(registry).decode()
+
+
+def test_a_budget_with_a_policy_and_no_status_yet_is_held_to_its_limit() -> None:
+    # Right after `policy apply`, before the aggregate's first status: a router must not admit without the limit.
+    from budgetflow.schemas.policy import BudgetPolicy
+
+    policies = {
+        "cap:a": BudgetPolicy(id="cap:a", monthly_limit_usd="1", hard_limit_action="block_all"),  # type: ignore[arg-type]
+        "cap:zero": BudgetPolicy(id="cap:zero", monthly_limit_usd="0", hard_limit_action="block_all"),  # type: ignore[arg-type]
+    }
+    v = view()
+    v.use_policies(lambda: policies)
+    cloud = [Candidate("gpt-4o", "cloud")]
+    assert v.status("cap:a", now=NOW).limit_pico == 10**12
+    assert v.decide("r1", ["cap:a"], cloud, now=NOW).rejection is None
+    v.admit(["cap:a"], 10**12, now=NOW, source=(0, 1))
+    assert v.decide("r2", ["cap:a"], cloud, now=NOW).rejection is not None  # its own admissions reached the limit
+    assert v.decide("r3", ["cap:zero"], cloud, now=NOW).rejection is not None  # nothing may be spent
+    assert v.status("team:none", now=NOW).limit_pico is None  # no policy: unlimited, as before
