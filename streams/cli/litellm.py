@@ -239,9 +239,11 @@ class _Run:
         return found
 
     def _check_alive(self) -> None:
+        from budgetflow.streams.service.launch import log_tail
+
         for name, alive, log in self._children():
             if not alive:
-                raise click.ClickException(f"the {name} exited; its log: {_shown(log)}\n{_tail(log)}")
+                raise click.ClickException(f"the {name} exited; its log: {_shown(log)}\n{log_tail(log, 15)}")
 
     def _wait_ready(self, port: int, host: str) -> None:
         """Until the aggregate's /healthz and the proxy's /health/liveliness answer 200."""
@@ -344,10 +346,3 @@ def _shown(path: Path) -> str:
     with contextlib.suppress(ValueError):
         return str(path.relative_to(Path.cwd()))
     return str(path)
-
-
-def _tail(log: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

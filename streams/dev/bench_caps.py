@@ -34,7 +34,7 @@ from budgetflow.streams.dev.bench_common import bench_env, cap_policies, settle_
 from budgetflow.streams.dev.litellm_proxy import spawn_proxy, stop_group
 from budgetflow.streams.dev.localhost import free_port
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
-from budgetflow.streams.service.launch import WorkerProcess
+from budgetflow.streams.service.launch import WorkerProcess, log_tail
 
 __all__ = ["bench_caps"]
 
@@ -124,10 +124,7 @@ class _Gateway:
             stop_group(self.proc)
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log, lines)
 
 
 async def _chat(http: aiohttp.ClientSession, base: str, key: str) -> tuple[int, dict[str, Any] | None, str]:

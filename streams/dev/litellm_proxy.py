@@ -28,7 +28,7 @@ import aiohttp
 import yaml
 
 from budgetflow.streams.dev.localhost import free_port
-from budgetflow.streams.service.launch import die_with_parent
+from budgetflow.streams.service.launch import die_with_parent, log_tail
 
 __all__ = [
     "CALLBACK",
@@ -220,10 +220,7 @@ class Proxy:
             stop_group(self.proc)
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log, lines)
 
 
 Answer = tuple[int, dict[str, str], dict[str, Any] | None, dict[str, Any] | None]

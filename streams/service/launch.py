@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
-__all__ = ["WorkerProcess", "die_with_parent", "spawn_worker", "worker_env"]
+__all__ = ["WorkerProcess", "die_with_parent", "log_tail", "spawn_worker", "worker_env"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -85,3 +85,11 @@ class WorkerProcess:
         if self.alive:
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def log_tail(log: Path, lines: int) -> str:
+    """The last ``lines`` lines of a child process's log ("" when it cannot be read): what an error shows of it."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
