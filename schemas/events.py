@@ -52,12 +52,13 @@ MetadataKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,
 Metadata = Annotated[dict[MetadataKey, Annotated[str, StringConstraints(max_length=256)]], Field(max_length=32)]
 """Gateway-supplied labels of a request (team, project, ...): what budget scopes match on. Never prompt text."""
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+LeaseRouter = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 Backend = Literal["cloud", "local"]
 Outcome = Literal["completed", "failed", "cancelled"]
 Tier = Literal["exact", "approximate", "heuristic", "reported"]
-EntryKind = Literal["reserve", "settle", "tick", "adjust"]
+EntryKind = Literal["reserve", "settle", "tick", "adjust", "lease"]
 StatusName = Literal["normal", "soft_limit", "hard_limit"]
 StatusReason = Literal["threshold", "step", "refresh", "rollover", "policy"]
 HardLimitAction = Literal["warn", "block_cloud", "block_all"]
@@ -225,13 +226,24 @@ class LedgerEntry(Event):
     # settle's usage event on the usage topic. What a status says it covers.
     source_partition: Annotated[int, Field(ge=0, strict=True)] | None = None
     source_offset: Annotated[int, Field(ge=0, strict=True)] | None = None
+    # A lease entry asks for headroom for router ``request_id`` (its ``attempt`` numbers its asks); a reserve
+    # admitted under a lease names the router, the lease's epoch and what the router charged to it.
+    lease_router: LeaseRouter | None = None
+    lease_epoch: Annotated[int, Field(ge=0, strict=True)] | None = None
+    lease_pico: Annotated[int, Field(ge=0, le=MAX_ENTRY_PICO, strict=True)] | None = None
 
     @model_validator(mode="after")
     def _budget_unless_tick(self) -> LedgerEntry:
         if self.kind != "tick" and self.budget_id is None:
             raise ValueError(f"a {self.kind} entry needs a budget_id")
-        if self.kind in ("reserve", "settle") and self.amount_pico_usd < 0:
+        if self.kind in ("reserve", "settle", "lease") and self.amount_pico_usd < 0:
             raise ValueError(f"a {self.kind} amount cannot be negative")
+        if self.kind == "lease" and self.ttl_s is None:
+            raise ValueError("a lease entry needs its ttl_s")
+        if (self.lease_router is None) != (self.lease_epoch is None) or (self.lease_epoch is None) != (
+            self.lease_pico is None
+        ):
+            raise ValueError("lease_router, lease_epoch and lease_pico go together")
         return self
 
 

@@ -115,6 +115,16 @@ class BudgetPolicy(BaseModel):
     parent: Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN)] | None = Field(
         None, description="A budget charged for everything this one is (team -> org -> global roll-ups)."
     )
+    strict: bool = Field(
+        False,
+        description="Routers admit cloud spend only against headroom leased from the aggregate, as for a budget "
+        "whose hard limit blocks: its admitted estimates never pass its limit, whatever the number of routers.",
+    )
+
+    @property
+    def leased(self) -> bool:
+        """Routers admit its cloud spend against leases: it has a limit, and it blocks at it or is strict."""
+        return self.monthly_limit_usd is not None and (self.strict or self.hard_limit_action != "warn")
 
     @model_validator(mode="after")
     def _not_own_parent(self) -> BudgetPolicy:

@@ -2,12 +2,12 @@
 
 The aggregate writes what :meth:`BatchChanges.drain` returns to the partition's changelog, in that order, through
 one idempotent producer, then to the local store, then commits the ledger offsets. The order: period records,
-then request records (closed before open), then the partition's meta record (``applied``: the last offset of the
-batch), then deletions. A crash leaves a prefix of that order durable. If a request record of the batch is
-durable, every period record of the batch is too, so on replay a period never needs a request state that is
-already past the entry; entries up to ``applied`` are skipped outright. Replaying any suffix of the ledger after a
-crash therefore leaves the same state (a property test crashes at every prefix; docs/architecture.md, "Exactly
-once, and how it is proven").
+then request records (closed before open), then lease records, then the partition's meta record (``applied``: the
+last offset of the batch), then deletions. A crash leaves a prefix of that order durable. If a request or lease
+record of the batch is durable, every period record of the batch is too, so on replay a period never needs a
+request or lease state that is already past the entry; entries up to ``applied`` are skipped outright.
+Replaying any suffix of the ledger after a crash therefore leaves the same state (a property test crashes at
+every prefix; docs/architecture.md, "Exactly once, and how it is proven").
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from budgetflow.streams.aggregate.records import (
     META_KEY,
     OPEN_PREFIX,
     REQUEST_PREFIX,
+    LeaseState,
     PartitionMeta,
     PeriodState,
     RequestKey,
     RequestState,
+    lease_key,
     period_key,
     request_key,
 )
@@ -40,6 +42,7 @@ class BatchChanges:
         self._unopened: set[RequestKey] = set()  # open before, closed now: their open record goes
         self._fresh: set[RequestKey] = set()  # opened in this batch: no open record of theirs is durable
         self._deletes: dict[bytes, None] = {}
+        self._leases: dict[tuple[str, str, str], LeaseState] = {}
 
     def period(self, state: PeriodState) -> None:
         self._periods[(state.budget, state.period)] = state
@@ -67,6 +70,13 @@ class BatchChanges:
         if was_open:
             self._unopened.add(key)
 
+    def lease(self, state: LeaseState) -> None:
+        self._leases[state.key] = state
+
+    def forget_lease(self, key: tuple[str, str, str]) -> None:
+        self._leases.pop(key, None)
+        self._deletes[lease_key(key)] = None
+
     def delete(self, key: bytes) -> None:
         self._deletes[key] = None
 
@@ -77,6 +87,7 @@ class BatchChanges:
         for period in self._periods.values():
             # Refusals at or before the last durable batch are never replayed again.
             period.refused = [o for o in period.refused if o > meta.applied]
+            period.granted_at = [g for g in period.granted_at if g[0] > meta.applied]
             changes.append((period_key(period.budget, period.period), period.encode()))
         for key, state in self._closed.items():
             changes.append((request_key(REQUEST_PREFIX, key), state.encode()))
@@ -85,6 +96,8 @@ class BatchChanges:
         for key in self._unopened:
             if key not in self._opened and key not in self._fresh:
                 changes.append((request_key(OPEN_PREFIX, key), None))
+        for lease_state in self._leases.values():
+            changes.append((lease_key(lease_state.key), lease_state.encode()))
         if changes or last_offset > meta.applied or self._deletes:
             meta.applied = last_offset
             changes.append((META_KEY, meta.encode()))
@@ -100,3 +113,4 @@ class BatchChanges:
         self._unopened.clear()
         self._fresh.clear()
         self._deletes.clear()
+        self._leases.clear()

@@ -30,6 +30,7 @@ from budgetflow.schemas.money import MAX_PERIOD_PICO
 from budgetflow.schemas.periods import next_month_start, period_of, shift_period
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.streams.aggregate.changes import BatchChanges, Changes
+from budgetflow.streams.aggregate.leases import PartitionLeases
 from budgetflow.streams.aggregate.records import (
     META_KEY,
     OPEN_PREFIX,
@@ -131,6 +132,7 @@ class PartitionLedger:
         # Called with (before, after) at every change of a request's state, after its period took the
         # difference: what a replay needs to say which request made which spend (budgetflow report).
         self.observer: Callable[[RequestState | None, RequestState], None] | None = None
+        self.leases = PartitionLeases(store, self._changes, policy_for)
         self.load()
 
     # -- loading ----------------------------------------------------------------
@@ -155,6 +157,7 @@ class PartitionLedger:
             self._open[rkey] = state
         self._expiry = [(s.req_at + s.ttl_s, k) for k, s in self._open.items()]
         heapq.heapify(self._expiry)
+        self.leases.load()
         self._last_offset = self.meta.applied
 
     # -- lookups ----------------------------------------------------------------
@@ -195,6 +198,11 @@ class PartitionLedger:
         assert entry.budget_id is not None  # the schema requires it for every other kind
         if _period_end(entry.period) + self.config.grace_s < self.meta.stream_time:
             return "late_period"
+        if entry.kind == "lease":
+            answered, changed = self.leases.ask(entry, offset, self._period)
+            if changed is not None:
+                self._update_status(changed, offset)  # a month it opened is judged like any other
+            return "applied" if answered else "duplicate"
         before = self._request((entry.budget_id, entry.request_id, entry.attempt))
         req_at = entry.occurred_at.timestamp()
         if self._late(before, req_at):
@@ -206,9 +214,13 @@ class PartitionLedger:
         if after is None:
             self._cover(entry)
             return "duplicate"
+        held = self.periods.get((after.budget, after.period))
+        durable = held is not None and held.ledger_offset >= offset  # before _count moves it
         result = self._count(entry, before, after, offset)
         if result == "applied":
             self._put_request(before, after)
+            if entry.kind == "reserve" and (before is None or before.est is None):
+                self.leases.use(entry, offset, self._period(after.budget, after.period), period_durable=durable)
         self._cover(entry)
         return result
 
@@ -360,16 +372,17 @@ class PartitionLedger:
             self._drop_old_periods(current)
         self.meta.period = current
         if entry.expire:
-            self._expire(now, offset)
+            # One tick may change a period several times (requests expiring, leases released): the period's
+            # offset check must tell "already reflects this tick" (a replay) from "changed by it just now".
+            live: set[tuple[str, str]] = set()
+            self._expire(now, offset, live)
+            self.leases.release(now, offset, self._period, live)
         if self.meta.stream_time - self._swept_at >= self.config.sweep_interval_s:
             self._swept_at = self.meta.stream_time
             self._sweep(self.meta.stream_time)
 
-    def _expire(self, now: float, offset: int) -> None:
+    def _expire(self, now: float, offset: int, live: set[tuple[str, str]]) -> None:
         deferred: list[tuple[float, RequestKey]] = []
-        # One tick may expire several requests of one period: the period's offset check
-        # must tell "already reflects this tick" (a replay) from "changed by it just now".
-        live: set[tuple[str, str]] = set()
         while self._expiry and self._expiry[0][0] <= now:
             item = heapq.heappop(self._expiry)
             state = self._open.get(item[1])
@@ -412,6 +425,7 @@ class PartitionLedger:
             if period < oldest:
                 del self.periods[(budget, period)]
                 self._changes.forget_period(budget, period)
+                self.leases.forget_period(budget, period)
 
     # -- writing ----------------------------------------------------------------
     def drain(self) -> Changes:

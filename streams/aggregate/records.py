@@ -6,6 +6,7 @@ changes nothing persisted; adding one means appending it, and decoding what was 
 * ``p|budget<US>period``: a :class:`PeriodState`, one budget's month;
 * ``r|budget<US>request<US>attempt`` (closed) and ``o|...`` (open, a reservation in flight): a
   :class:`RequestState`;
+* ``l|budget<US>period<US>router``: a :class:`LeaseState`, one router's lease on one budget's month;
 * ``m|``: the partition's :class:`PartitionMeta`.
 
 Every period and request record carries ``ledger_offset``: the offset of the last ledger entry it reflects, which
@@ -20,20 +21,24 @@ from budgetflow.schemas.events import StatusName
 from budgetflow.schemas.serde import dumps, loads
 
 __all__ = [
+    "LEASE_PREFIX",
     "META_KEY",
     "OPEN_PREFIX",
     "PERIOD_PREFIX",
     "REQUEST_PREFIX",
+    "LeaseState",
     "PartitionMeta",
     "PeriodState",
     "RequestKey",
     "RequestState",
     "decode_key",
+    "lease_key",
     "period_key",
     "request_key",
 ]
 
 PERIOD_PREFIX = b"p|"
+LEASE_PREFIX = b"l|"
 OPEN_PREFIX = b"o|"
 REQUEST_PREFIX = b"r|"
 META_KEY = b"m|"
@@ -73,15 +78,29 @@ class PeriodState:
     # grow, so replaying an entry never changes them.
     covers: dict[int, int] = field(default_factory=dict)
     covers_usage: dict[int, int] = field(default_factory=dict)
+    # Headroom granted to routers and not yet used by their reserves nor released (the sum of the leases'
+    # outstanding), and what each lease entry since the partition's last durable batch was granted (offset,
+    # amount): a replay onto this record, durable first, must grant the same again.
+    leased: int = 0
+    granted_at: list[list[int]] = field(default_factory=list)
 
     @property
     def spend(self) -> int:
         return self.settled + self.reserved
 
+    def granted_by(self, offset: int) -> int | None:
+        """What the lease entry at ``offset`` was granted, if this record reflects it."""
+        return next((amount for at, amount in self.granted_at if at == offset), None)
+
     def encode(self) -> bytes:
-        covers = []  # none: written as the code before covers was
-        if self.covers or self.covers_usage:
-            covers = [sorted(self.covers.items()), sorted(self.covers_usage.items())]
+        later: list[object] = [
+            sorted(self.covers.items()),
+            sorted(self.covers_usage.items()),
+            _wide(self.leased),
+            self.granted_at,
+        ]
+        while later and not later[-1]:  # trailing fields at their defaults: written as the code before them
+            later.pop()
         return dumps(
             [
                 _wide(self.settled),
@@ -95,7 +114,7 @@ class PeriodState:
                 self.events,
                 self.ledger_offset,
                 self.refused,
-                *covers,
+                *later,
             ]
         )
 
@@ -106,6 +125,8 @@ class PeriodState:
         refused = later[0] if later else []
         covers = {int(p): int(o) for p, o in later[1]} if len(later) > 1 else {}
         covers_usage = {int(p): int(o) for p, o in later[2]} if len(later) > 2 else {}
+        leased = int(later[3]) if len(later) > 3 else 0
+        granted_at = [list(pair) for pair in later[4]] if len(later) > 4 else []
         return cls(
             budget,
             period,
@@ -122,6 +143,8 @@ class PeriodState:
             list(refused),
             covers,
             covers_usage,
+            leased,
+            granted_at,
         )
 
 
@@ -192,6 +215,43 @@ class RequestState:
 
 
 @dataclass(slots=True)
+class LeaseState:
+    """One router's lease on one budget's month: what it was granted and what its reserves used, in its epoch.
+
+    A lease not renewed by ``expires_at`` (stream time) is released: what it still holds returns to the budget,
+    and its epoch moves on, so reserves admitted under the old epoch no longer draw on it.
+    """
+
+    budget: str
+    period: str
+    router: str
+    epoch: int = 0
+    granted: int = 0
+    used: int = 0
+    expires_at: float = 0.0
+    asks: int = -1  # the last ask applied (a lease entry's attempt)
+    ledger_offset: int = -1  # the last ledger entry this record reflects
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.budget, self.period, self.router)
+
+    @property
+    def outstanding(self) -> int:
+        return max(0, self.granted - self.used)
+
+    def encode(self) -> bytes:
+        return dumps(
+            [self.epoch, _wide(self.granted), _wide(self.used), self.expires_at, self.asks, self.ledger_offset]
+        )
+
+    @classmethod
+    def decode(cls, key: tuple[str, str, str], raw: bytes) -> LeaseState:
+        epoch, granted, used, expires_at, asks, offset = loads(raw)
+        return cls(key[0], key[1], key[2], epoch, int(granted), int(used), expires_at, asks, offset)
+
+
+@dataclass(slots=True)
 class PartitionMeta:
     """The partition's own record: the last ledger offset its durable state reflects, its stream time, its month."""
 
@@ -215,6 +275,10 @@ def request_key(prefix: bytes, key: RequestKey) -> bytes:
 
 def period_key(budget: str, period: str) -> bytes:
     return PERIOD_PREFIX + budget.encode() + SEP + period.encode()
+
+
+def lease_key(key: tuple[str, str, str]) -> bytes:
+    return LEASE_PREFIX + key[0].encode() + SEP + key[1].encode() + SEP + key[2].encode()
 
 
 def decode_key(raw: bytes) -> tuple[str, tuple[str, ...]]:

@@ -49,6 +49,7 @@ SIGNED = st.one_of(AMOUNTS, AMOUNTS.map(lambda a: -a))
 BUDGETS = ("global", "team:a", "team:b")
 LIMITS = (None, "0", "0.000001", "0.5", "3", "1000000")
 REQUESTS = tuple(f"r{i}" for i in range(6))
+ROUTERS = ("gw1", "gw2")
 
 
 def _policy(budget: str, limit: str | None, soft: int) -> BudgetPolicy:
@@ -82,6 +83,21 @@ class Req:
 
 
 @dataclass
+class Lease:
+    """A router's lease on a budget's month, as the reference keeps it."""
+
+    epoch: int = 0
+    granted: int = 0
+    used: int = 0
+    expires_at: float = 0.0
+    asks: int = -1
+
+    @property
+    def outstanding(self) -> int:
+        return max(0, self.granted - self.used)
+
+
+@dataclass
 class Period:
     settled: int = 0
     reserved: int = 0
@@ -101,7 +117,8 @@ class Reference:
         self.policy_for = policy_for
         self.requests: dict[tuple[str, str, int], Req] = {}
         self.periods: dict[tuple[str, str], Period] = {}
-        self.covers: dict[tuple[str, str], dict[int, int]] = {}  # per period: the highest source offset counted
+        self.covers: dict[tuple[str, str, str], dict[int, int]] = {}
+        self.leases: dict[tuple[str, str, str], Lease] = {}
         self.stream_time = 0.0
 
     def _sums(self, budget: str, period: str) -> tuple[int, int]:
@@ -127,12 +144,18 @@ class Reference:
                         period = self.periods[(budget, r.period)]
                         period.expired += 1
                         period.settled, period.reserved = self._sums(budget, r.period)
+                for lease in self.leases.values():
+                    if lease.outstanding and lease.expires_at <= now:  # released: its epoch moves on
+                        event("lease: released")
+                        lease.epoch, lease.granted, lease.used = lease.epoch + 1, 0, 0
             return "tick"
         assert e.budget_id is not None
         end = datetime.fromisoformat(f"{e.period}-01T00:00:00+00:00")
         end = (end + timedelta(days=32)).replace(day=1)
         if end.timestamp() + CONFIG.grace_s < self.stream_time:
             return "late_period"
+        if e.kind == "lease":
+            return self._ask(e)
         key = (e.budget_id, e.request_id, e.attempt)
         req = self.requests.get(key)
         req_at = e.occurred_at.timestamp()
@@ -171,7 +194,39 @@ class Reference:
             period.settles += 1
         if req is not None and req.expired and e.kind == "settle":
             period.adjusted += 1
+        if e.kind == "reserve" and (req is None or req.est is None) and e.lease_router and e.lease_pico is not None:
+            lease = self.leases.get((e.budget_id, e.period, e.lease_router))
+            if lease is not None and lease.epoch == e.lease_epoch:  # the router's charge moves off its lease
+                event(f"lease: a reserve used {'some' if min(e.lease_pico, lease.outstanding) else 'none'}")
+                lease.used += min(e.lease_pico, lease.outstanding)
         self._status(pkey)
+        return "applied"
+
+    def leased(self, budget: str, period: str) -> int:
+        return sum(lease.outstanding for (b, p, _), lease in self.leases.items() if (b, p) == (budget, period))
+
+    def _ask(self, e: LedgerEntry) -> str:
+        """A router's ask: at most the available headroom, and at most its equal share of what is not spent."""
+        assert e.budget_id is not None
+        lease = self.leases.setdefault((e.budget_id, e.period, e.request_id), Lease())
+        if e.attempt <= lease.asks:
+            return "duplicate"
+        period = self.periods.setdefault((e.budget_id, e.period), Period())
+        limit = self.policy_for(e.budget_id).monthly_limit_usd
+        grant = e.amount_pico_usd
+        if limit is not None:
+            unspent = limit - period.settled - period.reserved
+            holders = {r for (b, p, r), h in self.leases.items() if (b, p) == (e.budget_id, e.period) and h.outstanding}
+            share = unspent // len(holders | {e.request_id}) - lease.outstanding
+            grant = max(0, min(grant, unspent - self.leased(e.budget_id, e.period), share))
+        event(f"lease: {'granted' if grant else 'nothing granted'}{' (capped)' if grant < e.amount_pico_usd else ''}")
+        lease.granted += grant
+        lease.expires_at = max(lease.expires_at, e.occurred_at.timestamp() + (e.ttl_s or 0))
+        lease.asks = e.attempt
+        self._status((e.budget_id, e.period))
+        if limit is not None and grant:
+            # The guarantee: a grant never takes the month's settled + reserved + leased past its limit.
+            assert period.settled + period.reserved + self.leased(e.budget_id, e.period) <= limit
         return "applied"
 
     def refresh(self, budget: str) -> None:
@@ -200,6 +255,7 @@ class LedgerModel(RuleBasedStateMachine):
         self.adjustments = 0
         # The next offset of each partition of the requests and of the usage topic (enrich reads each in order).
         self.sources = {"reserve": [0, 0], "settle": [0, 0]}
+        self.asks = 0
 
     def policy_for(self, budget: str) -> BudgetPolicy:
         return self.policies.get(budget) or BudgetPolicy(id=budget)
@@ -226,6 +282,7 @@ class LedgerModel(RuleBasedStateMachine):
         back=st.sampled_from([0, 60, 3000, 9000]),
         priced=st.booleans(),
         source=st.integers(0, 1),
+        lease=st.one_of(st.none(), st.tuples(st.sampled_from(ROUTERS), st.integers(0, 2), AMOUNTS)),
     )
     def entry(
         self,
@@ -238,11 +295,14 @@ class LedgerModel(RuleBasedStateMachine):
         back: int,
         priced: bool,
         source: int,
+        lease: tuple[str, int, int] | None,
     ) -> None:
         at = datetime.fromtimestamp(self._request_time(request, attempt, back), UTC)
         # The request (or usage) event's place on its topic.
-        position = {"source_partition": source, "source_offset": self.sources[kind][source]}
+        position: dict[str, Any] = {"source_partition": source, "source_offset": self.sources[kind][source]}
         self.sources[kind][source] += 1
+        if lease is not None and kind == "reserve":  # admitted under a router's lease
+            position.update(lease_router=lease[0], lease_epoch=lease[1], lease_pico=lease[2])
         self._append(
             LedgerEntry(
                 entry_id=entry_id(request, attempt, kind, budget),
@@ -256,6 +316,27 @@ class LedgerModel(RuleBasedStateMachine):
                 ttl_s=ttl,  # type: ignore[arg-type]
                 priced=priced,
                 **position,  # type: ignore[arg-type]
+            )
+        )
+
+    @rule(
+        budget=st.sampled_from(BUDGETS), router=st.sampled_from(ROUTERS), amount=AMOUNTS, ttl=st.sampled_from([60, 900])
+    )
+    def ask(self, budget: str, router: str, amount: int, ttl: int) -> None:
+        """A router asks for headroom on a budget (its asks numbered in order)."""
+        self.asks += 1
+        at = datetime.fromtimestamp(self.clock, UTC)
+        self._append(
+            LedgerEntry(
+                entry_id=entry_id(router, self.asks, "lease", budget),
+                budget_id=budget,
+                request_id=router,
+                attempt=self.asks,
+                kind="lease",
+                period=period_of(at),
+                amount_pico_usd=amount,
+                occurred_at=at,
+                ttl_s=ttl,
             )
         )
 
@@ -362,6 +443,15 @@ class LedgerModel(RuleBasedStateMachine):
         covers = {("reserve", *k): p.covers for k, p in self.ledger.periods.items() if p.covers}
         covers |= {("settle", *k): p.covers_usage for k, p in self.ledger.periods.items() if p.covers_usage}
         assert covers == {k: c for k, c in self.reference.covers.items() if c}
+        leases = {k: (s.epoch, s.granted, s.used, s.expires_at, s.asks) for k, s in self.ledger.leases.leases.items()}
+        want_leases = {
+            k: (s.epoch, s.granted, s.used, s.expires_at, s.asks)
+            for k, s in self.reference.leases.items()
+            if s.asks >= 0 and (k[0], k[1]) in self.reference.periods
+        }
+        assert leases == want_leases
+        held = {k: p.leased for k, p in self.ledger.periods.items() if p.leased}
+        assert held == {k: self.reference.leased(*k) for k in self.reference.periods if self.reference.leased(*k)}
         opened = {k: r.est for k, r in self.reference.requests.items() if r.is_open}
         assert {k: r.est for k, r in self.ledger._open.items()} == opened
 
