@@ -28,6 +28,8 @@ __all__ = [
     "Event",
     "HardLimitAction",
     "Heartbeat",
+    "LeaseGrant",
+    "LeaseTag",
     "LedgerEntry",
     "Metadata",
     "MetadataKey",
@@ -114,6 +116,16 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class LeaseTag(BaseModel):
+    """What a router charged to its leases for a request: its id, the amount, and each leased budget's epoch."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    router: LeaseRouter
+    pico: Annotated[int, Field(ge=0, le=MAX_ENTRY_PICO, strict=True)]
+    epochs: Annotated[dict[BudgetId, Annotated[int, Field(ge=0, strict=True)]], Field(max_length=64)]
+
+
 class RequestEvent(Event):
     """A gateway's record of one billed call to a model, published when it is sent."""
 
@@ -135,6 +147,8 @@ class RequestEvent(Event):
     # Bounded like token counts: the byte heuristic turns at most MAX_TOKENS bytes into fewer than MAX_TOKENS
     # tokens, so a request accepted here always makes a valid reserve entry.
     input_bytes: Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)] | None = None
+    # Admitted under leases: the reserves of these budgets draw the router's charge off its leases.
+    lease: LeaseTag | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> RequestEvent:
@@ -275,6 +289,25 @@ class BudgetStatus(Event):
     # every earlier event of that partition is in it too.
     covers: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = {}
     covers_usage: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = {}
+
+
+class LeaseGrant(Event):
+    """One router's lease on one budget's month, as the aggregate holds it (compacted, keyed ``budget|router``).
+
+    In the lease's ``epoch``, the router was granted ``granted_usd`` in all and its reserves used ``used_usd``;
+    the router may admit cloud spend against what it granted minus what it admitted in that epoch, until
+    ``expires_at`` (less a margin: its reserves must reach the ledger before the lease is released).
+    """
+
+    budget_id: BudgetId
+    period: Annotated[str, StringConstraints(pattern=_PERIOD.pattern)]
+    router: LeaseRouter
+    epoch: Annotated[int, Field(ge=0)]
+    granted_usd: PicoUsd
+    used_usd: PicoUsd
+    expires_at: Timestamp
+    asks: Annotated[int, Field(ge=-1)]
+    as_of: Timestamp
 
 
 class Heartbeat(Event):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from budgetflow.schemas.events import Heartbeat, StatusName, StatusReason, period_of
+from budgetflow.schemas.events import Heartbeat, LeaseGrant, StatusName, StatusReason, period_of
 from budgetflow.schemas.money import usd_string
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import dumps
@@ -38,7 +38,7 @@ _PHRASES = {
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One record to send: topic role (``status``, ``events``, ``heartbeats``), key, value."""
+    """One record to send: topic role (``status``, ``events``, ``heartbeats``, ``leases``), key, value."""
 
     role: str
     key: bytes
@@ -266,6 +266,30 @@ class StatusPublisher:
             owner=owner,
         )
         return Outgoing("heartbeats", str(ledger.partition).encode(), dumps(record))
+
+    def grants(self, ledger: PartitionLedger) -> list[Outgoing]:
+        """The leases a batch changed, for the routers that hold them (``budget|router``, compacted)."""
+        now = self.now()
+        return [
+            Outgoing(
+                "leases",
+                f"{lease.budget}|{lease.router}".encode(),
+                dumps(
+                    LeaseGrant(
+                        budget_id=lease.budget,
+                        period=lease.period,
+                        router=lease.router,
+                        epoch=lease.epoch,
+                        granted_usd=lease.granted,
+                        used_usd=lease.used,
+                        expires_at=datetime.fromtimestamp(max(lease.expires_at, 946_684_800), UTC),
+                        asks=lease.asks,
+                        as_of=now,
+                    )
+                ),
+            )
+            for lease in ledger.leases.take_changed()
+        ]
 
 
 def _covered(covers: dict[int, int], covers_usage: dict[int, int]) -> int:

@@ -344,7 +344,7 @@ class AggregateWorker:
             for item in published:
                 if item.role == "status":
                     self.metrics.propagation.observe(max(0.0, now - first))
-        out = published + self.publisher.refresh(ledger)
+        out = published + self.publisher.refresh(ledger) + self.publisher.grants(ledger)
         if p in self._heartbeat_due:
             out.append(self.publisher.heartbeat(ledger, self._lag_s(p), None, self.url))
         return out
@@ -367,7 +367,12 @@ class AggregateWorker:
     async def _send_outputs(self, outgoing: list[Outgoing], dead: list[DeadLetter]) -> list[Awaitable[Any]]:
         """Hand statuses, events, heartbeats and dead letters to the producer; the broker's answers to come."""
         assert self._producer is not None
-        topic = {"status": self.topics.status, "events": self.topics.events, "heartbeats": self.topics.heartbeats}
+        topic = {
+            "status": self.topics.status,
+            "events": self.topics.events,
+            "heartbeats": self.topics.heartbeats,
+            "leases": self.topics.leases,
+        }
         sent = [await self._producer.send(topic[o.role].name, key=o.key, value=o.value) for o in outgoing]
         self.metrics.records.labels("aggregate", "out").inc(len(outgoing) + len(dead))
         for letter in dead:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import MAX_TOKENS, Backend, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.events import MAX_TOKENS, Backend, LeaseTag, RequestEvent, UsageEvent, entry_id
 from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.streams.kafka.dlq import DeadLetter
@@ -160,7 +160,10 @@ class Enricher:
                 format_usd(estimate.pico_usd),
                 ",".join(budgets),
             )
-        return [(budget, entry_json(common, budget)) for budget in budgets]
+        lease = event.lease
+        if lease is None:
+            return [(budget, entry_json(common, budget)) for budget in budgets]
+        return [(budget, entry_json({**common, **_lease_fields(lease, budget)}, budget)) for budget in budgets]
 
     def settle(self, event: UsageEvent, source: tuple[int, int] | None = None) -> list[tuple[str, bytes]]:
         """The settle entries of a usage event, one per budget; ``source`` is its (partition, offset) on the usage
@@ -221,6 +224,14 @@ class Enricher:
         ):
             if count:
                 m.child(m.tokens, "reported", label, kind).inc(count)
+
+
+def _lease_fields(lease: LeaseTag, budget: str) -> dict[str, Any]:
+    """A reserve's lease fields for one budget: only for the budgets the router charged to a lease."""
+    epoch = lease.epochs.get(budget)
+    if epoch is None:
+        return {}
+    return {"lease_router": lease.router, "lease_epoch": epoch, "lease_pico": lease.pico}
 
 
 def entry_json(common: dict[str, Any], budget: str) -> bytes:

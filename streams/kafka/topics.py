@@ -125,6 +125,12 @@ class Topics:
             {"cleanup.policy": "compact", "segment.ms": str(10 * 60_000)},
             "Heartbeat keyed by ledger partition",
         )
+        self.leases = TopicSpec(
+            f"{prefix}budget-leases",
+            1,
+            {"cleanup.policy": "compact", "segment.ms": str(10 * 60_000), "min.cleanable.dirty.ratio": "0.1"},
+            "LeaseGrant keyed budget|router: what each router may admit on a leased budget",
+        )
         self.events = TopicSpec(
             f"{prefix}budget-events", 1, {"cleanup.policy": "delete"}, "status transitions keyed budget:period:event"
         )
@@ -161,6 +167,7 @@ class Topics:
             self.policies,
             self.status,
             self.heartbeats,
+            self.leases,
             self.events,
             self.dlq,
             self.state,
