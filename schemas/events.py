@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "HardLimitAction",
     "Heartbeat",
+    "LeaseAsk",
     "LeaseGrant",
     "LeaseTag",
     "LedgerEntry",
@@ -289,6 +290,25 @@ class BudgetStatus(Event):
     # every earlier event of that partition is in it too.
     covers: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = {}
     covers_usage: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = {}
+
+
+class LeaseAsk(Event):
+    """A router asks for more headroom on a leased budget (its asks numbered in order, per router).
+
+    Routers write these on the lease-asks topic; enrich turns each into a ``lease`` entry on the budget's ledger
+    partition (routers never write the ledger), where the aggregate answers it with a :class:`LeaseGrant`.
+    """
+
+    router: LeaseRouter
+    budget_id: BudgetId
+    ask: Annotated[int, Field(ge=0, strict=True)]
+    amount_usd: Annotated[PicoUsd, Field(ge=0)]
+    occurred_at: Timestamp
+    ttl_s: Annotated[int, Field(gt=0, le=3600, strict=True)]
+
+    @property
+    def period(self) -> str:
+        return period_of(self.occurred_at)
 
 
 class LeaseGrant(Event):

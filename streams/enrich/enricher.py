@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import MAX_TOKENS, Backend, LeaseTag, RequestEvent, UsageEvent, entry_id
+from budgetflow.schemas.events import MAX_TOKENS, Backend, LeaseAsk, LeaseTag, RequestEvent, UsageEvent, entry_id
 from budgetflow.schemas.money import MAX_ENTRY_PICO, format_usd, pico_to_float_usd
 from budgetflow.schemas.serde import decode, dumps
 from budgetflow.streams.kafka.dlq import DeadLetter
@@ -72,7 +72,11 @@ class Enricher:
     def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
         is_request = topic == self.topics.requests.name
         try:
-            if is_request:
+            if topic == self.topics.lease_asks.name:
+                asked, unknown = decode(LeaseAsk, value)
+                self._not_future(asked.occurred_at, "occurred_at")
+                result = EnrichResult(self.ask(asked))
+            elif is_request:
                 request, unknown = decode(RequestEvent, value)
                 self._not_future(request.occurred_at, "occurred_at")
                 result = EnrichResult(self.reserve(request, source=(partition, offset)))
@@ -164,6 +168,19 @@ class Enricher:
         if lease is None:
             return [(budget, entry_json(common, budget)) for budget in budgets]
         return [(budget, entry_json({**common, **_lease_fields(lease, budget)}, budget)) for budget in budgets]
+
+    def ask(self, event: LeaseAsk) -> list[tuple[str, bytes]]:
+        """A router's ask for headroom, as the lease entry the aggregate answers (ordered with the budget's entries)."""
+        common = {
+            "request_id": event.router,
+            "attempt": event.ask,
+            "kind": "lease",
+            "period": event.period,
+            "amount_pico_usd": min(event.amount_usd, MAX_ENTRY_PICO),  # more than an entry holds is never granted
+            "occurred_at": event.occurred_at,
+            "ttl_s": event.ttl_s,
+        }
+        return [(event.budget_id, entry_json(common, event.budget_id))]
 
     def settle(self, event: UsageEvent, source: tuple[int, int] | None = None) -> list[tuple[str, bytes]]:
         """The settle entries of a usage event, one per budget; ``source`` is its (partition, offset) on the usage

@@ -128,6 +128,7 @@ class EnrichWorker:
             self.group_id,
             self.topics.requests.name,
             self.topics.usage.name,
+            self.topics.lease_asks.name,
             max_poll_records=self.settings.worker.max_batch_records,
         )
         async with contextlib.AsyncExitStack() as stack:

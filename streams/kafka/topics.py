@@ -125,6 +125,12 @@ class Topics:
             {"cleanup.policy": "compact", "segment.ms": str(10 * 60_000)},
             "Heartbeat keyed by ledger partition",
         )
+        self.lease_asks = TopicSpec(
+            f"{prefix}lease-asks",
+            n,
+            {"cleanup.policy": "delete", "retention.ms": str(_DAY_MS)},
+            "LeaseAsk keyed by budget id: routers asking for headroom (enrich makes them ledger entries)",
+        )
         self.leases = TopicSpec(
             f"{prefix}budget-leases",
             1,
@@ -167,6 +173,7 @@ class Topics:
             self.policies,
             self.status,
             self.heartbeats,
+            self.lease_asks,
             self.leases,
             self.events,
             self.dlq,

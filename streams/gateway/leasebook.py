@@ -1,0 +1,139 @@
+"""A router's leases: headroom on leased budgets, granted by the aggregate, spent here in microseconds.
+
+For a leased budget (:attr:`BudgetPolicy.leased`) a router admits cloud spend only against its lease: what the
+aggregate granted it in the lease's epoch, less what it admitted in that epoch, until the lease's expiry less a
+margin (its reserves must reach the ledger before the aggregate releases the lease). It asks for more on the
+lease-asks topic before it runs dry (``VIEW__LEASE_HORIZON_S`` of its recent rate), and a request its lease cannot
+cover waits for a grant up to ``VIEW__LEASE_WAIT_MS``, then is refused. Grants come back on the budget-leases
+topic (:class:`budgetflow.schemas.events.LeaseGrant`), which the view follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from budgetflow.schemas.events import LeaseAsk, LeaseGrant, LeaseTag
+
+__all__ = ["LeaseBook"]
+
+
+@dataclass(slots=True)
+class _Lease:
+    """What this router knows of its lease on one budget."""
+
+    period: str = ""
+    epoch: int = -1
+    granted: int = 0
+    expires_at: float = 0.0
+    admitted: int = 0  # admitted by this router in this epoch
+    asked_at: float = -1e9  # monotonic time of the last ask not yet answered
+    rate: float = 0.0  # pico-dollars a second, smoothed
+    last_take: float = field(default_factory=time.monotonic)
+    granted_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def remaining(self, now: float, margin_s: float) -> int:
+        return self.granted - self.admitted if now < self.expires_at - margin_s else 0
+
+
+class LeaseBook:
+    """This router's leases, by budget; ``send`` publishes a :class:`LeaseAsk` (on the lease-asks topic)."""
+
+    def __init__(
+        self,
+        router: str,
+        send: Callable[[LeaseAsk], Awaitable[None]],
+        *,
+        ttl_s: int,
+        margin_s: float,
+        horizon_s: float,
+        wait_ms: float,
+        minimum_pico: int,
+    ) -> None:
+        self.router = router
+        self.send = send
+        self.ttl_s = ttl_s
+        self.margin_s = margin_s
+        self.horizon_s = horizon_s
+        self.wait_s = wait_ms / 1000
+        self.minimum_pico = minimum_pico
+        self._leases: dict[str, _Lease] = {}
+        self._asks = int(time.time() * 1000)  # asks only grow, across restarts of a router with the same id
+        self.waits = 0
+        self.refusals = 0
+
+    def granted(self, grant: LeaseGrant) -> None:
+        """A LeaseGrant of this router arrived (older epochs and asks are ignored)."""
+        if grant.router != self.router:
+            return
+        lease = self._leases.setdefault(grant.budget_id, _Lease())
+        if (grant.period, grant.epoch) != (lease.period, lease.epoch):
+            lease.period, lease.epoch, lease.admitted = grant.period, grant.epoch, 0
+        lease.granted = grant.granted_usd
+        lease.expires_at = grant.expires_at.timestamp()
+        lease.asked_at = -1e9
+        lease.granted_event.set()
+
+    async def take(self, budgets: list[str], amount: int, now: datetime) -> LeaseTag | None:
+        """Charge ``amount`` to the lease of each of ``budgets``, asking and waiting for grants as needed; the tag
+        for the request event, or None when some lease could not cover it in time (refuse the request)."""
+        if not budgets:
+            return None
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            for budget in budgets:  # cleared before looking: a grant from here on wakes the wait below
+                self._lease(budget).granted_event.clear()
+            short = [b for b in budgets if self._lease(b).remaining(now.timestamp(), self.margin_s) < amount]
+            if not short:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.refusals += 1
+                return None
+            for budget in short:
+                await self._maybe_ask(budget, amount, now)
+            self.waits += 1
+            waits = [asyncio.ensure_future(self._lease(b).granted_event.wait()) for b in short]
+            _, pending = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        epochs = {}
+        for budget in budgets:
+            lease = self._lease(budget)
+            lease.admitted += amount
+            self._observe(lease, amount)
+            epochs[budget] = lease.epoch
+            await self._maybe_ask(budget, 0, now)  # ahead of need: the next grant before this one runs dry
+        return LeaseTag(router=self.router, pico=amount, epochs=epochs)
+
+    def _lease(self, budget: str) -> _Lease:
+        return self._leases.setdefault(budget, _Lease())
+
+    def _observe(self, lease: _Lease, amount: int) -> None:
+        now = time.monotonic()
+        elapsed = max(now - lease.last_take, 1e-3)
+        lease.rate = 0.8 * lease.rate + 0.2 * (amount / elapsed)
+        lease.last_take = now
+
+    async def _maybe_ask(self, budget: str, amount: int, now: datetime) -> None:
+        """Ask before the lease runs dry: when what is left covers less than the horizon at the recent rate."""
+        lease = self._lease(budget)
+        want = max(self.minimum_pico, amount, int(lease.rate * self.horizon_s))
+        left = lease.remaining(now.timestamp(), self.margin_s)
+        if left - amount >= want // 2 or time.monotonic() - lease.asked_at < self.wait_s:
+            return
+        lease.asked_at = time.monotonic()
+        self._asks += 1
+        await self.send(
+            LeaseAsk(
+                router=self.router,
+                budget_id=budget,
+                ask=self._asks,
+                amount_usd=want,
+                occurred_at=now,
+                ttl_s=self.ttl_s,
+            )
+        )
