@@ -9,7 +9,16 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ClockSettings",
@@ -235,10 +244,34 @@ class ViewSettings(Section):
         "(its event was lost, or its position never given).",
     )
 
+    leases: bool = Field(
+        True,
+        description="Admit cloud spend on leased budgets (a limit whose action blocks, or strict) only against "
+        "headroom leased from the aggregate: their cap holds whatever the number of routers.",
+    )
+    router_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] | None = Field(
+        None, description="This router's name in leases (default: host, process and a random part)."
+    )
+    lease_ttl_s: int = Field(30, gt=0, le=3600, description="A lease not renewed within this returns to the budget.")
+    lease_margin_s: float = Field(
+        5.0, ge=0, description="A lease is not used this close to its expiry (its reserves must reach the ledger)."
+    )
+    lease_horizon_s: float = Field(
+        2.0, gt=0, description="A router asks for this long of its recent rate, before its lease runs dry."
+    )
+    lease_wait_ms: float = Field(
+        250.0, ge=0, description="A request its lease cannot cover waits this long for a grant, then is refused."
+    )
+    lease_min_usd: Annotated[Decimal, Field(ge=0, le=1_000_000)] = Field(
+        Decimal("0.01"), description="The least a router asks for."
+    )
+
     @model_validator(mode="after")
     def _order(self) -> ViewSettings:
         if self.expire_after_s < self.stale_after_s:
             raise ValueError("expire_after_s must be at least stale_after_s")
+        if self.lease_margin_s >= self.lease_ttl_s:
+            raise ValueError("lease_margin_s must be less than lease_ttl_s")
         return self
 
 

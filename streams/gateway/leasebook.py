@@ -11,14 +11,23 @@ topic (:class:`budgetflow.schemas.events.LeaseGrant`), which the view follows.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from budgetflow.schemas.events import LeaseAsk, LeaseGrant, LeaseTag
+from aiokafka import AIOKafkaProducer
 
-__all__ = ["LeaseBook"]
+from budgetflow.schemas.events import LeaseAsk, LeaseGrant, LeaseTag
+from budgetflow.schemas.money import PICO_PER_USD
+from budgetflow.schemas.serde import dumps
+from budgetflow.schemas.settings import Settings
+from budgetflow.streams.kafka.clients import client_options
+
+__all__ = ["LeaseBook", "open_lease_book"]
 
 
 @dataclass(slots=True)
@@ -137,3 +146,25 @@ class LeaseBook:
                 ttl_s=self.ttl_s,
             )
         )
+
+
+async def open_lease_book(settings: Settings, topic: str) -> tuple[LeaseBook, Callable[[], Awaitable[None]]]:
+    """A started lease book for a view, with the producer its asks go out on; and how to stop it."""
+    view = settings.view
+    producer = AIOKafkaProducer(**client_options(settings.kafka), enable_idempotence=True, acks="all", linger_ms=0)
+    await producer.start()
+
+    async def send(ask: LeaseAsk) -> None:
+        await producer.send(topic, key=ask.budget_id.encode(), value=dumps(ask))
+
+    router = view.router_id or f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    book = LeaseBook(
+        "".join(c if c.isalnum() or c in "._:-" else "-" for c in router),
+        send,
+        ttl_s=view.lease_ttl_s,
+        margin_s=view.lease_margin_s,
+        horizon_s=view.lease_horizon_s,
+        wait_ms=view.lease_wait_ms,
+        minimum_pico=int(view.lease_min_usd * PICO_PER_USD),
+    )
+    return book, producer.stop

@@ -17,21 +17,22 @@ between two statuses (:mod:`budgetflow.streams.gateway.admissions`). ``decide`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import BudgetStatus, Heartbeat, period_of
+from budgetflow.schemas.events import BudgetStatus, Heartbeat, LeaseGrant, LeaseTag, period_of
 from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.gateway.admissions import Admission, Admissions, Seen, charged_budgets
+from budgetflow.streams.gateway.leasebook import LeaseBook, open_lease_book
 from budgetflow.streams.gateway.routing import (
-    Action,
     BudgetState,
     Candidate,
     Decision,
@@ -42,6 +43,7 @@ from budgetflow.streams.gateway.routing import (
     merge_decisions,
     unseen_state,
 )
+from budgetflow.streams.gateway.viewstate import BeatRecord, StatusRecord, published_state, rolled_over
 from budgetflow.streams.kafka.follow import Follower
 from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
@@ -58,31 +60,6 @@ __all__ = ["BudgetView"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Status:
-    """A status record kept compactly (a view holds one per budget)."""
-
-    seq: int
-    period: str
-    status: str
-    spend: int
-    limit: int | None
-    soft: int
-    action: Action
-    partition: int
-    as_of: float
-    reset_ts: float
-    seen: Seen
-    base: BudgetState | None = None  # built on first use, then shared by every decision on the budget
-
-
-@dataclass(slots=True)
-class _Beat:
-    as_of: float
-    lag_s: float
-    owner: str | None = None
-
-
 class BudgetView(Lifecycle):
     """Follows statuses and heartbeats; answers ``status``, ``decide``, ``admit`` and ``headers``."""
 
@@ -90,13 +67,15 @@ class BudgetView(Lifecycle):
         self.settings = settings or load_settings()
         self.topics = Topics.from_settings(self.settings)
         self.clock = clock or Clock(self.settings.clock)
-        self._statuses: dict[str, _Status] = {}
-        self._beats: dict[int, _Beat] = {}
+        self._statuses: dict[str, StatusRecord] = {}
+        self._beats: dict[int, BeatRecord] = {}
         view = self.settings.view
         self.admissions = Admissions(view.admit_max_age_s, view.admit_grace_s, self._seen)
         self._unseen: dict[str, tuple[float, float, BudgetState]] = {}  # budgets with no status: normal
         self._ready = asyncio.Event()
         self._follower: Follower | None = None
+        self.lease_book: LeaseBook | None = None
+        self._stop_leases: Callable[[], Awaitable[None]] | None = None
         self.records_seen = 0
         self.stale_records = 0
         self.decisions: dict[str, int] = {}
@@ -108,10 +87,12 @@ class BudgetView(Lifecycle):
 
     # -- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
+        if self.settings.view.leases:
+            self.lease_book, self._stop_leases = await open_lease_book(self.settings, self.topics.lease_asks.name)
         follower = Follower(
             self.settings,
-            [self.topics.status.name, self.topics.heartbeats.name],
-            lambda r: self._absorb(r.topic == self.topics.heartbeats.name, r.key, r.value),
+            [self.topics.status.name, self.topics.heartbeats.name, self.topics.leases.name],
+            lambda r: self._absorb(r.topic, r.key, r.value),
             name="budget-view",
             caught_up=self._ready,  # the view is ready when the follower has caught up
         )
@@ -128,6 +109,8 @@ class BudgetView(Lifecycle):
             await self._follower.stop()
         if self._policies is not None:
             await self._policies.stop()
+        if self._stop_leases is not None:
+            await self._stop_leases()
 
     async def ready(self, timeout_s: float | None = None) -> None:
         """Wait until the view has read both topics up to where they were when it started."""
@@ -138,9 +121,14 @@ class BudgetView(Lifecycle):
         return self._ready.is_set()
 
     # -- feeding (also used by tests and `view serve`) ----------------------------------
-    def _absorb(self, heartbeat: bool, key: bytes | None, value: bytes | None) -> None:
+    def _absorb(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         self.records_seen += 1
-        if heartbeat:
+        if topic == self.topics.leases.name:
+            with contextlib.suppress(InvalidEvent):
+                if self.lease_book is not None and value is not None:
+                    self.lease_book.granted(decode(LeaseGrant, value)[0])
+            return
+        if topic == self.topics.heartbeats.name:
             try:
                 beat, _ = decode(Heartbeat, value)
             except InvalidEvent:
@@ -163,7 +151,7 @@ class BudgetView(Lifecycle):
         if current is not None and record.seq < current.seq:
             self.stale_records += 1
             return False
-        self._statuses[record.budget_id] = _Status(
+        self._statuses[record.budget_id] = StatusRecord(
             seq=record.seq,
             period=record.period,
             status=record.status,
@@ -180,7 +168,7 @@ class BudgetView(Lifecycle):
         return True
 
     def apply_heartbeat(self, beat: Heartbeat) -> None:
-        self._beats[beat.partition] = _Beat(beat.as_of.timestamp(), beat.lag_s, beat.owner)
+        self._beats[beat.partition] = BeatRecord(beat.as_of.timestamp(), beat.lag_s, beat.owner)
 
     def heartbeat_ages(self, now: datetime | None = None) -> dict[int, float]:
         """Seconds since each partition's last heartbeat, on the view's clock."""
@@ -204,9 +192,9 @@ class BudgetView(Lifecycle):
         if record is None:
             unseen = self._unseen_state(budget_id, moment)
             return self._with_admitted(unseen, ts) if budget_id in self.admissions else unseen
-        base = _published(budget_id, record)
+        base = published_state(budget_id, record)
         if ts >= record.reset_ts:
-            return self._with_admitted(_rolled_over(base, moment), ts)
+            return self._with_admitted(rolled_over(base, moment), ts)
         beat = self._beats.get(record.partition)
         age = ts - (beat.as_of if beat is not None else record.as_of)
         lag = beat.lag_s if beat is not None else 0.0
@@ -246,10 +234,10 @@ class BudgetView(Lifecycle):
         if record is None:
             current = period_of(moment)
             return BudgetState(budget_id, current, next_reset=next_month_start(current), seen=False)
-        state = _published(budget_id, record)
+        state = published_state(budget_id, record)
         ts = moment.timestamp()
         if ts >= record.reset_ts:
-            return _rolled_over(state, moment)
+            return rolled_over(state, moment)
         beat = self._beats.get(record.partition)
         age = ts - (beat.as_of if beat is not None else record.as_of)
         lag = beat.lag_s if beat is not None else 0.0
@@ -288,6 +276,22 @@ class BudgetView(Lifecycle):
         moment = now or self.clock.now()
         charged = charged_budgets(self.resolver, budgets, request)
         return self.admissions.admit(moment, estimate_pico, charged, request=request, source=source)
+
+    async def lease(
+        self, budgets: Sequence[str], estimate_pico: int, *, request: RequestHandle | None = None
+    ) -> LeaseTag | Literal["refused"] | None:
+        """Charge a cloud request to this router's leases on the leased budgets it is charged to (waiting up to
+        ``VIEW__LEASE_WAIT_MS`` for grants): the tag for its request event, None when no budget is leased, or
+        "refused" when a lease could not cover it (answer with the budget's 429)."""
+        if self.lease_book is None:
+            return None
+        policies = self._policy_source()
+        charged = charged_budgets(self.resolver, budgets, request)
+        leased = [b for b in charged if b in policies and policies[b].leased]
+        if not leased:
+            return None
+        tag = await self.lease_book.take(leased, estimate_pico, self.clock.now())
+        return tag if tag is not None else "refused"
 
     def _seen(self, budget: str) -> Seen | None:
         record = self._statuses.get(budget)
@@ -418,33 +422,3 @@ class BudgetView(Lifecycle):
             "ready": self.is_ready,
             "records_seen": self.records_seen,
         }
-
-
-def _published(budget_id: str, record: _Status) -> BudgetState:
-    """A status record as a router's state (built once per record and kept on it)."""
-    if record.base is None:
-        record.base = BudgetState(
-            budget_id=budget_id,
-            period=record.period,
-            status=record.status,
-            spend_pico=record.spend,
-            limit_pico=record.limit,
-            utilization=utilization_percent(record.spend, record.limit),
-            soft_limit_percent=record.soft,
-            hard_limit_action=record.action,
-            next_reset=next_month_start(record.period),
-        )
-    return record.base
-
-
-def _rolled_over(state: BudgetState, moment: datetime) -> BudgetState:
-    """Rollover on read: last month's status says nothing about this one, which starts normal and unspent."""
-    current = period_of(moment)
-    return replace(
-        state,
-        period=current,
-        status="normal",
-        spend_pico=0,
-        utilization=utilization_percent(0, state.limit_pico),
-        next_reset=next_month_start(current),
-    )
