@@ -48,13 +48,14 @@ from prometheus_client import CollectorRegistry
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from budgetflow.schemas.errors import ConfigError, InvalidEvent
-from budgetflow.schemas.events import MAX_TOKENS, BudgetId, RequestEvent
+from budgetflow.schemas.events import MAX_TOKENS, BudgetId, LeaseTag, RequestEvent
 from budgetflow.schemas.money import format_usd
 from budgetflow.schemas.serde import dumps, loads, validation_message
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, RequestHandle, Usage, from_openai
 from budgetflow.streams.gateway.estimates import CostEstimates
 from budgetflow.streams.gateway.metrics import RouterCollector
+from budgetflow.streams.gateway.routing import Rejection
 from budgetflow.streams.service.http import credential_bytes
 from budgetflow.streams.service.metrics import exposition
 from budgetflow.tokenizers import PriceTable
@@ -276,11 +277,16 @@ class Gateway:
             headers = {**self.view.headers(call.budgets, estimate), **call.echo, **error_headers}
             return web.Response(status=status, body=payload, headers=headers)
         attempt = 0
+        refused: Rejection | None = None
         for chosen in decision.candidates:
-            handle = await self._publish(call, chosen, attempt)
+            estimate = self.estimates.of(call.ask, chosen)
+            lease = await self.view.lease(call.budgets, estimate) if chosen.backend == "cloud" else None
+            if isinstance(lease, Rejection):
+                refused = lease  # no headroom leased for it: the next candidate, or the 429
+                continue
+            handle = await self._publish(call, chosen, attempt, lease)
             if handle is None:
                 continue  # cloud, and the publisher could not record it: spend nobody would count
-            estimate = self.estimates.of(call.ask, chosen)
             if chosen.backend == "cloud":
                 self.view.admit(call.budgets, estimate, request=handle)
             try:
@@ -296,13 +302,18 @@ class Gateway:
                 response.headers["X-Budgetflow-Fallback"] = "true"
             return response
         headers = {**call.echo, **self.view.headers(call.budgets, estimate)}
+        if refused is not None and not attempt:
+            status, error_headers, payload = refused.to_response()
+            return web.Response(status=status, body=payload, headers={**headers, **error_headers})
         if attempt:
             return _error(
                 502, "no model could answer; retry shortly", retry=True, code="model_unavailable", headers=headers
             )
         return _error(503, "budget accounting is unavailable; retry shortly", retry=True, headers=headers)
 
-    async def _publish(self, call: _Call, chosen: Candidate, attempt: int) -> RequestHandle | None:
+    async def _publish(
+        self, call: _Call, chosen: Candidate, attempt: int, lease: LeaseTag | None
+    ) -> RequestHandle | None:
         """The RequestEvent of one attempt; None when it is a cloud one the publisher could not record."""
         handle = await self.publisher.publish_request(
             request_id=call.request_id,
@@ -314,6 +325,7 @@ class Gateway:
             max_tokens=call.max_tokens,
             session_id=call.session,
             attempt=attempt,
+            lease=lease,
         )
         if chosen.backend == "cloud" and not handle.cloud_allowed:
             return None

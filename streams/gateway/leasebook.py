@@ -86,11 +86,9 @@ class LeaseBook:
         lease.asked_at = -1e9
         lease.granted_event.set()
 
-    async def take(self, budgets: list[str], amount: int, now: datetime) -> LeaseTag | None:
-        """Charge ``amount`` to the lease of each of ``budgets``, asking and waiting for grants as needed; the tag
-        for the request event, or None when some lease could not cover it in time (refuse the request)."""
-        if not budgets:
-            return None
+    async def take(self, budgets: list[str], amount: int, now: datetime) -> LeaseTag | str:
+        """Charge ``amount`` to the lease of each of ``budgets``, asking and waiting for grants as needed: the tag
+        for the request event, or the budget whose lease could not cover it in time (refuse the request)."""
         deadline = time.monotonic() + self.wait_s
         while True:
             for budget in budgets:  # cleared before looking: a grant from here on wakes the wait below
@@ -101,7 +99,7 @@ class LeaseBook:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.refusals += 1
-                return None
+                return short[0]
             for budget in short:
                 await self._maybe_ask(budget, amount, now)
             self.waits += 1

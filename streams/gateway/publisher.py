@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from budgetflow.schemas.errors import InvalidEvent
-from budgetflow.schemas.events import RequestEvent, UsageEvent
+from budgetflow.schemas.events import LeaseTag, RequestEvent, UsageEvent
 from budgetflow.schemas.serde import describe_validation_error, dumps
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.gateway.spool import FSYNC_INTERVAL_S, Segment, Spool, SpoolFull
@@ -214,8 +214,10 @@ class BudgetPublisher(Lifecycle):
         metadata: Mapping[str, str] | None = None,
         attempt: int = 0,
         occurred_at: datetime | None = None,
+        lease: LeaseTag | None = None,
     ) -> RequestHandle:
-        """Validate and buffer a RequestEvent; raises :class:`InvalidEvent` for a bad one."""
+        """Validate and buffer a RequestEvent; raises :class:`InvalidEvent` for a bad one. ``lease``: what
+        ``BudgetView.lease`` charged the request to."""
         when = occurred_at or self.clock.now()
         event = _validated(
             RequestEvent,
@@ -236,6 +238,7 @@ class BudgetPublisher(Lifecycle):
                 "max_tokens": max_tokens,
                 "max_completion_tokens": max_completion_tokens,
                 "n": n,
+                "lease": lease,
             },
         )
         handle = RequestHandle(

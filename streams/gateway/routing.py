@@ -35,6 +35,7 @@ __all__ = [
     "affinity",
     "cloud_share",
     "decide",
+    "exceeded",
     "headers_for",
     "state_json",
     "unseen_state",
@@ -219,7 +220,7 @@ def decide(
     blocking_all = [s for s in hard if s.hard_limit_action == "block_all"]
     if blocking_all:
         return Decision(
-            (), _exceeded(blocking_all[0], "blocks all traffic"), False, share, h, blocking_all[0], tuple(flags)
+            (), exceeded(blocking_all[0], "blocks all traffic"), False, share, h, blocking_all[0], tuple(flags)
         )
     cloud_allowed = h < share
     if cloud_allowed:
@@ -234,7 +235,7 @@ def decide(
     if blocking_cloud:
         return Decision(
             (),
-            _exceeded(blocking_cloud[0], "blocks cloud traffic and no local model is available"),
+            exceeded(blocking_cloud[0], "blocks cloud traffic and no local model is available"),
             False,
             share,
             h,
@@ -245,7 +246,7 @@ def decide(
     return Decision(tuple(cloud), None, True, share, h, deciding, tuple(flags))
 
 
-def _exceeded(state: BudgetState, what: str) -> Rejection:
+def exceeded(state: BudgetState, what: str) -> Rejection:
     limit = "unlimited" if state.limit_pico is None else f"${format_usd(state.limit_pico, 2)}"
     message = (
         f"Budget {state.budget_id} has reached its limit for {state.period} (spent "

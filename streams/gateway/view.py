@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetStatus, Heartbeat, LeaseGrant, LeaseTag, period_of
@@ -39,6 +39,7 @@ from budgetflow.streams.gateway.routing import (
     Rejection,
     affinity,
     decide,
+    exceeded,
     headers_for,
     merge_decisions,
     unseen_state,
@@ -279,10 +280,10 @@ class BudgetView(Lifecycle):
 
     async def lease(
         self, budgets: Sequence[str], estimate_pico: int, *, request: RequestHandle | None = None
-    ) -> LeaseTag | Literal["refused"] | None:
+    ) -> LeaseTag | Rejection | None:
         """Charge a cloud request to this router's leases on the leased budgets it is charged to (waiting up to
-        ``VIEW__LEASE_WAIT_MS`` for grants): the tag for its request event, None when no budget is leased, or
-        "refused" when a lease could not cover it (answer with the budget's 429)."""
+        ``VIEW__LEASE_WAIT_MS`` for grants): the tag for its request event, None when no budget is leased, or the
+        rejection to answer with when a lease could not cover it."""
         if self.lease_book is None:
             return None
         policies = self._policy_source()
@@ -291,7 +292,7 @@ class BudgetView(Lifecycle):
         if not leased:
             return None
         tag = await self.lease_book.take(leased, estimate_pico, self.clock.now())
-        return tag if tag is not None else "refused"
+        return tag if not isinstance(tag, str) else exceeded(self.status(tag), "leaves no headroom for it")
 
     def _seen(self, budget: str) -> Seen | None:
         record = self._statuses.get(budget)
