@@ -47,7 +47,7 @@ from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings, load_settings
 from budgetflow.streams.gateway.estimates import CostEstimates
 from budgetflow.streams.gateway.publisher import BudgetPublisher, SpoolFull
-from budgetflow.streams.gateway.routing import Candidate
+from budgetflow.streams.gateway.routing import Candidate, Rejection
 from budgetflow.streams.gateway.usage import Usage
 from budgetflow.streams.gateway.view import BudgetView
 from budgetflow.streams.kafka.retry import Backoff
@@ -163,11 +163,7 @@ class BudgetflowCallback(CustomLogger):
         decision = view.decide(request_id, budgets, candidates)
         estimate = self.estimates.for_decision(ask, decision, candidates)
         if decision.rejection is not None:
-            status, headers, body = decision.rejection.to_response()
-            headers = {**view.headers(budgets, estimate), **headers}
-            headers.pop("content-type", None)
-            error = loads(body)["error"]
-            raise HTTPException(status_code=status, detail={"error": error.pop("message"), **error}, headers=headers)
+            raise _refusal(decision.rejection, view.headers(budgets, estimate))
         chosen = [group_of[(c.name, c.backend)] for c in decision.candidates]
         data["model"] = chosen[0]
         data.pop("fallbacks", None)  # the decision's, not the caller's: a caller cannot add a cloud model
@@ -219,6 +215,10 @@ class BudgetflowCallback(CustomLogger):
             raise HTTPException(status_code=429, detail=f"budgetflow: {group} is not allowed for this request")
         model, provider = self._deployment(str(kwargs.get("model") or group), candidate.backend)
         ask = call.ask
+        estimate = self.estimates.of(ask, candidate)
+        lease = await view.lease(call.budgets, estimate) if candidate.backend == "cloud" else None
+        if isinstance(lease, Rejection):  # no headroom leased for it in time: the budget's 429
+            raise _refusal(lease, view.headers(call.budgets, estimate))
         handle = await publisher.publish_request(
             request_id=call.request_id,
             model=model,
@@ -232,6 +232,7 @@ class BudgetflowCallback(CustomLogger):
             max_completion_tokens=ask.max_completion_tokens,
             n=ask.n,
             attempt=len(call.attempts),
+            lease=lease,
         )
         if candidate.backend == "cloud" and not handle.cloud_allowed:
             raise HTTPException(status_code=503, detail="budget accounting is unavailable; retry shortly")
@@ -239,7 +240,7 @@ class BudgetflowCallback(CustomLogger):
         call.served_by = candidate
         call.last_group = group
         if candidate.backend == "cloud":
-            view.admit(call.budgets, self.estimates.of(ask, candidate), request=handle)
+            view.admit(call.budgets, estimate, request=handle)
         if len(call.attempts) > 1:
             view.fallback_taken(call.decision, candidate)
         return None
@@ -377,3 +378,12 @@ def _publisher_with_own_spool(settings: Settings) -> BudgetPublisher:
         except ConfigError:
             continue
     raise ConfigError(f"all {SPOOL_SLOTS} usage spools under {base} are in use")
+
+
+def _refusal(rejection: Rejection, budget_headers: dict[str, str]) -> HTTPException:
+    """A budget's rejection as the proxy's HTTP error: its status, its body's error, and the X-Budget-* headers."""
+    status, headers, body = rejection.to_response()
+    headers = {**budget_headers, **headers}
+    headers.pop("content-type", None)
+    error = loads(body)["error"]
+    return HTTPException(status_code=status, detail={"error": error.pop("message"), **error}, headers=headers)
