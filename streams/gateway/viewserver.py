@@ -26,7 +26,7 @@ from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import BudgetId, Metadata
 from budgetflow.schemas.money import PICO_PER_USD, NonNegativeUsdAmount
 from budgetflow.schemas.serde import loads, validation_message
-from budgetflow.streams.gateway.routing import Candidate, state_json
+from budgetflow.streams.gateway.routing import Candidate, Rejection, state_json
 from budgetflow.streams.gateway.view import BudgetView
 from budgetflow.streams.service.http import bearer_guard, json_response
 
@@ -125,6 +125,13 @@ def _candidate_json(candidate: Candidate, fallback: bool) -> dict[str, Any]:
     return {"name": candidate.name, "backend": candidate.backend, "score": candidate.score, "fallback": fallback}
 
 
+class _LeaseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    budgets: list[BudgetId] = Field(default_factory=list, max_length=64)
+    estimated_cost_usd: Estimate
+
+
+# The handlers of `view serve`, one per route, kept together with the routes they serve.
 def view_app(view: BudgetView, token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[bearer_guard(token)] if token else [_local_only])
 
@@ -161,6 +168,16 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
         view.admit(body.budgets, body.estimated_cost_usd, source=body.source)
         return web.Response(status=204)
 
+    async def lease(request: web.Request) -> web.Response:
+        """A cloud request charged to this router's leases: the ``lease`` to put on its RequestEvent (null when no
+        budget of it is leased), or the budget's 429 when no lease covers it."""
+        body: _LeaseIn = await _parse(request, _LeaseIn)
+        got = await view.lease(body.budgets, body.estimated_cost_usd)
+        if isinstance(got, Rejection):
+            status, headers, payload = got.to_response()
+            return web.Response(status=status, body=payload, headers=headers)
+        return json_response({"lease": None if got is None else got.model_dump(mode="json")})
+
     async def status(request: web.Request) -> web.Response:
         return json_response(state_json(view.status(request.match_info["budget_id"])))
 
@@ -170,6 +187,7 @@ def view_app(view: BudgetView, token: str | None = None) -> web.Application:
 
     app.router.add_post("/v1/decide", decide)
     app.router.add_post("/v1/admit", admit)
+    app.router.add_post("/v1/lease", lease)
     app.router.add_get("/v1/status/{budget_id}", status)
     app.router.add_get("/healthz", healthz)
     return app
