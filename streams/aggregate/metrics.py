@@ -101,6 +101,9 @@ class _BudgetGauges:
             ["budget"],
         )
         self.requests = f.gauge("budget_requests", "Requests counted this month.", ["budget"])
+        self.leased = f.gauge(
+            "budget_leased_usd", "Headroom leased to routers and not yet used by their reserves.", ["budget"]
+        )
 
     def add(
         self,
@@ -123,6 +126,7 @@ class _BudgetGauges:
         self.reserved.add_metric(label, pico_to_float_usd(r))
         self.status.add_metric(owned, STATUS_RANK[status])
         self.requests.add_metric(label, state.requests if state else 0)
+        self.leased.add_metric(label, pico_to_float_usd(state.leased if state else 0))
         self.reset.add_metric(label, max(0.0, reset_at - now))
         limit = policy.monthly_limit_usd
         if limit is not None:

@@ -58,6 +58,15 @@ class RouterCollector(Collector):
             yield GaugeMetricFamily(
                 f"{PREFIX}_router_view_ready", "1 once the view has caught up.", value=1 if self.view.is_ready else 0
             )
+            if (book := self.view.lease_book) is not None:
+                yield CounterMetricFamily(
+                    f"{PREFIX}_router_lease_waits", "Requests that waited for a lease grant.", value=book.waits
+                )
+                yield CounterMetricFamily(
+                    f"{PREFIX}_router_lease_refusals",
+                    "Cloud requests refused: no lease covered them within VIEW__LEASE_WAIT_MS.",
+                    value=book.refusals,
+                )
         if self.publisher is not None:
             events = CounterMetricFamily(
                 f"{PREFIX}_publisher_events", "Publisher events by what became of them.", labels=["result"]
