@@ -375,6 +375,30 @@ def routing_share() -> timeseries.Panel:
     )
 
 
+def leases() -> timeseries.Panel:
+    return graph(
+        "Leases",
+        "Headroom of blocking (or strict) budgets leased to routers and not yet used, per budget; and the cloud "
+        "requests that waited for a grant, or were refused because no lease covered them.",
+        USD,
+        [(f"sum by (budget) (budgetflow_budget_leased_usd{BUDGET})", "leased {{budget}}")],
+        width=12,
+    )
+
+
+def lease_waits() -> timeseries.Panel:
+    return graph(
+        "Lease waits and refusals",
+        "Cloud requests per second that waited for a lease grant, and that were refused when none came in time.",
+        PER_SECOND,
+        [
+            (f"sum(rate(budgetflow_router_lease_waits_total{RATE}))", "waited"),
+            (f"sum(rate(budgetflow_router_lease_refusals_total{RATE}))", "refused"),
+        ],
+        width=12,
+    )
+
+
 def router_view() -> stat.Panel:
     return (
         stat.Panel()
@@ -513,7 +537,7 @@ def dashboard() -> models.Dashboard:
         ("Budgets", [spend_vs_limit(), utilization(), status_timeline(), budgets_table()]),
         ("Burn and projection", [burn_rate(), projected_spend()]),
         ("Cost and tokens", [cost_per_request(), tokens()]),
-        ("Routing", [routing_share(), router_view()]),
+        ("Routing", [routing_share(), router_view(), leases(), lease_waits()]),
         ("Data quality", [dead_letters(), late_entries(), unpriced()]),
         ("Pipeline", [throughput(), consumer_lag(), status_propagation(), heartbeat_age()]),
     ]

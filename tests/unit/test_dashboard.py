@@ -43,6 +43,7 @@ GAUGES = {
     "budgetflow_budget_projected_spend_usd",
     "budgetflow_budget_projected_hard_limit_seconds",
     "budgetflow_budget_requests",
+    "budgetflow_budget_leased_usd",
     "budgetflow_reservations_open",
     "budgetflow_consumer_lag_records",
     "budgetflow_heartbeat_age_seconds",
@@ -64,6 +65,8 @@ COUNTERS = {  # exposed with a _total suffix
     "budgetflow_reservations_expired",
     "budgetflow_statuses_published",
     "budgetflow_router_decisions",
+    "budgetflow_router_lease_waits",
+    "budgetflow_router_lease_refusals",
     "budgetflow_publisher_events",
 }
 HISTOGRAMS = {  # exposed as _bucket, _sum and _count
