@@ -279,6 +279,8 @@ async def test_the_pipeline_runs_over_tls_and_scram_and_each_role_does_only_its_
     for topic in (topics.policies.name, topics.ledger.name, topics.status.name, topics.usage.name):
         assert not await can_write(router, topic), topic
     assert not await can_read(router, topics.ledger.name)
+    # It asks for leases on their own topic (enrich makes them ledger entries): the ledger stays the workers'.
+    assert await can_write(router, topics.lease_asks.name)
     # The gateway writes requests and usage, and nothing else; it reads nothing.
     assert await can_write(gateway, topics.usage.name)
     assert await can_write(gateway, topics.requests.name)
