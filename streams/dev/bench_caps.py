@@ -46,11 +46,12 @@ GATEWAY = Path(__file__).resolve().parents[2] / "examples" / "gateway.py"
 class Sizes:
     requests: int
     limit_usd: str
-    cells: tuple[tuple[int, int], ...]  # (gateway processes, concurrency), in the order they run
+    cells: tuple[Cell, ...]  # in the order they run
 
 
-FULL = Sizes(2_000, "0.50", tuple((g, c) for g in (1, 2, 4) for c in (1, 10, 100)))
-QUICK = Sizes(60, "0.030", ((1, 1), (2, 10)))
+Cell = tuple[int, int, bool]  # (gateway processes, concurrency, leases)
+FULL = Sizes(2_000, "0.50", tuple((g, c, leased) for leased in (False, True) for g in (1, 2, 4) for c in (1, 10, 100)))
+QUICK = Sizes(60, "0.030", ((1, 1, False), (2, 10, False), (2, 10, True)))
 
 PER_REQUEST_PICO = 10**9  # $0.001
 MODEL = "caps-model"
@@ -71,17 +72,19 @@ CHECK_KEY = "sk-caps-check"
 CHECK_BUDGET = "caps:check"
 
 
-def _budget(gateways: int, concurrency: int) -> str:
-    return f"caps:g{gateways}c{concurrency}"
+def _budget(cell: Cell) -> str:
+    gateways, concurrency, leased = cell
+    return f"caps:g{gateways}c{concurrency}{'l' if leased else ''}"
 
 
-def _key(gateways: int, concurrency: int) -> str:
-    return f"sk-caps-g{gateways}-c{concurrency}"
+def _key(cell: Cell) -> str:
+    gateways, concurrency, leased = cell
+    return f"sk-caps-g{gateways}-c{concurrency}{'-l' if leased else ''}"
 
 
 def _key_file(path: Path, sizes: Sizes) -> Path:
     """The gateways' key file: per cell a key charged to the cell's budget, and one for the cost check."""
-    keys = {CHECK_KEY: CHECK_BUDGET} | {_key(g, c): _budget(g, c) for g, c in sizes.cells}
+    keys = {CHECK_KEY: CHECK_BUDGET} | {_key(cell): _budget(cell) for cell in sizes.cells}
     lines = ["keys:"]
     for i, (key, budget) in enumerate(keys.items()):
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -191,11 +194,12 @@ async def _burst(gateways: list[_Gateway], key: str, n: int, concurrency: int) -
     return burst
 
 
-def _row(gateways: int, concurrency: int, burst: Burst, exact: int) -> dict[str, Any]:
+def _row(cell: Cell, burst: Burst, exact: int) -> dict[str, Any]:
     return {
-        "gateways": gateways,
-        "concurrency": concurrency,
-        "budget_id": _budget(gateways, concurrency),
+        "gateways": cell[0],
+        "concurrency": cell[1],
+        "leases": cell[2],
+        "budget_id": _budget(cell),
         "admitted": burst.admitted,
         "exact": exact,
         "ratio": burst.admitted / exact,
@@ -212,19 +216,21 @@ async def _measure(env: dict[str, str], settings: Settings, keys: Path, root: Pa
     exact = parse_usd(sizes.limit_usd) // PER_REQUEST_PICO
     rows: list[dict[str, Any]] = []
     checked: dict[str, int] = {}
-    for n in dict.fromkeys(g for g, _ in sizes.cells):  # each gateway count once, in the order of the cells
+    # Each set of gateways once (a count, with or without leases), in the order of the cells.
+    for n, leased in dict.fromkeys((g, leased) for g, _, leased in sizes.cells):
         gateways: list[_Gateway] = []
         try:
+            flag = {"BUDGETFLOW_VIEW__LEASES": "true" if leased else "false"}
             for i in range(n):
-                gateways.append(_Gateway(env, keys, root / f"g{n}-{i}"))
+                gateways.append(_Gateway({**env, **flag}, keys, root / f"g{n}-{i}{'l' if leased else ''}"))
             async with aiohttp.ClientSession() as http:
                 for gateway in gateways:
                     await gateway.ready(http)
                 for gateway in gateways:
                     checked = await _check_cost(http, gateway, settings)
-            for g, c in sizes.cells:
-                if g == n:
-                    rows.append(_row(g, c, await _burst(gateways, _key(g, c), sizes.requests, c), exact))
+            for cell in sizes.cells:
+                if cell[0] == n and cell[2] == leased:
+                    rows.append(_row(cell, await _burst(gateways, _key(cell), sizes.requests, cell[1]), exact))
         finally:
             for gateway in gateways:
                 gateway.stop()
@@ -265,7 +271,7 @@ def bench_caps(quick: bool, bootstrap: str) -> dict[str, Any]:
         try:
 
             async def run() -> dict[str, Any]:
-                await cap_policies(settings, topics, root, [_budget(g, c) for g, c in sizes.cells], sizes.limit_usd)
+                await cap_policies(settings, topics, root, [_budget(cell) for cell in sizes.cells], sizes.limit_usd)
                 measured = await _measure(env, settings, keys, root / "gateways", sizes)
                 await settle_cells(settings, topics, measured["cells"], PER_REQUEST_PICO)
                 return measured

@@ -185,13 +185,14 @@ def _caps(section: dict[str, Any]) -> list[str]:
         f"${section['per_request_usd']} per request, {section['requests']:,} requests round-robin over the gateways "
         f"(exact: {section['exact']:,} admitted)",
         "",
-        "| gateways | concurrency | admitted | admitted / exact | settled (ledger) | ledger exact "
+        "| leases | gateways | concurrency | admitted | admitted / exact | settled (ledger) | ledger exact "
         "| admitted before the first 429 | requests/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in section["cells"]:
         lines.append(
-            f"| {r['gateways']} | {r['concurrency']} | {r['admitted']:,} | {r['ratio']:.2f} | ${r['spend_usd']} "
+            f"| {'yes' if r.get('leases') else 'no'} | {r['gateways']} | {r['concurrency']} | {r['admitted']:,} "
+            f"| {r['ratio']:.2f} | ${r['spend_usd']} "
             f"| {'yes' if r['ledger_exact'] else 'no'} | {_count(r['admitted_before_first_429'])} "
             f"| {r['requests_per_s']:.0f} |"
         )

@@ -36,7 +36,8 @@ def test_quick_caps_bench_makes_its_table(kafka_bootstrap: str, tmp_path: Path, 
     assert section["fake_usage"]["completion_tokens"] == 20
 
     rows = section["cells"]
-    assert [(r["gateways"], r["concurrency"]) for r in rows] == [(1, 1), (2, 10)], "one row per cell, in order"
+    cells = [(r["gateways"], r["concurrency"], r["leases"]) for r in rows]
+    assert cells == [(1, 1, False), (2, 10, False), (2, 10, True)], "one row per cell, in order"
     assert len({r["budget_id"] for r in rows}) == len(rows), "a budget per cell"
     for r in rows:
         assert sum(r["statuses"].values()) == n, r
@@ -53,9 +54,10 @@ def test_quick_caps_bench_makes_its_table(kafka_bootstrap: str, tmp_path: Path, 
         assert Decimal(r["spend_usd"]) == r["admitted"] * Decimal("0.001"), r
         assert r["reserved_usd"] == "0.000000", r
     for r in rows:
-        if r["gateways"] == 1:
-            # One gateway counts each admission until a status covers it: never past the cap.
+        if r["gateways"] == 1 or r["leases"]:
+            # One gateway counts each admission until a status covers it; with leases, any number of them admit
+            # only against headroom leased to each: never past the cap.
             assert r["admitted"] <= exact, r
             assert r["statuses"].get("429", 0) == n - r["admitted"], r
-    assert "| gateways | concurrency | admitted | admitted / exact | settled (ledger) |" in proc.stdout
+    assert "| leases | gateways | concurrency | admitted | admitted / exact | settled (ledger) |" in proc.stdout
     print(proc.stdout)
