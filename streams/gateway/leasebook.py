@@ -41,7 +41,7 @@ class _Lease:
     admitted: int = 0  # admitted by this router in this epoch
     asked_at: float = -1e9  # monotonic time of the last ask not yet answered
     rate: float = 0.0  # pico-dollars a second, smoothed
-    last_take: float = field(default_factory=time.monotonic)
+    last_take: float | None = None
     granted_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def remaining(self, now: float, margin_s: float) -> int:
@@ -120,9 +120,11 @@ class LeaseBook:
         return self._leases.setdefault(budget, _Lease())
 
     def _observe(self, lease: _Lease, amount: int) -> None:
+        """The router's recent rate on a budget: nothing to go by before its second request."""
         now = time.monotonic()
-        elapsed = max(now - lease.last_take, 1e-3)
-        lease.rate = 0.8 * lease.rate + 0.2 * (amount / elapsed)
+        if lease.last_take is not None:
+            elapsed = max(now - lease.last_take, 1e-3)
+            lease.rate = 0.8 * lease.rate + 0.2 * (amount / elapsed)
         lease.last_take = now
 
     async def _maybe_ask(self, budget: str, amount: int, now: datetime) -> None:
