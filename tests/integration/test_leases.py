@@ -134,7 +134,12 @@ async def test_a_router_killed_holding_a_lease_holds_nothing_after_its_ttl(
     pipeline.start("enrich")
     pipeline.start("aggregate")
     # A router in a process of its own takes a lease ($0.01: what it asks at least), then dies by SIGKILL.
-    env = {**pipeline.env_base, "BUDGETFLOW_VIEW__ROUTER_ID": "doomed", "BUDGETFLOW_DATA_DIR": str(tmp_path / "doomed")}
+    env = {
+        **pipeline.env_base,
+        "BUDGETFLOW_VIEW__ROUTER_ID": "doomed",
+        "BUDGETFLOW_VIEW__LEASE_WAIT_MS": "30000",  # the first grant, while the workers start
+        "BUDGETFLOW_DATA_DIR": str(tmp_path / "doomed"),
+    }
     doomed = subprocess.Popen([sys.executable, "-c", ROUTER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert doomed.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(doomed.stdout.readline), 60)
