@@ -292,7 +292,10 @@ class BudgetView(Lifecycle):
         if not leased:
             return None
         tag = await self.lease_book.take(leased, estimate_pico, self.clock.now())
-        return tag if not isinstance(tag, str) else exceeded(self.status(tag), "leaves no headroom for it")
+        if not isinstance(tag, str):
+            return tag
+        at_cap = replace(self.status(tag), status="hard_limit")  # what is left is leased: the cap, for this request
+        return exceeded(at_cap, "leaves no headroom for it")
 
     def _seen(self, budget: str) -> Seen | None:
         record = self._statuses.get(budget)
