@@ -40,8 +40,10 @@ class _Lease:
     expires_at: float = 0.0
     admitted: int = 0  # admitted by this router in this epoch
     asked_at: float = -1e9  # monotonic time of the last ask not yet answered
+    pending: int | None = None  # the number of that ask
     rate: float = 0.0  # pico-dollars a second, smoothed
     last_take: float | None = None
+    dry_until: float = -1e9  # monotonic: an ask was answered with nothing (the cap): refuse at once until then
     granted_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def remaining(self, now: float, margin_s: float) -> int:
@@ -80,10 +82,14 @@ class LeaseBook:
             return
         lease = self._leases.setdefault(grant.budget_id, _Lease())
         if (grant.period, grant.epoch) != (lease.period, lease.epoch):
-            lease.period, lease.epoch, lease.admitted = grant.period, grant.epoch, 0
+            lease.period, lease.epoch, lease.admitted, lease.granted = grant.period, grant.epoch, 0, 0
+        answered = lease.pending is not None and grant.asks >= lease.pending
+        if answered and grant.granted_usd <= lease.granted and grant.epoch == lease.epoch:
+            lease.dry_until = time.monotonic() + self.wait_s  # asked, and nothing more came: the budget is spent
         lease.granted = grant.granted_usd
         lease.expires_at = grant.expires_at.timestamp()
-        lease.asked_at = -1e9
+        if answered:
+            lease.asked_at, lease.pending = -1e9, None
         lease.granted_event.set()
 
     async def take(self, budgets: list[str], amount: int, now: datetime) -> LeaseTag | str:
@@ -97,9 +103,10 @@ class LeaseBook:
             if not short:
                 break
             left = deadline - time.monotonic()
-            if left <= 0:
+            dry = [b for b in short if self._lease(b).dry_until > time.monotonic()]
+            if left <= 0 or dry:  # waiting would not help: nothing was left to grant a moment ago
                 self.refusals += 1
-                return short[0]
+                return (dry or short)[0]
             for budget in short:
                 await self._maybe_ask(budget, amount, now)
             self.waits += 1
@@ -132,10 +139,12 @@ class LeaseBook:
         lease = self._lease(budget)
         want = max(self.minimum_pico, amount, int(lease.rate * self.horizon_s))
         left = lease.remaining(now.timestamp(), self.margin_s)
-        if left - amount >= want // 2 or time.monotonic() - lease.asked_at < self.wait_s:
+        now_m = time.monotonic()
+        if left - amount >= want // 2 or now_m - lease.asked_at < self.wait_s or lease.dry_until > now_m:
             return
         lease.asked_at = time.monotonic()
         self._asks += 1
+        lease.pending = self._asks
         await self.send(
             LeaseAsk(
                 router=self.router,
