@@ -97,6 +97,9 @@ class Demo:
                 "BUDGETFLOW_VIEW__STALE_AFTER_S": repr(3 * self.speed),
                 "BUDGETFLOW_VIEW__EXPIRE_AFTER_S": repr(30 * self.speed),
                 "BUDGETFLOW_VIEW__ADMIT_MAX_AGE_S": repr(1 * self.speed),
+                # A lease lives at most an hour of simulated time, milliseconds here: the demo's routers admit
+                # by the status rule (its budgets block at their caps all the same).
+                "BUDGETFLOW_VIEW__LEASES": "false",
             }
         )
         return env
