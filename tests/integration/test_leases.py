@@ -141,11 +141,13 @@ async def test_a_router_killed_holding_a_lease_holds_nothing_after_its_ttl(
         "BUDGETFLOW_DATA_DIR": str(tmp_path / "doomed"),
     }
     doomed = subprocess.Popen([sys.executable, "-c", ROUTER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert doomed.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(doomed.stdout.readline), 60)
-    assert line.strip() == b"leased", line
-    doomed.kill()
-    doomed.wait()
+    try:
+        assert doomed.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(doomed.stdout.readline), 60)
+        assert line.strip() == b"leased", line
+    finally:
+        doomed.kill()
+        doomed.wait()
 
     settings = pipeline.settings()
     settings = settings.model_copy(update={"view": settings.view.model_copy(update={"router_id": "survivor"})})
