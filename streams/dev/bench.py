@@ -193,6 +193,7 @@ def bench_routing(quick: bool) -> dict[str, Any]:
         trivial(request_id, wanted)
         base.append(time.perf_counter_ns() - began)
     return {
+        **_leased_decide(view, names, candidates, now),
         "budgets": budgets,
         "view_traced_bytes": traced,
         "view_rss_bytes": rss,
@@ -200,6 +201,51 @@ def bench_routing(quick: bool) -> dict[str, Any]:
         "decide": percentiles_us(ours),
         "baseline": percentiles_us(base),
     }
+
+
+def _leased_decide(
+    view: Any, names: list[tuple[str, list[str]]], candidates: list[Any], now: datetime
+) -> dict[str, Any]:
+    """A cloud admission on leased budgets: ``decide`` then ``lease`` with leases that cover it (no ask, no wait),
+    beside the ``decide`` of the same calls alone (the same view, the same policies followed)."""
+    import asyncio
+    from datetime import timedelta
+
+    from budgetflow.schemas.events import LeaseAsk, LeaseGrant, LeaseTag
+    from budgetflow.schemas.policy import BudgetPolicy
+    from budgetflow.streams.gateway.leasebook import LeaseBook
+
+    leased = sorted({budget for _, wanted in names for budget in wanted})
+    policy = {"monthly_limit_usd": "100", "hard_limit_action": "block_cloud"}
+    policies = {b: BudgetPolicy.model_validate({"id": b, **policy}) for b in leased}
+    view.use_policies(lambda: policies)
+
+    async def unsent(ask: LeaseAsk) -> None:
+        raise AssertionError(f"a covering lease asked for more: {ask}")
+
+    book = LeaseBook("bench", unsent, ttl_s=3600, margin_s=2, horizon_s=1, wait_ms=50, minimum_pico=10**10)
+    period = f"{now.year:04d}-{now.month:02d}"
+    expiry = datetime.now(UTC) + timedelta(hours=1)
+    for budget in leased:  # far more than the calls take: every call is covered
+        book.granted(LeaseGrant(budget_id=budget, period=period, router="bench", epoch=0, granted_usd=10**18,
+                                used_usd=0, expires_at=expiry, asks=0, as_of=now))  # fmt: skip
+    view.lease_book = book
+
+    async def calls() -> tuple[list[int], list[int]]:
+        both, alone = [], []
+        for request_id, wanted in names:
+            began = time.perf_counter_ns()
+            view.decide(request_id, wanted, candidates, now=now)
+            decided = time.perf_counter_ns()
+            tag = await view.lease(wanted, 5 * 10**9)
+            both.append(time.perf_counter_ns() - began)
+            alone.append(decided - began)
+            assert isinstance(tag, LeaseTag), tag
+        return both, alone
+
+    both, alone = asyncio.run(calls())
+    view.lease_book = None
+    return {"decide_lease": percentiles_us(both), "decide_with_policies": percentiles_us(alone)}
 
 
 SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {

@@ -125,6 +125,14 @@ def _routing(row: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         _row("view.decide (2 budgets + global)", row["decide"]),
         _row("baseline: 3 dict lookups + SHA-256", row["baseline"]),
+        *(
+            [
+                _row("view.decide + view.lease, covering leases (2 block_cloud budgets)", row["decide_lease"]),
+                _row("baseline: the view.decide of those calls alone", row["decide_with_policies"]),
+            ]
+            if "decide_lease" in row
+            else []
+        ),
     ]
 
 

@@ -95,53 +95,74 @@ class LeaseBook:
     async def take(self, budgets: list[str], amount: int, now: datetime) -> LeaseTag | str:
         """Charge ``amount`` to the lease of each of ``budgets``, asking and waiting for grants as needed: the tag
         for the request event, or the budget whose lease could not cover it in time (refuse the request)."""
+        at = now.timestamp()
+        leases = [self._lease(budget) for budget in budgets]
+        for lease in leases:
+            if lease.remaining(at, self.margin_s) < amount:  # not covered: ask, wait, maybe refuse
+                refused = await self._wait_for(budgets, amount, now)
+                if refused is not None:
+                    return refused
+                break
+        moment = time.monotonic()
+        epochs = {}
+        for budget, lease in zip(budgets, leases, strict=True):
+            lease.admitted += amount
+            self._observe(lease, amount, moment)
+            epochs[budget] = lease.epoch
+            if self._should_ask(lease, 0, at, moment):  # ahead of need: the next grant before this one runs dry
+                await self._ask(budget, lease, 0, now)
+        return LeaseTag(router=self.router, pico=amount, epochs=epochs)
+
+    async def _wait_for(self, budgets: list[str], amount: int, now: datetime) -> str | None:
+        """Ask for the leases short of ``amount`` and wait up to the lease wait for grants that cover it: None when
+        they came, else the budget to refuse the request for."""
         deadline = time.monotonic() + self.wait_s
+        at = now.timestamp()
         while True:
             for budget in budgets:  # cleared before looking: a grant from here on wakes the wait below
                 self._lease(budget).granted_event.clear()
-            short = [b for b in budgets if self._lease(b).remaining(now.timestamp(), self.margin_s) < amount]
+            short = [b for b in budgets if self._lease(b).remaining(at, self.margin_s) < amount]
             if not short:
-                break
+                return None
             left = deadline - time.monotonic()
             dry = [b for b in short if self._lease(b).dry_until > time.monotonic()]
             if left <= 0 or dry:  # waiting would not help: nothing was left to grant a moment ago
                 self.refusals += 1
                 return (dry or short)[0]
             for budget in short:
-                await self._maybe_ask(budget, amount, now)
+                lease = self._lease(budget)
+                if self._should_ask(lease, amount, at, time.monotonic()):
+                    await self._ask(budget, lease, amount, now)
             self.waits += 1
             waits = [asyncio.ensure_future(self._lease(b).granted_event.wait()) for b in short]
             _, pending = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-        epochs = {}
-        for budget in budgets:
-            lease = self._lease(budget)
-            lease.admitted += amount
-            self._observe(lease, amount)
-            epochs[budget] = lease.epoch
-            await self._maybe_ask(budget, 0, now)  # ahead of need: the next grant before this one runs dry
-        return LeaseTag(router=self.router, pico=amount, epochs=epochs)
 
     def _lease(self, budget: str) -> _Lease:
-        return self._leases.setdefault(budget, _Lease())
+        lease = self._leases.get(budget)
+        if lease is None:
+            lease = self._leases[budget] = _Lease()
+        return lease
 
-    def _observe(self, lease: _Lease, amount: int) -> None:
-        """The router's recent rate on a budget: nothing to go by before its second request."""
-        now = time.monotonic()
+    def _observe(self, lease: _Lease, amount: int, now: float) -> None:
+        """The router's recent rate on a budget (``now``: monotonic): nothing to go by before its second request."""
         if lease.last_take is not None:
             elapsed = max(now - lease.last_take, 1e-3)
             lease.rate = 0.8 * lease.rate + 0.2 * (amount / elapsed)
         lease.last_take = now
 
-    async def _maybe_ask(self, budget: str, amount: int, now: datetime) -> None:
-        """Ask before the lease runs dry: when what is left covers less than the horizon at the recent rate."""
-        lease = self._lease(budget)
-        want = max(self.minimum_pico, amount, int(lease.rate * self.horizon_s))
-        left = lease.remaining(now.timestamp(), self.margin_s)
-        now_m = time.monotonic()
-        if left - amount >= want // 2 or now_m - lease.asked_at < self.wait_s or lease.dry_until > now_m:
-            return
+    def _want(self, lease: _Lease, amount: int) -> int:
+        return max(self.minimum_pico, amount, int(lease.rate * self.horizon_s))
+
+    def _should_ask(self, lease: _Lease, amount: int, at: float, now_m: float) -> bool:
+        """Ask before the lease runs dry: when what is left covers less than the horizon at the recent rate (and
+        no ask is pending, and the last answer was not that the budget is spent)."""
+        if lease.remaining(at, self.margin_s) - amount >= self._want(lease, amount) // 2:
+            return False
+        return now_m - lease.asked_at >= self.wait_s and lease.dry_until <= now_m
+
+    async def _ask(self, budget: str, lease: _Lease, amount: int, now: datetime) -> None:
         lease.asked_at = time.monotonic()
         self._asks += 1
         lease.pending = self._asks
@@ -150,7 +171,7 @@ class LeaseBook:
                 router=self.router,
                 budget_id=budget,
                 ask=self._asks,
-                amount_usd=want,
+                amount_usd=self._want(lease, amount),
                 occurred_at=now,
                 ttl_s=self.ttl_s,
             )
