@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import aiohttp
 
 from budgetflow.schemas.money import format_usd, parse_usd
 from budgetflow.schemas.settings import Settings, settings_from_env
-from budgetflow.streams.dev.bench_common import bench_env, cap_policies, settle_cells
+from budgetflow.streams.dev.bench_common import bench_env, cap_policies, quantiles_ms, settle_cells
 from budgetflow.streams.dev.litellm_proxy import spawn_proxy, stop_group
 from budgetflow.streams.dev.localhost import free_port
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
@@ -165,6 +165,7 @@ class Burst:
     odd: int = 0  # admitted answers not of MAX_TOKENS completion tokens estimated at $0.001
     elapsed_s: float = 0.0
     before_refusal: int | None = None  # answers admitted before the first 429 (None: nothing refused)
+    waited_ms: dict[int, list[float]] = field(default_factory=dict)  # each answer's time, by status
 
     @property
     def admitted(self) -> int:
@@ -181,7 +182,9 @@ async def _burst(gateways: list[_Gateway], key: str, n: int, concurrency: int) -
 
         async def client() -> None:
             for i in pending:  # one iterator for all clients: each request once
+                sent = time.perf_counter()
                 status, usage, estimated = await _chat(http, gateways[i % len(gateways)].base, key)
+                burst.waited_ms.setdefault(status, []).append((time.perf_counter() - sent) * 1000)
                 burst.statuses[status] += 1
                 if status == 200:
                     completion = (usage or {}).get("completion_tokens")
@@ -208,6 +211,8 @@ def _row(cell: Cell, burst: Burst, exact: int) -> dict[str, Any]:
         # Fewer than exact here is budget refused while it was still there (a later answer may use it after all).
         "admitted_before_first_429": burst.before_refusal,
         "requests_per_s": sum(burst.statuses.values()) / burst.elapsed_s,  # the pace, refusals included
+        # The wait at the cap: how long an answer took, admitted and refused (a leased gateway may wait for grants).
+        "answer_ms": {str(s): quantiles_ms(times) for s, times in sorted(burst.waited_ms.items())},
     }
 
 

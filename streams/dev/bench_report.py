@@ -170,7 +170,8 @@ def _litellm(section: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['system']} | {r['budget']} | {r['workers']} | {r['concurrency']} | {r['admitted']:,} "
             f"| {r['ratio']:.2f} | ${r['spend_usd']} ({source}) | {_count(r['admitted_before_first_refusal'])} "
-            f"| {r['requests_per_s']:.0f} |"
+            f"| {r['requests_per_s']:.0f} | {_answers(r, '200', ('p50', 'p99'))} "
+            f"| {_answers(r, '429', ('p50', 'p99', 'max'))} |"
         )
     q = section["latency"]
     with_cb, without = q["with_callback"], q["without_callback"]
@@ -184,6 +185,12 @@ def _litellm(section: dict[str, Any]) -> list[str]:
     ]
 
 
+def _answers(row: dict[str, Any], status: str, keys: tuple[str, ...]) -> str:
+    """How long the answers of one status took, in ms ("–" when there were none)."""
+    times = row.get("answer_ms", {}).get(status)
+    return " / ".join(f"{times[k + '_ms']:.1f}" for k in keys) if times else "–"
+
+
 def _caps(section: dict[str, Any]) -> list[str]:
     if "skipped" in section:
         return ["", f"caps: skipped ({section['skipped']})"]
@@ -194,15 +201,16 @@ def _caps(section: dict[str, Any]) -> list[str]:
         f"(exact: {section['exact']:,} admitted)",
         "",
         "| leases | gateways | concurrency | admitted | admitted / exact | settled (ledger) | ledger exact "
-        "| admitted before the first 429 | requests/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| admitted before the first 429 | requests/s | 200 p50 / p99 ms | 429 p50 / p99 / max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in section["cells"]:
         lines.append(
             f"| {'yes' if r.get('leases') else 'no'} | {r['gateways']} | {r['concurrency']} | {r['admitted']:,} "
             f"| {r['ratio']:.2f} | ${r['spend_usd']} "
             f"| {'yes' if r['ledger_exact'] else 'no'} | {_count(r['admitted_before_first_429'])} "
-            f"| {r['requests_per_s']:.0f} |"
+            f"| {r['requests_per_s']:.0f} | {_answers(r, '200', ('p50', 'p99'))} "
+            f"| {_answers(r, '429', ('p50', 'p99', 'max'))} |"
         )
     return lines
 
