@@ -4,7 +4,8 @@
 "provider"?, "priced"?}], "session_id"?, "estimated_cost_usd"?, "provider"?, "metadata"?}`` and answers the
 ordered candidates, the X-Budget-* headers and, when the request is rejected, the 429 (or 403) body a gateway
 should return; each candidate says ``"fallback": true`` when it is to be used only if the ones before it fail.
-``POST /v1/admit`` counts an admitted request; ``GET /v1/status/{id}`` is one budget as a router sees it.
+``POST /v1/admit`` counts an admitted request; ``POST /v1/lease`` charges a cloud attempt to this router's leases
+(the tag for its RequestEvent, or the 429); ``GET /v1/status/{id}`` is one budget as a router sees it.
 
 An admission moves routing for every gateway using this view, so the server is strict about who may post:
 ``WEB__BEARER_TOKEN`` when set; bodies only as ``application/json`` (a web page can post ``text/plain`` across

@@ -1,12 +1,20 @@
-"""A router's lease book, fed grants directly (no broker): asks before running dry, waits, refuses, epochs."""
+"""A router's lease book, fed grants directly (no broker): asks before running dry, waits, refuses, epochs; and
+`view serve`'s POST /v1/lease on it."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
+from aiohttp import web
+
 from budgetflow.schemas.events import LeaseAsk, LeaseGrant
+from budgetflow.schemas.policy import BudgetPolicy
+from budgetflow.schemas.settings import Settings
 from budgetflow.streams.gateway.leasebook import LeaseBook
+from budgetflow.streams.gateway.view import BudgetView
+from budgetflow.streams.gateway.viewserver import view_app
 
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
 CENT = 10**10
@@ -66,3 +74,39 @@ async def test_a_lease_is_not_used_past_its_expiry_less_the_margin_and_a_new_epo
     tag = await leases.take(["cap:a"], CENT, NOW + timedelta(seconds=5))
     assert not isinstance(tag, str)
     assert tag.epochs == {"cap:a": 1}
+
+
+async def test_view_serve_answers_the_lease_tag_then_the_budgets_429_when_the_lease_is_spent() -> None:
+    """POST /v1/lease, for gateways not in Python: the tag for the RequestEvent, null for a budget that is not
+    leased, and the budget's 429 (at its hard limit) when the router's lease cannot cover the request."""
+    view = BudgetView(Settings())
+    block = {"monthly_limit_usd": "1", "hard_limit_action": "block_all"}
+    policies = {
+        "cap:a": BudgetPolicy.model_validate({"id": "cap:a", **block}),
+        "team:warn": BudgetPolicy.model_validate({"id": "team:warn", "monthly_limit_usd": "1"}),
+    }
+    view.use_policies(lambda: policies)
+    sent: list[LeaseAsk] = []
+    view.lease_book = book(sent, wait_ms=20)
+    now = datetime.now(UTC)
+    view.lease_book.granted(grant(2 * CENT, expires=now + timedelta(seconds=60)))
+    runner = web.AppRunner(view_app(view), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/lease"
+    answers = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            for budgets in (["cap:a"], ["cap:a"], ["team:warn"], ["cap:a"]):
+                body = {"budgets": budgets, "estimated_cost_usd": "0.01"}
+                async with http.post(url, json=body) as response:
+                    answers.append((response.status, await response.json()))
+    finally:
+        await runner.cleanup()
+    assert [status for status, _ in answers] == [200, 200, 200, 429]
+    assert answers[0][1]["lease"] == {"router": "gw1", "pico": CENT, "epochs": {"cap:a": 0}}
+    assert answers[2][1] == {"lease": None}  # a warn budget is not leased
+    assert answers[3][1]["error"]["budget_id"] == "cap:a"
+    assert answers[3][1]["error"]["code"] == "budget_exceeded"
+    assert [ask.budget_id for ask in sent][:1] == ["cap:a"], "the router asked for more as its lease ran low"
