@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from budgetflow.schemas.periods import period_of
@@ -28,7 +29,7 @@ from budgetflow.streams.rules.scopes import BudgetResolver, with_global
 if TYPE_CHECKING:
     from budgetflow.streams.gateway.publisher import RequestHandle
 
-__all__ = ["Admission", "Admissions", "Covers", "Seen", "charged_budgets"]
+__all__ = ["NO_COVERS", "Admission", "Admissions", "Covers", "Seen", "charged_budgets", "covers_of"]
 
 
 @dataclass(slots=True, eq=False)
@@ -53,6 +54,12 @@ class Admission:
 
 
 Covers = tuple[Mapping[int, int], Mapping[int, int]]  # a status's covers and covers_usage
+NO_COVERS: Covers = (MappingProxyType({}), MappingProxyType({}))
+
+
+def covers_of(covers: Mapping[int, int], covers_usage: Mapping[int, int]) -> Covers:
+    """A status's covers as a view keeps them: one shared, read-only pair when it says none."""
+    return (covers, covers_usage) if covers or covers_usage else NO_COVERS
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.serde import decode
 from budgetflow.schemas.settings import Settings, load_settings
-from budgetflow.streams.gateway.admissions import Admission, Admissions, Seen, charged_budgets
+from budgetflow.streams.gateway.admissions import Admission, Admissions, Seen, charged_budgets, covers_of
 from budgetflow.streams.gateway.leasebook import LeaseBook, open_lease_book
 from budgetflow.streams.gateway.routing import (
     BudgetState,
@@ -163,9 +163,9 @@ class BudgetView(Lifecycle):
             partition=record.partition,
             as_of=record.as_of.timestamp(),
             reset_ts=record.next_reset.timestamp(),
-            seen=Seen(record.period, record.as_of.timestamp(), (record.covers, record.covers_usage)),
+            covers=covers_of(record.covers, record.covers_usage),
         )
-        self.admissions.status_arrived(record.budget_id, self._statuses[record.budget_id].seen)
+        self.admissions.status_arrived(record.budget_id, self._statuses[record.budget_id].seen())
         return True
 
     def apply_heartbeat(self, beat: Heartbeat) -> None:
@@ -299,7 +299,7 @@ class BudgetView(Lifecycle):
 
     def _seen(self, budget: str) -> Seen | None:
         record = self._statuses.get(budget)
-        return record.seen if record is not None else None
+        return record.seen() if record is not None else None
 
     def decide(
         self,

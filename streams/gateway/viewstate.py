@@ -7,7 +7,7 @@ from datetime import datetime
 
 from budgetflow.schemas.events import period_of
 from budgetflow.schemas.periods import next_month_start
-from budgetflow.streams.gateway.admissions import Seen
+from budgetflow.streams.gateway.admissions import Covers, Seen
 from budgetflow.streams.gateway.routing import Action, BudgetState
 from budgetflow.streams.rules.status import utilization_percent
 
@@ -28,8 +28,12 @@ class StatusRecord:
     partition: int
     as_of: float
     reset_ts: float
-    seen: Seen
+    covers: Covers  # NO_COVERS (shared) when the status says none: a view holds 100,000 of these
     base: BudgetState | None = None  # built on first use, then shared by every decision on the budget
+
+    def seen(self) -> Seen:
+        """What this status says for the router's admissions."""
+        return Seen(self.period, self.as_of, self.covers)
 
 
 @dataclass(slots=True)
