@@ -54,3 +54,35 @@ def test_unknown_section_is_refused(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "unknown bench section" in proc.stderr
+
+
+def _answers() -> dict[str, dict[str, float]]:
+    times = {"p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": 3.0, "max_ms": 4.0}
+    return {"200": times, "429": times}
+
+
+def test_every_row_of_the_opt_in_tables_has_its_headers_cells() -> None:
+    """The hard-cap tables (LiteLLM's and the example gateway's) as rendered: a row with a cell more or less than
+    its header is a table no reader can follow."""
+    from budgetflow.streams.dev.bench_report import render
+
+    cell = {"workers": 2, "gateways": 2, "concurrency": 10, "admitted": 500, "ratio": 1.0, "spend_usd": "0.500000"}
+    cell |= {"admitted_before_first_refusal": 499, "admitted_before_first_429": None, "requests_per_s": 90.0}
+    cell |= {"ledger_exact": True, "answer_ms": _answers()}
+    shape = {"limit_usd": "0.50", "per_request_usd": "0.001000", "requests": 2000, "exact": 500}
+    latency = {"p50_ms": 16.0, "p99_ms": 30.0}
+    sections = {
+        "litellm": {
+            **shape,
+            "litellm_version": "1.110.2",
+            "overshoot": [{**cell, "system": system, "budget": "b"} for system in ("budgetflow", "LiteLLM")],
+            "latency": {"requests": 500, "warm_up": 50, "with_callback": latency, "without_callback": latency}
+            | {"added_p50_ms": 0.2, "added_p99_ms": 0.1},
+        },
+        "caps": {**shape, "hard_limit_action": "block_all", "cells": [{**cell, "leases": leases} for leases in (0, 1)]},
+    }
+    text = render({"date": "2026-12-02", "quick": False, "sections": sections})
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+    assert [len(table) for table in tables] == [4, 4], text  # two tables: header, rule, two rows
+    for table in tables:
+        assert {row.count("|") for row in table} == {table[0].count("|")}, "\n".join(table)
