@@ -41,6 +41,8 @@ class _Lease:
     admitted: int = 0  # admitted by this router in this epoch
     asked_at: float = -1e9  # monotonic time of the last ask not yet answered
     pending: int | None = None  # the number of that ask
+    asked: int = 0  # what the asks not yet answered asked for (grants add up)
+    waiting: int = 0  # what the requests waiting for a grant need
     rate: float = 0.0  # pico-dollars a second, smoothed
     last_take: float | None = None
     dry_until: float = -1e9  # monotonic: an ask was answered with nothing (the cap): refuse at once until then
@@ -89,7 +91,7 @@ class LeaseBook:
         lease.granted = grant.granted_usd
         lease.expires_at = grant.expires_at.timestamp()
         if answered:
-            lease.asked_at, lease.pending = -1e9, None
+            lease.asked_at, lease.pending, lease.asked = -1e9, None, 0
         lease.granted_event.set()
 
     async def take(self, budgets: list[str], amount: int, now: datetime) -> LeaseTag | str:
@@ -109,13 +111,23 @@ class LeaseBook:
             lease.admitted += amount
             self._observe(lease, amount, moment)
             epochs[budget] = lease.epoch
-            if self._should_ask(lease, 0, at, moment):  # ahead of need: the next grant before this one runs dry
-                await self._ask(budget, lease, 0, now)
+            want = self._ask_for(lease, 0, at, moment)
+            if want:  # ahead of need: the next grant before this one runs dry
+                await self._ask(budget, lease, want, now)
         return LeaseTag(router=self.router, pico=amount, epochs=epochs)
 
     async def _wait_for(self, budgets: list[str], amount: int, now: datetime) -> str | None:
         """Ask for the leases short of ``amount`` and wait up to the lease wait for grants that cover it: None when
         they came, else the budget to refuse the request for."""
+        for budget in budgets:  # asks are sized to what waits, not to one request: a burst is one round trip
+            self._lease(budget).waiting += amount
+        try:
+            return await self._wait(budgets, amount, now)
+        finally:
+            for budget in budgets:
+                self._lease(budget).waiting -= amount
+
+    async def _wait(self, budgets: list[str], amount: int, now: datetime) -> str | None:
         deadline = time.monotonic() + self.wait_s
         at = now.timestamp()
         while True:
@@ -131,8 +143,9 @@ class LeaseBook:
                 return (dry or short)[0]
             for budget in short:
                 lease = self._lease(budget)
-                if self._should_ask(lease, amount, at, time.monotonic()):
-                    await self._ask(budget, lease, amount, now)
+                want = self._ask_for(lease, amount, at, time.monotonic())
+                if want:
+                    await self._ask(budget, lease, want, now)
             self.waits += 1
             waits = [asyncio.ensure_future(self._lease(b).granted_event.wait()) for b in short]
             _, pending = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
@@ -152,18 +165,29 @@ class LeaseBook:
             lease.rate = 0.8 * lease.rate + 0.2 * (amount / elapsed)
         lease.last_take = now
 
-    def _want(self, lease: _Lease, amount: int) -> int:
-        return max(self.minimum_pico, amount, int(lease.rate * self.horizon_s))
+    def _target(self, lease: _Lease) -> int:
+        """What to hold: the horizon at the recent rate (at least the least), and twice what the requests waiting
+        need (a burst that finds the lease dry is covered in a round trip or two, not a minimum at a time)."""
+        return max(self.minimum_pico, int(lease.rate * self.horizon_s), 2 * lease.waiting)
 
-    def _should_ask(self, lease: _Lease, amount: int, at: float, now_m: float) -> bool:
-        """Ask before the lease runs dry: when what is left covers less than the horizon at the recent rate (and
-        no ask is pending, and the last answer was not that the budget is spent)."""
-        if lease.remaining(at, self.margin_s) - amount >= self._want(lease, amount) // 2:
-            return False
-        return now_m - lease.asked_at >= self.wait_s and lease.dry_until <= now_m
+    def _ask_for(self, lease: _Lease, amount: int, at: float, now_m: float) -> int:
+        """How much to ask for before charging ``amount`` (0: nothing). Ask when what the lease holds and what is
+        asked for does not cover the requests waiting, or will cover less than half the target after this one
+        (an ask unanswered for the lease wait is taken as lost); never while the last answer was that the
+        budget is spent."""
+        if now_m - lease.asked_at >= self.wait_s:
+            lease.asked = 0
+        if lease.dry_until > now_m:
+            return 0
+        held = lease.remaining(at, self.margin_s) + lease.asked
+        target = self._target(lease)
+        if held >= lease.waiting and held - amount >= target // 2:
+            return 0
+        return max(self.minimum_pico, target - held + amount)
 
-    async def _ask(self, budget: str, lease: _Lease, amount: int, now: datetime) -> None:
+    async def _ask(self, budget: str, lease: _Lease, want: int, now: datetime) -> None:
         lease.asked_at = time.monotonic()
+        lease.asked += want
         self._asks += 1
         lease.pending = self._asks
         await self.send(
@@ -171,7 +195,7 @@ class LeaseBook:
                 router=self.router,
                 budget_id=budget,
                 ask=self._asks,
-                amount_usd=self._want(lease, amount),
+                amount_usd=want,
                 occurred_at=now,
                 ttl_s=self.ttl_s,
             )

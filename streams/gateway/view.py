@@ -196,9 +196,7 @@ class BudgetView(Lifecycle):
         base = published_state(budget_id, record)
         if ts >= record.reset_ts:
             return self._with_admitted(rolled_over(base, moment), ts)
-        beat = self._beats.get(record.partition)
-        age = ts - (beat.as_of if beat is not None else record.as_of)
-        lag = beat.lag_s if beat is not None else 0.0
+        age, lag = self._age(record, ts)
         view = self.settings.view
         if age > view.expire_after_s:
             if view.stale_mode == "open":
@@ -208,6 +206,19 @@ class BudgetView(Lifecycle):
         if age > view.stale_after_s or lag > view.stale_after_s:
             base = replace(base, stale=True)
         return self._with_admitted(base, ts) if budget_id in self.admissions else base
+
+    def _age(self, record: StatusRecord, ts: float) -> tuple[float, float]:
+        """How old what the view knows of a budget's partition is at ``ts``, and the lag its worker reported."""
+        beat = self._beats.get(record.partition)
+        age = ts - (beat.as_of if beat is not None else record.as_of)
+        return age, beat.lag_s if beat is not None else 0.0
+
+    def _failed_open(self, budget_id: str, ts: float) -> bool:
+        """The budget's status expired and ``VIEW__STALE_MODE`` is open: the operator chose to let traffic through
+        while the aggregate is away, so its cap is not enforced (nor leased) until it is back."""
+        record = self._statuses.get(budget_id)
+        view = self.settings.view
+        return record is not None and view.stale_mode == "open" and self._age(record, ts)[0] > view.expire_after_s
 
     def _unseen_state(self, budget_id: str, moment: datetime) -> BudgetState:
         """A budget with no status yet: unspent this month, under its policy if known (cached per month and
@@ -288,10 +299,12 @@ class BudgetView(Lifecycle):
             return None
         policies = self._policy_source()
         charged = charged_budgets(self.resolver, budgets, request)
-        leased = [b for b in charged if b in policies and policies[b].leased]
+        moment = self.clock.now()
+        ts = moment.timestamp()
+        leased = [b for b in charged if b in policies and policies[b].leased and not self._failed_open(b, ts)]
         if not leased:
             return None
-        tag = await self.lease_book.take(leased, estimate_pico, self.clock.now())
+        tag = await self.lease_book.take(leased, estimate_pico, moment)
         if not isinstance(tag, str):
             return tag
         at_cap = replace(self.status(tag), status="hard_limit")  # what is left is leased: the cap, for this request
