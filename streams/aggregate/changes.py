@@ -2,10 +2,12 @@
 
 The aggregate writes what :meth:`BatchChanges.drain` returns to the partition's changelog, in that order, through
 one idempotent producer, then to the local store, then commits the ledger offsets. The order: period records,
-then request records (closed before open), then lease records, then the partition's meta record (``applied``: the
+then lease records, then request records (closed before open), then the partition's meta record (``applied``: the
 last offset of the batch), then deletions. A crash leaves a prefix of that order durable. If a request or lease
 record of the batch is durable, every period record of the batch is too, so on replay a period never needs a
-request or lease state that is already past the entry; entries up to ``applied`` are skipped outright.
+request or lease state that is already past the entry; and if a request record is durable, every lease record
+is too, since a reserve whose request record is durable is skipped as replayed, and the lease it used must
+already say so; entries up to ``applied`` are skipped outright.
 Replaying any suffix of the ledger after a crash therefore leaves the same state (a property test crashes at
 every prefix; docs/architecture.md, "Exactly once, and how it is proven").
 """
@@ -89,6 +91,8 @@ class BatchChanges:
             period.refused = [o for o in period.refused if o > meta.applied]
             period.granted_at = [g for g in period.granted_at if g[0] > meta.applied]
             changes.append((period_key(period.budget, period.period), period.encode()))
+        for lease_state in self._leases.values():  # before the requests: a reserve replayed uses its lease again
+            changes.append((lease_key(lease_state.key), lease_state.encode()))
         for key, state in self._closed.items():
             changes.append((request_key(REQUEST_PREFIX, key), state.encode()))
         for key, state in self._opened.items():
@@ -96,8 +100,6 @@ class BatchChanges:
         for key in self._unopened:
             if key not in self._opened and key not in self._fresh:
                 changes.append((request_key(OPEN_PREFIX, key), None))
-        for lease_state in self._leases.values():
-            changes.append((lease_key(lease_state.key), lease_state.encode()))
         if changes or last_offset > meta.applied or self._deletes:
             meta.applied = last_offset
             changes.append((META_KEY, meta.encode()))

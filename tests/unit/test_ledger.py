@@ -245,6 +245,40 @@ def test_replay_after_a_crash_at_any_write_gives_the_same_state(
     assert state_of(recovered) == state_of(reference)
 
 
+@pytest.mark.parametrize("prefix", range(6))
+def test_a_reserve_that_used_a_lease_replays_to_the_same_lease_whatever_prefix_of_its_batch_survived(
+    prefix: int,
+) -> None:
+    """A lease granted in one batch, a reserve admitted under it in the next; a crash keeps only the first
+    ``prefix`` writes of that batch. Replayed, the lease and the period say what a run without the crash says.
+    With the lease record written after the request's, a prefix that kept the request but not the lease had the
+    reserve skipped as replayed and its lease still holding what it used: the period's leased and the lease's
+    disagreed, and the lease's expiry later took leased below zero (found by kill -9 on the real pipeline)."""
+    ask = entry("lease", "team:a", "gw1", 6 * 10**8, attempt=1, ttl_s=600)
+    tag = {"lease_router": "gw1", "lease_epoch": 0, "lease_pico": 2 * 10**8}
+    entries = [ask, entry("reserve", "team:a", "r1", 2 * 10**8, ttl_s=600, **tag)]
+    reference = new_ledger()
+    run(reference, entries, batch=1)
+
+    store = MemoryStore()
+    ledger = new_ledger(store)
+    run(ledger, entries[:1], batch=1)
+    ledger.apply(entries[1], 1)
+    changes = ledger.drain()
+    assert len(changes) >= 4  # the period, the lease, the request and the meta record
+    store.write(dict(changes[:prefix]), checkpoint=1)
+    recovered = new_ledger(store)
+    run(recovered, entries[1:], start=1, batch=1)
+
+    def leases(ledger: PartitionLedger) -> Any:
+        period = ledger.periods[("team:a", "2026-11")]
+        held = {k: (s.granted, s.used) for k, s in ledger.leases.leases.items()}
+        return period.leased, period.reserved, held
+
+    assert leases(recovered) == leases(reference)
+    assert leases(reference) == (4 * 10**8, 2 * 10**8, {("team:a", "2026-11", "gw1"): (6 * 10**8, 2 * 10**8)})
+
+
 @settings(max_examples=300, deadline=None)
 @given(raw_ops=st.lists(ops, min_size=1, max_size=40), batch=st.integers(1, 6))
 def test_sums_equal_an_independent_count(raw_ops: list[tuple[str, str, str, int, int]], batch: int) -> None:
