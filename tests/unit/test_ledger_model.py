@@ -256,6 +256,8 @@ class LedgerModel(RuleBasedStateMachine):
         # The next offset of each partition of the requests and of the usage topic (enrich reads each in order).
         self.sources = {"reserve": [0, 0], "settle": [0, 0]}
         self.asks = 0
+        self.asked: dict[str, list[str]] = {}  # the routers that asked for a lease on each budget, in order
+        self.spends = 0
 
     def policy_for(self, budget: str) -> BudgetPolicy:
         return self.policies.get(budget) or BudgetPolicy(id=budget)
@@ -282,7 +284,8 @@ class LedgerModel(RuleBasedStateMachine):
         back=st.sampled_from([0, 60, 3000, 9000]),
         priced=st.booleans(),
         source=st.integers(0, 1),
-        lease=st.one_of(st.none(), st.tuples(st.sampled_from(ROUTERS), st.integers(0, 2), AMOUNTS)),
+        # A reserve admitted under a lease: mostly of a router that asked on the budget, in its first epoch.
+        lease=st.one_of(st.none(), st.tuples(st.integers(0, 2), st.sampled_from([0, 0, 0, 1, 2]), AMOUNTS)),
     )
     def entry(
         self,
@@ -295,14 +298,16 @@ class LedgerModel(RuleBasedStateMachine):
         back: int,
         priced: bool,
         source: int,
-        lease: tuple[str, int, int] | None,
+        lease: tuple[int, int, int] | None,
     ) -> None:
         at = datetime.fromtimestamp(self._request_time(request, attempt, back), UTC)
         # The request (or usage) event's place on its topic.
         position: dict[str, Any] = {"source_partition": source, "source_offset": self.sources[kind][source]}
         self.sources[kind][source] += 1
         if lease is not None and kind == "reserve":  # admitted under a router's lease
-            position.update(lease_router=lease[0], lease_epoch=lease[1], lease_pico=lease[2])
+            routers = self.asked.get(budget) or list(ROUTERS)
+            router = routers[lease[0] % len(routers)]
+            position.update(lease_router=router, lease_epoch=lease[1], lease_pico=lease[2])
         self._append(
             LedgerEntry(
                 entry_id=entry_id(request, attempt, kind, budget),
@@ -319,12 +324,45 @@ class LedgerModel(RuleBasedStateMachine):
             )
         )
 
+    @precondition(lambda self: bool(self.asked))
+    @rule(data=st.data(), amount=AMOUNTS, source=st.integers(0, 1), stale=st.booleans())
+    def spend(self, data: Any, amount: int, source: int, stale: bool) -> None:
+        """A router admits a new request under its lease on a budget it asked on: the request's reserve carries
+        the lease's epoch as the router last saw it (``stale``: the epoch before, as after a release it missed)."""
+        budget = data.draw(st.sampled_from(sorted(self.asked)))
+        router = data.draw(st.sampled_from(self.asked[budget]))
+        at = datetime.fromtimestamp(self.clock, UTC)
+        known = self.reference.leases.get((budget, period_of(at), router))
+        epoch = max(0, (known.epoch if known is not None else 0) - stale)
+        self.spends += 1
+        self._append(
+            LedgerEntry(
+                entry_id=entry_id(f"s{self.spends}", 0, "reserve", budget),
+                budget_id=budget,
+                request_id=f"s{self.spends}",
+                attempt=0,
+                kind="reserve",
+                period=period_of(at),
+                amount_pico_usd=amount,
+                occurred_at=at,
+                ttl_s=600,
+                source_partition=source,
+                source_offset=self.sources["reserve"][source],
+                lease_router=router,
+                lease_epoch=epoch,
+                lease_pico=amount,
+            )
+        )
+        self.sources["reserve"][source] += 1
+
     @rule(
         budget=st.sampled_from(BUDGETS), router=st.sampled_from(ROUTERS), amount=AMOUNTS, ttl=st.sampled_from([60, 900])
     )
     def ask(self, budget: str, router: str, amount: int, ttl: int) -> None:
         """A router asks for headroom on a budget (its asks numbered in order)."""
         self.asks += 1
+        if router not in self.asked.setdefault(budget, []):
+            self.asked[budget].append(router)
         at = datetime.fromtimestamp(self.clock, UTC)
         self._append(
             LedgerEntry(
@@ -400,7 +438,9 @@ class LedgerModel(RuleBasedStateMachine):
     @precondition(lambda self: self.position < len(self.log))
     @rule(
         size=st.integers(1, 8),
-        crash=st.sampled_from([None] * 9 + [0, 1, 3, 8, 40]),
+        crash=st.one_of(
+            st.sampled_from([None] * 3), st.integers(0, 8), st.just(40)
+        ),  # a crash after any of the first writes
         lag=st.integers(0, 3),
     )
     def batch(self, size: int, crash: int | None, lag: int) -> None:
