@@ -183,7 +183,7 @@ class LeaseBook:
         target = self._target(lease)
         if held >= lease.waiting and held - amount >= target // 2:
             return 0
-        return max(self.minimum_pico, target - held + amount)
+        return max(self.minimum_pico, target - held)
 
     async def _ask(self, budget: str, lease: _Lease, want: int, now: datetime) -> None:
         lease.asked_at = time.monotonic()
