@@ -43,15 +43,17 @@ class PartitionLeases:
         self.changes = changes
         self.policy_for = policy_for
         self.leases: dict[LeaseKey, LeaseState] = {}
+        self._routers: dict[tuple[str, str], set[str]] = {}  # the routers with a lease on each (budget, period)
         self._expiry: list[tuple[float, LeaseKey]] = []
         self.changed: dict[LeaseKey, LeaseState] = {}  # since the last take_changed (for publishing grants)
 
     def load(self) -> None:
-        self.leases = {}
+        self.leases, self._routers = {}, {}
         for key, value in self.store.scan(LEASE_PREFIX):
             _, (budget, period, router) = decode_key(key)
             lease = LeaseState.decode((budget, period, router), value)
             self.leases[lease.key] = lease
+            self._routers.setdefault((budget, period), set()).add(router)
         self._expiry = [(lease.expires_at, key) for key, lease in self.leases.items() if lease.outstanding]
         heapq.heapify(self._expiry)
 
@@ -61,7 +63,8 @@ class PartitionLeases:
         return out
 
     def holders(self, budget: str, period: str) -> list[LeaseState]:
-        return [lease for (b, p, _), lease in self.leases.items() if b == budget and p == period]
+        """The leases on a budget's month (an ask looks them up: indexed, not a scan of the partition's leases)."""
+        return [self.leases[(budget, period, router)] for router in self._routers.get((budget, period), ())]
 
     # -- the three things that change a lease ------------------------------------------------------------------
     def ask(
@@ -130,9 +133,9 @@ class PartitionLeases:
             heapq.heappush(self._expiry, item)
 
     def forget_period(self, budget: str, period: str) -> None:
-        for key in [k for k in self.leases if k[:2] == (budget, period)]:
-            del self.leases[key]
-            self.changes.forget_lease(key)
+        for router in self._routers.pop((budget, period), set()):
+            del self.leases[(budget, period, router)]
+            self.changes.forget_lease((budget, period, router))
 
     # -- internals --------------------------------------------------------------------------------------------
     def _grant(self, period: PeriodState, lease: LeaseState, asked: int) -> int:
@@ -151,6 +154,7 @@ class PartitionLeases:
     def _put(self, lease: LeaseState, offset: int) -> None:
         lease = replace(lease, ledger_offset=offset)
         self.leases[lease.key] = lease
+        self._routers.setdefault((lease.budget, lease.period), set()).add(lease.router)
         self.changed[lease.key] = lease
         self.changes.lease(lease)
         if lease.outstanding:
