@@ -40,10 +40,33 @@ async def _start(pipeline_factory: Any, crash: str | None = None) -> Any:
     return pipeline
 
 
+async def _spend(view: Any, publisher: Any, budget: str, request_id: str) -> bool:
+    """One cloud request of $0.001 on ``budget``, admitted only under the router's lease: published with its lease
+    tag, counted by ``admit``, settled. Whether it was admitted."""
+    from budgetflow.streams import Usage
+    from budgetflow.streams.gateway.routing import Rejection
+
+    lease = await view.lease([budget], COST)
+    if isinstance(lease, Rejection):
+        return False
+    handle = await publisher.publish_request(
+        request_id=request_id,
+        model="test-small",
+        provider="testco",
+        backend="cloud",
+        budgets=[budget],
+        input_bytes=0,
+        max_tokens=400,
+        lease=lease,
+    )
+    view.admit([budget], COST, request=handle)
+    await publisher.publish_usage(handle, Usage(input_tokens=0, output_tokens=400))
+    return True
+
+
 async def _two_routers_burst(pipeline: Any, tmp_path: Path) -> int:
     """Two routers (in this process), 10 clients each, 2,000 requests on cap:a: how many they admitted."""
-    from budgetflow.streams import BudgetPublisher, BudgetView, Candidate, Usage
-    from budgetflow.streams.gateway.routing import Rejection
+    from budgetflow.streams import BudgetPublisher, BudgetView, Candidate
 
     cloud = Candidate("test-small", "cloud")
     base = pipeline.settings()
@@ -61,24 +84,7 @@ async def _two_routers_burst(pipeline: Any, tmp_path: Path) -> int:
 
         async def call(view: Any, publisher: Any, request_id: str) -> bool:
             decision = view.decide(request_id, ["cap:a"], [cloud])
-            if decision.rejection is not None:
-                return False
-            lease = await view.lease(["cap:a"], COST)
-            if isinstance(lease, Rejection):
-                return False
-            handle = await publisher.publish_request(
-                request_id=request_id,
-                model="test-small",
-                provider="testco",
-                backend="cloud",
-                budgets=["cap:a"],
-                input_bytes=0,
-                max_tokens=400,
-                lease=lease,
-            )
-            view.admit(["cap:a"], COST, request=handle)
-            await publisher.publish_usage(handle, Usage(input_tokens=0, output_tokens=400))
-            return True
+            return decision.rejection is None and await _spend(view, publisher, "cap:a", request_id)
 
         async def client(k: int) -> int:
             view, publisher = routers[k % 2]
@@ -92,18 +98,26 @@ async def _two_routers_burst(pipeline: Any, tmp_path: Path) -> int:
 
 
 async def _settled(pipeline: Any, admitted: int) -> Any:
-    """cap:a's period once every admitted request has settled (nothing reserved)."""
+    """cap:a's period once every admitted request has settled (nothing reserved) and every reserve reached the
+    ledger: its statuses cover the last request event of each partition (a settle may come first, and only the
+    reserve moves its amount off the lease; a worker restarting after kill -9 can leave a partition behind)."""
     from budgetflow.streams.ops.readback import read_period_states
 
+    last: dict[int, int] = {}
+    for partition, _, _, offset in await pipeline.records(pipeline.topics.requests.name):
+        last[partition] = max(last.get(partition, -1), offset)
     deadline = time.monotonic() + 90
     state = None
     while time.monotonic() < deadline:
         states = await read_period_states(pipeline.settings(), pipeline.topics.state.name)
         state = next((s for (b, _), s in states.items() if b == "cap:a"), None)
-        if state is not None and (state.settles, state.reserved) == (admitted, 0):
+        covered = state is not None and all(state.covers.get(p, -1) >= o for p, o in last.items())
+        if state is not None and covered and (state.settles, state.reserved) == (admitted, 0):
             return state
         await asyncio.sleep(0.5)
-    raise AssertionError(f"cap:a never settled {admitted} requests: {state}\n{pipeline.logs()}")
+    raise AssertionError(
+        f"cap:a never settled {admitted} requests with every reserve: {state}, {last}\n{pipeline.logs()}"
+    )
 
 
 async def _leases_agree(pipeline: Any) -> Any:
@@ -205,8 +219,7 @@ async def test_a_router_killed_holding_a_lease_holds_nothing_after_its_ttl(
     import subprocess
     import sys
 
-    from budgetflow.streams import BudgetPublisher, BudgetView, Usage
-    from budgetflow.streams.gateway.routing import Rejection
+    from budgetflow.streams import BudgetPublisher, BudgetView
     from budgetflow.streams.ops.readback import read_period_states
 
     ttl = {"BUDGETFLOW_VIEW__LEASE_TTL_S": "5", "BUDGETFLOW_VIEW__LEASE_MARGIN_S": "1"}
@@ -247,21 +260,7 @@ async def test_a_router_killed_holding_a_lease_holds_nothing_after_its_ttl(
         async def admitted(prefix: str, n: int) -> int:
             count = 0
             for i in range(n):
-                lease = await view.lease(["cap:b"], COST)
-                if isinstance(lease, Rejection):
-                    continue
-                handle = await publisher.publish_request(
-                    request_id=f"{prefix}-{i}",
-                    model="test-small",
-                    provider="testco",
-                    backend="cloud",
-                    budgets=["cap:b"],
-                    input_bytes=0,
-                    max_tokens=400,
-                    lease=lease,
-                )
-                await publisher.publish_usage(handle, Usage(input_tokens=0, output_tokens=400))
-                count += 1
+                count += await _spend(view, publisher, "cap:b", f"{prefix}-{i}")
             return count
 
         # The dead router's $0.01 is held: the survivor gets the other half of the budget, no more.
