@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["UMASK", "free_port", "make_private", "pid_alive", "port_open", "send_signal", "wait_exit"]
+__all__ = ["UMASK", "free_port", "locked", "make_private", "pid_alive", "port_open", "send_signal", "wait_exit"]
 
 # Every process that writes into the data dir: files 0600, directories 0700.
 UMASK = 0o077
@@ -77,3 +79,18 @@ def make_private(root: Path) -> None:
                 elif stat.S_ISREG(mode) and stat.S_IMODE(mode) & 0o077:
                     os.chmod(path, stat.S_IMODE(mode) & 0o700)
     os.chmod(root, 0o700)
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock (made 0700, with its parents, if missing): one start or stop at a time."""
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    fd = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

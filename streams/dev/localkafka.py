@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from budgetflow.streams.dev.kafkajars import KafkaJars, require_tool, resource_t
 from budgetflow.streams.dev.localhost import (
     UMASK,
     free_port,
+    locked,
     make_private,
     pid_alive,
     port_open,
@@ -57,6 +56,9 @@ DEFAULT_PORT = 9092
 class LocalKafka:
     """One broker, one data dir: ``start`` is idempotent, ``stop`` is controlled, ``kill`` is a crash."""
 
+    # The broker's node.id; a node of a local cluster (localcluster.ClusterNode) has its own.
+    node_id = 1
+
     def __init__(
         self,
         data_dir: Path,
@@ -64,9 +66,10 @@ class LocalKafka:
         *,
         secure_dir: Path | None = None,
         topic_prefix: str = "budgetflow.",
+        subdir: str = "kafka",
     ) -> None:
         self.settings = settings or LocalKafkaSettings()
-        self.home = Path(data_dir).resolve() / "kafka"
+        self.home = Path(data_dir).resolve() / subdir
         self.jars = KafkaJars.from_settings(self.settings)
         self._secure_dir = Path(secure_dir).resolve() if secure_dir else None
         self.topic_prefix = topic_prefix
@@ -119,20 +122,8 @@ class LocalKafka:
     def start(self) -> str:
         """Start the broker unless it runs already; wait until it answers; return its address."""
         with self._lock():
-            if self.pid() is not None:
-                state = self._load_state()
-                assert state is not None
-                self._wait_ready(state, self.pid())
-                return f"127.0.0.1:{state.port}"
-            lib = self.jars.ensure()
-            state = self._prepare()
-            pid = self._spawn(lib, state)
-            try:
-                self._wait_ready(state, pid)
-                self._grant(state)
-            except BaseException:
-                send_signal(pid, signal.SIGKILL)
-                raise
+            state, pid, spawned = self._launch()
+            self._settle(state, pid, spawned=spawned)
             return f"127.0.0.1:{state.port}"
 
     def stop(self) -> bool:
@@ -157,18 +148,36 @@ class LocalKafka:
             wait_exit(pid, 10)
 
     # -- internals -----------------------------------------------------------
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.home.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.home.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.home, 0o700)
-        fd = os.open(self.home / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _launch(self) -> tuple[BrokerState, int | None, bool]:
+        """Spawn the broker unless it runs (the caller holds the lock): its state, its pid, whether it was spawned.
+
+        Apart from waiting, so that a cluster can launch all its nodes before it waits for any: a node is ready
+        only once a quorum of controllers runs.
+        """
+        pid = self.pid()
+        if pid is not None:
+            state = self._load_state()
+            assert state is not None
+            return state, pid, False
+        lib = self.jars.ensure()
+        state = self._prepare()
+        return state, self._spawn(lib, state), True
+
+    def _settle(self, state: BrokerState, pid: int | None, *, spawned: bool) -> None:
+        """Wait until the broker answers; set up a freshly spawned one, or kill it if it fails to come up."""
+        if not spawned:
+            self._wait_ready(state, pid)
+            return
+        assert pid is not None
+        try:
+            self._wait_ready(state, pid)
+            self._grant(state)
+        except BaseException:
+            send_signal(pid, signal.SIGKILL)
+            raise
+
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.home)
 
     def _load_state(self) -> BrokerState | None:
         try:
@@ -205,18 +214,22 @@ class LocalKafka:
         if secure is not None:
             secure.ensure()
         state = BrokerState(cluster_id, port, controller, str(secure.path) if secure else None)
+        self._install(state, server_properties(state, self.log_dir), secure)
+        return state
 
+    def _install(self, state: BrokerState, properties: str, secure: SecureDir | None) -> None:
+        """Write the broker's files (private), format its storage on first use, and remember its state."""
+        formatted = (self.log_dir / "meta.properties").exists()
         (self.home / "logs").mkdir(mode=0o700, exist_ok=True)
         self.log_dir.mkdir(mode=0o700, exist_ok=True)
         make_private(self.home)  # the broker is down: a dir an older version left readable is tightened
         # On a secure broker server.properties holds the broker's own SCRAM password.
-        write_private(self.home / "server.properties", server_properties(state, self.log_dir))
+        write_private(self.home / "server.properties", properties)
         template = resource_text("log4j2.properties")
         write_private(self.home / "log4j2.properties", template.replace("@LOG_DIR@", str(self.home / "logs")))
         if not formatted:
-            self._format(cluster_id, secure)
+            self._format(state.cluster_id, secure)
         write_private(self._state_file, json.dumps(state.__dict__))
-        return state
 
     def _java(self) -> str:
         home = os.environ.get("JAVA_HOME")
@@ -275,7 +288,7 @@ class LocalKafka:
         while time.monotonic() < deadline:
             if pid is None or not pid_alive(pid):
                 raise LocalKafkaError(f"the broker exited during start-up; see {self.server_log}:\n{self._log_tail()}")
-            if port_open(state.port) and asyncio.run(_lists_broker(address, admin_options(state))):
+            if port_open(state.port) and asyncio.run(_lists_broker(address, admin_options(state), self.node_id)):
                 return
             time.sleep(0.2)
         raise LocalKafkaError(
@@ -325,13 +338,13 @@ class LocalKafka:
         return text
 
 
-async def _lists_broker(address: str, options: dict[str, Any]) -> bool:
-    """True when a metadata request answers and lists broker 1."""
+async def _lists_broker(address: str, options: dict[str, Any], node_id: int = 1) -> bool:
+    """True when a metadata request answers and lists broker ``node_id`` (registered with the controllers)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=address, **{"request_timeout_ms": 3000, **options})
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
-        return any(b["node_id"] == 1 for b in cluster.get("brokers", []))
+        return any(b["node_id"] == node_id for b in cluster.get("brokers", []))
     except Exception:  # noqa: BLE001  # not ready yet: any client error means "try again"
         return False
     finally:
