@@ -91,6 +91,12 @@ class TopicSettings(Section):
         8, ge=1, le=1024, description="Partitions of the input and ledger topics (fixed once created)."
     )
     replication_factor: int = Field(1, ge=1, le=16, description="Replication factor of created topics.")
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="min.insync.replicas of created topics when replicated (default: one less than the factor).",
+    )
     requests_retention_ms: int = Field(
         3_600_000, ge=1_000, description="How long the requests topic (it holds prompt text) keeps records."
     )
@@ -102,7 +108,16 @@ class TopicSettings(Section):
     def _segments(self) -> TopicSettings:
         if self.requests_segment_ms > self.requests_retention_ms:
             raise ValueError("requests_segment_ms must not exceed requests_retention_ms, or records outlive it")
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:
+            raise ValueError("min_insync_replicas above replication_factor: no acks=all write could succeed")
         return self
+
+    @property
+    def insync_replicas(self) -> int:
+        """The min.insync.replicas of replicated topics: as set, else one replica may be down (2 of 3)."""
+        if self.min_insync_replicas is not None:
+            return self.min_insync_replicas
+        return max(1, self.replication_factor - 1)
 
     @field_validator("prefix")
     @classmethod
@@ -123,6 +138,9 @@ class LocalKafkaSettings(Section):
         description="Client port on 127.0.0.1: 0 picks a free one; unset means 9092, or the port used last time.",
     )
     heap_mb: int = Field(512, ge=128, description="JVM heap of the broker.")
+    node_heap_mb: int = Field(
+        320, ge=128, description="JVM heap of each node of a local cluster (`budgetflow kafka start --brokers 3`)."
+    )
     jvm_gc: Literal["serial", "g1"] = Field("serial", description="JVM garbage collector (g1 for benchmarks).")
     start_timeout_s: float = Field(90.0, gt=0, description="How long to wait for the broker to become ready.")
     stop_timeout_s: float = Field(30.0, gt=0, description="How long a controlled shutdown may take before SIGKILL.")

@@ -165,6 +165,12 @@ class Topics:
             "the aggregate's state changelog, co-partitioned with the ledger",
         )
 
+        if settings.replication_factor > 1:
+            # Replicated: an acks=all write is acknowledged by this many replicas, or refused (a lone replica's
+            # acknowledgement would be lost with its broker). One replica keeps the broker's default, as before.
+            for spec in self.all():
+                spec.config["min.insync.replicas"] = str(settings.insync_replicas)
+
     def all(self) -> list[TopicSpec]:
         return [
             self.requests,

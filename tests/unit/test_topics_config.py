@@ -39,3 +39,26 @@ def test_the_retention_follows_the_horizon_and_is_never_below_a_day() -> None:
     assert retention(Topics.from_settings(longer)) == (3_600 + 3 * DAY_S + 7 * DAY_S) * 1000
     short = Settings(dedupe_horizon_s=60, period_grace_s=0, reservation={"ttl_s": 60})  # type: ignore[arg-type]
     assert retention(Topics.from_settings(short)) == DAY_S * 1000
+
+
+def test_replicated_topics_refuse_acks_all_writes_that_only_one_replica_holds() -> None:
+    """Replication factor 3 (a cluster): every topic has min.insync.replicas=2, so an acknowledged write survives
+    its leader; one replica (one broker) leaves the broker's default, as before."""
+    three = Topics(TopicSettings(replication_factor=3))
+    assert {spec.config["min.insync.replicas"] for spec in three.all()} == {"2"}
+    assert all("min.insync.replicas" not in spec.config for spec in Topics(TopicSettings()).all())
+    assert {s.config["min.insync.replicas"] for s in Topics(TopicSettings(replication_factor=2)).all()} == {"1"}
+    chosen = Topics(TopicSettings(replication_factor=5, min_insync_replicas=3))
+    assert {spec.config["min.insync.replicas"] for spec in chosen.all()} == {"3"}
+
+
+def test_min_insync_replicas_above_the_factor_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_insync_replicas above replication_factor"):
+        TopicSettings(replication_factor=1, min_insync_replicas=2)
+
+
+def test_the_environment_chooses_the_replication(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGETFLOW_TOPICS__REPLICATION_FACTOR", "3")
+    topics = Topics.from_settings(Settings())
+    assert topics.replication_factor == 3
+    assert topics.ledger.config["min.insync.replicas"] == "2"
