@@ -124,3 +124,12 @@ def test_a_broker_lost_during_a_command_is_the_same_one_line_and_exit_status_1(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("budgetflow: no Kafka broker answers at 127.0.0.1:9 (")
     assert "BUDGETFLOW_KAFKA__BOOTSTRAP_SERVERS" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "refused"), [("--port=9092", "--port is for one broker"), ("--secure=x", "--secure")]
+)
+def test_a_cluster_takes_free_ports_and_no_secure_dir(tmp_path: Path, option: str, refused: str) -> None:
+    proc = run("kafka", "start", "--brokers", "3", option, "--data-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert refused in proc.stderr
