@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def test_nothing_runs_before_a_start(tmp_path: Path) -> None:
     assert cluster.stop() is False
     with pytest.raises(LocalKafkaError, match="no cluster was ever started"):
         cluster.bootstrap()
+
+
+def test_a_node_whose_port_was_taken_meanwhile_says_so(tmp_path: Path) -> None:
+    """A node keeps the ports of the first start (its peers name them): a taken one is an error, not a new port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        cluster = LocalCluster(tmp_path)
+        cluster.home.mkdir(parents=True)
+        layout = {"cluster_id": "c" * 22, "ports": [[taken, 1], [2, 3], [4, 5]]}
+        (cluster.home / "cluster.json").write_text(json.dumps(layout))
+        with pytest.raises(LocalKafkaError, match=f"port {taken} of node 1 is in use"):
+            cluster.node(1)._prepare()
