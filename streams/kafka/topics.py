@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -38,6 +39,7 @@ __all__ = [
     "partition_for",
     "state_delete_retention_ms",
     "topic_partitions",
+    "under_replicated",
 ]
 
 log = logging.getLogger(__name__)
@@ -210,13 +212,16 @@ async def ensure_topics(admin: AIOKafkaAdminClient, topics: Topics, specs: list[
             if exc.retriable:
                 raise  # the broker is busy or moving: the worker waits and tries again
             raise ConfigError(f"cannot create topics ({exc.__class__.__name__}: {exc})") from exc
-    await _check(admin, wanted)
+    await _check(admin, wanted, topics.replication_factor)
 
 
-async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int = 1) -> None:
     """Refuse topics with the wrong partition count or not compacted when they must be; raise configs that are
-    below what budgetflow sets."""
-    _check_partitions(specs, await _partition_counts(admin, specs))
+    below what budgetflow sets; warn of topics with fewer replicas than the settings ask."""
+    partitions, replicas = await _partition_counts(admin, specs)
+    _check_partitions(specs, partitions)
+    for line in under_replicated(replicas, replication_factor):
+        log.warning("%s", line)
     checked = [s for s in specs if s.compacted or any(key in s.config for key in _EXACTLY)]
     if not checked:
         return
@@ -229,18 +234,34 @@ async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
         await _raise_minimums(admin, spec, configs.get(spec.name, {}))
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> dict[str, int]:
-    """Each topic's partition count; topics created a moment ago may not show them in the metadata yet."""
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, specs: list[TopicSpec]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Each topic's partition count and the fewest replicas of its partitions; topics created a moment ago may not
+    show them in the metadata yet."""
     import asyncio
 
     partitions: dict[str, int] = {}
+    described: list[dict[str, Any]] = []
     for _ in range(50):
-        described = await admin.describe_topics([s.name for s in specs])
-        partitions = {t["topic"]: len(t["partitions"]) for t in described if t.get("error_code", 0) == 0}
+        described = [t for t in await admin.describe_topics([s.name for s in specs]) if t.get("error_code", 0) == 0]
+        partitions = {t["topic"]: len(t["partitions"]) for t in described}
         if all(partitions.get(s.name) for s in specs):
             break
         await asyncio.sleep(0.2)
-    return partitions
+    replicas = {t["topic"]: min(len(p["replicas"]) for p in t["partitions"]) for t in described if t["partitions"]}
+    return partitions, replicas
+
+
+def under_replicated(replicas: dict[str, int], replication_factor: int) -> list[str]:
+    """A warning per topic with fewer replicas than ``TOPICS__REPLICATION_FACTOR``: budgetflow creates topics with
+    it but never adds replicas in place (topics created on one broker stay on one when the cluster grows)."""
+    return [
+        f"topic {name} has {have} replica(s), BUDGETFLOW_TOPICS__REPLICATION_FACTOR is {replication_factor}: "
+        "budgetflow does not add replicas to an existing topic (kafka-reassign-partitions.sh does)"
+        for name, have in sorted(replicas.items())
+        if have < replication_factor
+    ]
 
 
 def _check_partitions(specs: list[TopicSpec], partitions: dict[str, int]) -> None:

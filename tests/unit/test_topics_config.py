@@ -62,3 +62,13 @@ def test_the_environment_chooses_the_replication(monkeypatch: pytest.MonkeyPatch
     topics = Topics.from_settings(Settings())
     assert topics.replication_factor == 3
     assert topics.ledger.config["min.insync.replicas"] == "2"
+
+
+def test_topics_with_fewer_replicas_than_the_settings_are_named() -> None:
+    """Topics made on one broker stay on one when the cluster grows: each worker start says so, once a topic."""
+    from budgetflow.streams.kafka.topics import under_replicated
+
+    lines = under_replicated({"bf.ledger": 1, "bf.usage": 3, "bf.dlq": 2}, 3)
+    assert [line.split(" has ")[0] for line in lines] == ["topic bf.dlq", "topic bf.ledger"]
+    assert "BUDGETFLOW_TOPICS__REPLICATION_FACTOR is 3" in lines[0]
+    assert under_replicated({"bf.ledger": 1}, 1) == []
