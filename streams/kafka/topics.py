@@ -17,6 +17,7 @@ tells a store whether it may resume or must restore from the start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ _AT_LEAST = ("delete.retention.ms",)
 # Configs an existing topic is set to exactly: the ledger's timestamps must be the broker's (a tick's bound).
 _EXACTLY = ("message.timestamp.type",)
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a value set on the topic itself
+_SETTLE_S = 10.0  # how long ensure_topics asks again when the broker answers with an error that passes
 
 
 def state_delete_retention_ms(settings: Settings) -> int:
@@ -212,7 +214,17 @@ async def ensure_topics(admin: AIOKafkaAdminClient, topics: Topics, specs: list[
             if exc.retriable:
                 raise  # the broker is busy or moving: the worker waits and tries again
             raise ConfigError(f"cannot create topics ({exc.__class__.__name__}: {exc})") from exc
-    await _check(admin, wanted, topics.replication_factor)
+    # A topic created a moment ago may be unknown yet to the broker asked next (on a cluster the metadata reaches
+    # each broker in turn): what passes is asked again for a while before the caller hears of it.
+    deadline = time.monotonic() + _SETTLE_S
+    while True:
+        try:
+            await _check(admin, wanted, topics.replication_factor)
+            return
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def _check(admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int = 1) -> None:
@@ -239,8 +251,6 @@ async def _partition_counts(
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Each topic's partition count and the fewest replicas of its partitions; topics created a moment ago may not
     show them in the metadata yet."""
-    import asyncio
-
     partitions: dict[str, int] = {}
     described: list[dict[str, Any]] = []
     for _ in range(50):
@@ -394,8 +404,6 @@ async def ensure_topics_now(settings: Settings, topics: Topics, specs: list[Topi
 
 async def topic_partitions(settings: Settings, topic: str, wait_s: float = 15.0) -> list[int]:
     """The partitions of a topic; waits a little for a topic that was just created."""
-    import asyncio
-
     from budgetflow.streams.kafka.clients import client_options
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
