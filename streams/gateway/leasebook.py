@@ -82,7 +82,7 @@ class LeaseBook:
         """A LeaseGrant of this router arrived (older epochs and asks are ignored)."""
         if grant.router != self.router:
             return
-        lease = self._leases.setdefault(grant.budget_id, _Lease())
+        lease = self._lease(grant.budget_id)
         if (grant.period, grant.epoch) != (lease.period, lease.epoch):
             lease.period, lease.epoch, lease.admitted, lease.granted = grant.period, grant.epoch, 0, 0
         answered = lease.pending is not None and grant.asks >= lease.pending
