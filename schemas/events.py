@@ -11,15 +11,26 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
-from budgetflow.schemas.money import MAX_ENTRY_PICO, NonNegativeUsdAmount, PicoUsd
+from budgetflow.schemas.money import MAX_ENTRY_PICO, MAX_PERIOD_PICO, NonNegativeUsdAmount, PicoUsd
 from budgetflow.schemas.periods import period_of
 
 __all__ = [
     "BUDGET_ID_PATTERN",
     "GLOBAL_BUDGET",
+    "MAX_SHARDS",
     "MAX_TOKENS",
+    "SHARD_MARK",
     "Backend",
     "BudgetId",
     "BudgetStatus",
@@ -31,11 +42,13 @@ __all__ = [
     "LeaseAsk",
     "LeaseGrant",
     "LeaseTag",
+    "LedgerAccount",
     "LedgerEntry",
     "Metadata",
     "MetadataKey",
     "Outcome",
     "RequestEvent",
+    "ShardSum",
     "StatusName",
     "StatusReason",
     "Tier",
@@ -51,6 +64,10 @@ MAX_TOKENS = 10**9
 _MIN_YEAR, _MAX_YEAR = 2000, 2999
 
 BudgetId = Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN)]
+# A ledger account: a budget, or one shard of a sharded budget (``budget#k``; ``#`` is never in a budget id).
+SHARD_MARK = "#"
+MAX_SHARDS = 64
+LedgerAccount = Annotated[str, StringConstraints(pattern=BUDGET_ID_PATTERN[:-1] + r"(#[0-9]{1,2})?$")]
 MetadataKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
 Metadata = Annotated[dict[MetadataKey, Annotated[str, StringConstraints(max_length=256)]], Field(max_length=32)]
 """Gateway-supplied labels of a request (team, project, ...): what budget scopes match on. Never prompt text."""
@@ -61,7 +78,7 @@ Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 Backend = Literal["cloud", "local"]
 Outcome = Literal["completed", "failed", "cancelled"]
 Tier = Literal["exact", "approximate", "heuristic", "reported"]
-EntryKind = Literal["reserve", "settle", "tick", "adjust", "lease"]
+EntryKind = Literal["reserve", "settle", "tick", "adjust", "lease", "partial"]
 StatusName = Literal["normal", "soft_limit", "hard_limit"]
 StatusReason = Literal["threshold", "step", "refresh", "rollover", "policy"]
 HardLimitAction = Literal["warn", "block_cloud", "block_all"]
@@ -205,6 +222,28 @@ class UsageEvent(Event):
         return period_of(self.request_occurred_at)
 
 
+# A month's sum of pico-dollars, as a decimal string on the wire (it may pass 64 bits: MAX_PERIOD_PICO).
+_PeriodSum = Annotated[
+    int, Field(ge=-MAX_PERIOD_PICO, le=MAX_PERIOD_PICO), PlainSerializer(str, return_type=str, when_used="json")
+]
+
+
+class ShardSum(BaseModel):
+    """One shard's sums of a sharded budget's month, as the worker that owns the shard has them: what a
+    ``partial`` entry carries to the budget's home partition. ``version`` (the shard's last ledger offset that
+    changed them) only grows, so the home keeps the highest and a replayed or reordered partial changes nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS, strict=True)]
+    version: Annotated[int, Field(ge=0, strict=True)]
+    settled: _PeriodSum
+    reserved: _PeriodSum
+    requests: Annotated[int, Field(ge=0, strict=True)] = 0
+    covers: dict[int, int] = Field(default_factory=dict)
+    covers_usage: dict[int, int] = Field(default_factory=dict)
+
+
 class LedgerEntry(Event):
     """One priced fact about one budget, from enrich to aggregate (keyed by budget id). No prompt text.
 
@@ -216,7 +255,7 @@ class LedgerEntry(Event):
     """
 
     entry_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-    budget_id: BudgetId | None = None
+    budget_id: LedgerAccount | None = None
     request_id: RequestId
     attempt: Annotated[int, Field(ge=0, strict=True)] = 0
     kind: EntryKind
@@ -246,6 +285,8 @@ class LedgerEntry(Event):
     lease_router: LeaseRouter | None = None
     lease_epoch: Annotated[int, Field(ge=0, strict=True)] | None = None
     lease_pico: Annotated[int, Field(ge=0, le=MAX_ENTRY_PICO, strict=True)] | None = None
+    # A ``partial`` entry: a shard's sums, sent by the shard's worker to the budget's home partition.
+    shard_sum: ShardSum | None = None
 
     @model_validator(mode="after")
     def _budget_unless_tick(self) -> LedgerEntry:
@@ -255,6 +296,11 @@ class LedgerEntry(Event):
             raise ValueError(f"a {self.kind} amount cannot be negative")
         if self.kind == "lease" and self.ttl_s is None:
             raise ValueError("a lease entry needs its ttl_s")
+        if (self.kind == "partial") != (self.shard_sum is not None):
+            raise ValueError("a partial entry, and only a partial entry, carries a shard_sum")
+        sharded = self.budget_id is not None and SHARD_MARK in self.budget_id
+        if sharded and self.kind not in ("reserve", "settle", "adjust"):
+            raise ValueError(f"a {self.kind} entry names a budget, not a shard")
         if (self.lease_router is None) != (self.lease_epoch is None) or (self.lease_epoch is None) != (
             self.lease_pico is None
         ):

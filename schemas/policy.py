@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from budgetflow.schemas.errors import ConfigError
-from budgetflow.schemas.events import BUDGET_ID_PATTERN, Backend, HardLimitAction, MetadataKey
+from budgetflow.schemas.events import BUDGET_ID_PATTERN, MAX_SHARDS, Backend, HardLimitAction, MetadataKey
 from budgetflow.schemas.money import PICO_PER_USD, NonNegativeUsdAmount
 from budgetflow.schemas.serde import first_error, validation_message
 
@@ -120,11 +120,18 @@ class BudgetPolicy(BaseModel):
         description="Routers admit cloud spend only against headroom leased from the aggregate, as for a budget "
         "whose hard limit blocks: its admitted estimates never pass its limit, whatever the number of routers.",
     )
+    shards: Annotated[int, Field(ge=1, le=MAX_SHARDS, strict=True)] | None = Field(
+        None,
+        description="Ledger partitions its spend is summed on, for a budget hotter than one aggregate worker "
+        "(docs/architecture.md, 'Hot budgets'); absent: 1, or SHARDS__GLOBAL for global. A sharded budget is "
+        "not leased.",
+    )
 
     @property
     def leased(self) -> bool:
         """Routers admit its cloud spend against leases: it has a limit, and it blocks at it or is strict."""
-        return self.monthly_limit_usd is not None and (self.strict or self.hard_limit_action != "warn")
+        unsharded = self.shards is None or self.shards == 1
+        return unsharded and self.monthly_limit_usd is not None and (self.strict or self.hard_limit_action != "warn")
 
     @model_validator(mode="after")
     def _not_own_parent(self) -> BudgetPolicy:
@@ -132,6 +139,10 @@ class BudgetPolicy(BaseModel):
             raise ValueError(f"parent: budget {self.id!r} cannot be its own parent")
         if self.id == "global" and (self.parent is not None or self.applies_to is not None):
             raise ValueError("global applies to every request already; it takes no parent or applies_to")
+        if self.strict and (self.shards or 1) > 1:
+            raise ValueError(
+                f"budget {self.id!r}: strict needs leases, which a sharded budget has not (shards or strict)"
+            )
         return self
 
     @property

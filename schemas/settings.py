@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     max_clock_skew_s: int = Field(
         300, ge=0, description="An event stamped further in the future than this goes to the DLQ as future."
     )
+    global_shards: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Shards of the global budget when its policy names none (docs/architecture.md, 'Hot budgets'); "
+        "empty: 1 below 24 ledger partitions, else one per 8.",
+    )
     heartbeat_s: float = Field(5.0, gt=0, description="Interval of ticks and heartbeats per ledger partition.")
     status: StatusSettings = Field(default_factory=StatusSettings)
     default_policy: DefaultPolicySettings = Field(default_factory=DefaultPolicySettings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from budgetflow.schemas.events import SHARD_MARK
 from budgetflow.schemas.periods import month_start, next_month_start
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.schemas.settings import ForecastSettings
@@ -36,7 +37,7 @@ class BudgetForecasts:
         self._sampled_at[ledger.partition] = t
         start = month_start(current).timestamp()
         for (budget, period), state in ledger.periods.items():
-            if period == current:
+            if period == current and SHARD_MARK not in budget:
                 self.forecaster.sample((budget, period), t, state.spend, start)
 
     def forecast(self, ledger: PartitionLedger, budget: str, period: str) -> Forecast:

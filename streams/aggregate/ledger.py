@@ -21,16 +21,15 @@ import functools
 import heapq
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from budgetflow.schemas.events import LedgerEntry, StatusName
-from budgetflow.schemas.money import MAX_PERIOD_PICO
+from budgetflow.schemas.events import SHARD_MARK, LedgerEntry
 from budgetflow.schemas.periods import next_month_start, period_of, shift_period
 from budgetflow.schemas.policy import BudgetPolicy
 from budgetflow.streams.aggregate.changes import BatchChanges, Changes
 from budgetflow.streams.aggregate.leases import PartitionLeases
+from budgetflow.streams.aggregate.ledgerconfig import LedgerConfig, StatusChange
 from budgetflow.streams.aggregate.records import (
     META_KEY,
     OPEN_PREFIX,
@@ -43,11 +42,11 @@ from budgetflow.streams.aggregate.records import (
     decode_key,
     request_key,
 )
+from budgetflow.streams.aggregate.shardsums import merge, partial_entries
 from budgetflow.streams.aggregate.store import Store
-from budgetflow.streams.rules.status import StatusRules
 
 if TYPE_CHECKING:
-    from budgetflow.schemas.settings import Settings
+    pass
 
 __all__ = ["ApplyResult", "LedgerConfig", "PartitionLedger", "StatusChange"]
 
@@ -57,43 +56,6 @@ log = logging.getLogger(__name__)
 # state has it already), skipped it as already reflected (``replayed``), refused it (``late_period``,
 # ``late_horizon``, ``out_of_range``: dead-lettered), or moved time (``tick``).
 ApplyResult = Literal["applied", "duplicate", "replayed", "late_period", "late_horizon", "out_of_range", "tick"]
-
-
-@dataclass(frozen=True, slots=True)
-class StatusChange:
-    """A budget's status changed in a period: announced once per budget, period and event (the new status)."""
-
-    budget: str
-    period: str
-    event: str
-    previous: StatusName
-    settled: int
-    reserved: int
-    offset: int  # the ledger offset of the entry (or tick) that made the change
-
-
-@dataclass(frozen=True)
-class LedgerConfig:
-    """The time rules (docs/architecture.md, "Time through the stream"), in seconds, and the ledger's bounds."""
-
-    horizon_s: int = 86_400
-    grace_s: int = 7 * 86_400
-    default_ttl_s: int = 3_600
-    rules: StatusRules = field(default_factory=StatusRules)
-    sweep_keys_per_tick: int = 20_000
-    sweep_interval_s: float = 600.0
-    keep_periods: int = 13
-    max_period_pico: int = MAX_PERIOD_PICO
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LedgerConfig:
-        return cls(
-            horizon_s=settings.dedupe_horizon_s,
-            grace_s=settings.period_grace_s,
-            default_ttl_s=settings.reservation.ttl_s,
-            rules=StatusRules(settings.status.hysteresis_points, settings.status.step_points),
-            sweep_keys_per_tick=settings.worker.sweep_keys_per_tick,
-        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -126,6 +88,7 @@ class PartitionLedger:
         # What the worker publishes after a batch.
         self.status_changes: list[StatusChange] = []
         self.touched: set[tuple[str, str]] = set()
+        self._shards_touched: set[tuple[str, str]] = set()
         self.rollover_to: str | None = None
         self.anomalies = 0
         self.expirations = 0
@@ -189,6 +152,8 @@ class PartitionLedger:
         ``max_time`` bounds a tick's time (its record's broker time plus the allowed clock skew), so that one
         tick from a clock that runs ahead cannot make every genuine entry late.
         """
+        if entry.budget_id is not None and SHARD_MARK in entry.budget_id:
+            self.touched.add((entry.budget_id, entry.period))  # its sums go home, even after a replay
         if offset <= self.meta.applied:
             return "replayed"
         self._last_offset = max(self._last_offset, offset)
@@ -198,6 +163,8 @@ class PartitionLedger:
         assert entry.budget_id is not None  # the schema requires it for every other kind
         if _period_end(entry.period) + self.config.grace_s < self.meta.stream_time:
             return "late_period"
+        if entry.kind == "partial":
+            return self._merge(entry, offset)
         if entry.kind == "lease":
             answered, changed = self.leases.ask(entry, offset, self._period)
             if changed is not None:
@@ -313,6 +280,24 @@ class PartitionLedger:
         self._update_status(period, offset)
         return "applied"
 
+    def _merge(self, entry: LedgerEntry, offset: int) -> ApplyResult:
+        """A shard's sums reach its budget's home (:mod:`budgetflow.streams.aggregate.shardsums`)."""
+        assert entry.budget_id is not None
+        assert entry.shard_sum is not None
+        period = self._period(entry.budget_id, entry.period)
+        if period.ledger_offset >= offset:  # a replay onto a durable record
+            return "out_of_range" if offset in period.refused else "applied"
+        merged = merge(period, entry.shard_sum, self.config.max_period_pico)
+        if merged is None:
+            return "duplicate"
+        period.ledger_offset = offset
+        self._changes.period(period)
+        if not merged:
+            period.refused.append(offset)
+            return "out_of_range"
+        self._update_status(period, offset)
+        return "applied"
+
     def _put_request(self, before: RequestState | None, after: RequestState) -> None:
         if self.observer is not None:
             self.observer(before, after)
@@ -326,9 +311,11 @@ class PartitionLedger:
             self._open.pop(key, None)
 
     def _update_status(self, period: PeriodState, offset: int) -> None:
+        self.touched.add((period.budget, period.period))
+        if SHARD_MARK in period.budget:
+            return  # a shard has no status: its sums go home
         previous = period.status
         status = self.config.rules.next_status(previous, period.spend, self.policy_for(period.budget))
-        self.touched.add((period.budget, period.period))
         if status == previous:
             return
         period.status = status
@@ -345,6 +332,8 @@ class PartitionLedger:
         have become durable before a crash.
         """
         for period in list(self.periods.values()):
+            if SHARD_MARK in period.budget:
+                continue  # no status of its own
             policy = self.policy_for(period.budget)
             if self.config.rules.next_status(period.status, period.spend, policy) != period.status:
                 self._update_status(period, self._last_offset)
@@ -434,10 +423,23 @@ class PartitionLedger:
 
     def take_outputs(self) -> tuple[list[StatusChange], set[tuple[str, str]], str | None]:
         """Status changes, touched periods and a rollover since the last call (for publishing)."""
-        out = (self.status_changes, self.touched, self.rollover_to)
+        shards = {pair for pair in self.touched if SHARD_MARK in pair[0]}
+        self._shards_touched |= shards
+        out = (self.status_changes, self.touched - shards, self.rollover_to)
         self.status_changes, self.touched, self.rollover_to = [], set(), None
         return out
 
+    def take_partials(self) -> list[tuple[str, bytes]]:
+        """(home budget, partial entry) for each shard month changed since the last call: its sums, sent home."""
+        shards = self._shards_touched | {pair for pair in self.touched if SHARD_MARK in pair[0]}
+        self.touched -= shards
+        self._shards_touched = set()
+        return partial_entries(self.periods, shards)
+
+    def partials(self) -> list[tuple[str, bytes]]:
+        """Every shard's sums this partition holds (sent home again after a recovery)."""
+        return partial_entries(self.periods, [pair for pair in self.periods if SHARD_MARK in pair[0]])
+
     def budgets(self) -> Iterator[str]:
-        """Every budget this partition has seen."""
-        return iter({budget for budget, _ in self.periods})
+        """Every budget this partition has seen (not its shards: they have no status)."""
+        return iter({budget for budget, _ in self.periods if SHARD_MARK not in budget})

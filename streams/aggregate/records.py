@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from budgetflow.schemas.events import StatusName
+from budgetflow.schemas.events import ShardSum, StatusName
 from budgetflow.schemas.serde import dumps, loads
 
 __all__ = [
@@ -83,6 +83,8 @@ class PeriodState:
     # amount): a replay onto this record, durable first, must grant the same again.
     leased: int = 0
     granted_at: list[list[int]] = field(default_factory=list)
+    # A sharded budget's home record: each shard's latest sums (:mod:`budgetflow.streams.aggregate.shardsums`).
+    shards: dict[int, ShardSum] = field(default_factory=dict)
 
     @property
     def spend(self) -> int:
@@ -98,6 +100,7 @@ class PeriodState:
             sorted(self.covers_usage.items()),
             _wide(self.leased),
             self.granted_at,
+            [part.model_dump(mode="json") for _, part in sorted(self.shards.items())],
         ]
         while later and not later[-1]:  # trailing fields at their defaults: written as the code before them
             later.pop()
@@ -127,6 +130,7 @@ class PeriodState:
         covers_usage = {int(p): int(o) for p, o in later[2]} if len(later) > 2 else {}
         leased = int(later[3]) if len(later) > 3 else 0
         granted_at = [list(pair) for pair in later[4]] if len(later) > 4 else []
+        shards = [ShardSum.model_validate(part) for part in later[5]] if len(later) > 5 else []
         return cls(
             budget,
             period,
@@ -145,6 +149,7 @@ class PeriodState:
             covers_usage,
             leased,
             granted_at,
+            {part.shard: part for part in shards},
         )
 
 

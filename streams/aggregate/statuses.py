@@ -38,7 +38,7 @@ _PHRASES = {
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One record to send: topic role (``status``, ``events``, ``heartbeats``, ``leases``), key, value."""
+    """One record to send: topic role (``status``, ``events``, ``heartbeats``, ``leases``, ``ledger``), key, value."""
 
     role: str
     key: bytes

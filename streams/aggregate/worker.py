@@ -344,7 +344,12 @@ class AggregateWorker:
             for item in published:
                 if item.role == "status":
                     self.metrics.propagation.observe(max(0.0, now - first))
-        out = published + self.publisher.refresh(ledger) + self.publisher.grants(ledger)
+        out = (
+            published
+            + self.publisher.refresh(ledger)
+            + self.publisher.grants(ledger)
+            + _partials(ledger.take_partials())
+        )
         if p in self._heartbeat_due:
             out.append(self.publisher.heartbeat(ledger, self._lag_s(p), None, self.url))
         return out
@@ -357,7 +362,7 @@ class AggregateWorker:
             ledger = self.ledgers[p]
             known = {b for b in self.policies.budgets() if self._partition_of(b) == p}
             current = self.publisher.current_period(ledger)
-            out += self.publisher.refresh(ledger, set(ledger.budgets()) | known)
+            out += self.publisher.refresh(ledger, set(ledger.budgets()) | known) + _partials(ledger.partials())
             if committed is not None:
                 # Transitions of entries past the committed offset may not have been announced
                 # before a crash: announce them again (keyed budget:period:event, so consumers dedupe).
@@ -372,8 +377,17 @@ class AggregateWorker:
             "events": self.topics.events,
             "heartbeats": self.topics.heartbeats,
             "leases": self.topics.leases,
+            "ledger": self.topics.ledger,
         }
-        sent = [await self._producer.send(topic[o.role].name, key=o.key, value=o.value) for o in outgoing]
+        sent = [
+            await self._producer.send(
+                topic[o.role].name,
+                key=o.key,
+                value=o.value,
+                partition=self._partition_of(o.key.decode()) if o.role == "ledger" else None,
+            )
+            for o in outgoing
+        ]
         self.metrics.records.labels("aggregate", "out").inc(len(outgoing) + len(dead))
         for letter in dead:
             sent.append(await send_dead_letter(self._producer, self.topics.dlq.name, letter))
@@ -401,3 +415,8 @@ class AggregateWorker:
         if highwater is None or last is None or ledger is None or ledger.meta.applied + 1 >= highwater:
             return 0.0
         return max(0.0, time.time() - last)
+
+
+def _partials(entries: list[tuple[str, bytes]]) -> list[Outgoing]:
+    """Shards' sums for their budgets' home partitions (:mod:`budgetflow.streams.aggregate.shardsums`)."""
+    return [Outgoing("ledger", home.encode(), value) for home, value in entries]

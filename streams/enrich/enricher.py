@@ -69,6 +69,18 @@ class Enricher:
             return with_global(listed)
         return self.resolver.resolve(listed, model=model, provider=provider, backend=backend, metadata=metadata)
 
+    def _entries(
+        self, common: dict[str, Any], budgets: list[str], request_id: str, lease: LeaseTag | None = None
+    ) -> list[tuple[str, bytes]]:
+        """One entry per budget, keyed by its ledger account (a shard of a sharded budget, which has no lease)."""
+        accounts = [(b, b) for b in budgets] if self.resolver is None else self.resolver.accounts(budgets, request_id)
+        if lease is None:
+            return [(account, entry_json(common, account)) for _, account in accounts]
+        return [
+            (account, entry_json({**common, **_lease_fields(lease, budget)} if account == budget else common, account))
+            for budget, account in accounts
+        ]
+
     def enrich(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> EnrichResult:
         is_request = topic == self.topics.requests.name
         try:
@@ -164,10 +176,7 @@ class Enricher:
                 format_usd(estimate.pico_usd),
                 ",".join(budgets),
             )
-        lease = event.lease
-        if lease is None:
-            return [(budget, entry_json(common, budget)) for budget in budgets]
-        return [(budget, entry_json({**common, **_lease_fields(lease, budget)}, budget)) for budget in budgets]
+        return self._entries(common, budgets, event.request_id, event.lease)
 
     def ask(self, event: LeaseAsk) -> list[tuple[str, bytes]]:
         """A router's ask for headroom, as the lease entry the aggregate answers (ordered with the budget's entries)."""
@@ -227,7 +236,7 @@ class Enricher:
         budgets = self._budgets_of(
             event.budgets, event.request_model or event.model, event.provider, event.backend, event.metadata
         )
-        return [(budget, entry_json(common, budget)) for budget in budgets]
+        return self._entries(common, budgets, event.request_id)
 
     def _count_usage(self, event: UsageEvent, cost: Cost) -> None:
         m = self.metrics

@@ -31,6 +31,7 @@ from budgetflow.streams.kafka.topics import Topics, ensure_topics_now, partition
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver
+from budgetflow.streams.rules.shards import global_shards
 from budgetflow.streams.service.crash import crash_point
 from budgetflow.streams.service.http import serve, worker_app
 
@@ -156,7 +157,12 @@ class EnrichWorker:
 
     async def _follow_policies(self, stack: contextlib.AsyncExitStack) -> None:
         """Budget scopes and parents come from the policies, followed like a view follows statuses."""
-        resolver = BudgetResolver(lambda: book.policies, self.settings.unknown_budget, on_unknown=self._unknown_budget)
+        resolver = BudgetResolver(
+            lambda: book.policies,
+            self.settings.unknown_budget,
+            on_unknown=self._unknown_budget,
+            global_shards=global_shards(self.settings),
+        )
         book = PolicyBook(
             self.settings,
             self.topics.policies.name,

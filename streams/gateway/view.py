@@ -50,6 +50,7 @@ from budgetflow.streams.kafka.topics import Topics
 from budgetflow.streams.rules.clock import Clock
 from budgetflow.streams.rules.policies import PolicyBook
 from budgetflow.streams.rules.scopes import BudgetResolver, with_global
+from budgetflow.streams.rules.shards import global_shards, is_leased
 from budgetflow.streams.rules.status import STATUS_RANK, utilization_percent
 from budgetflow.streams.service.lifecycle import Lifecycle
 
@@ -301,7 +302,10 @@ class BudgetView(Lifecycle):
         charged = charged_budgets(self.resolver, budgets, request)
         moment = self.clock.now()
         ts = moment.timestamp()
-        leased = [b for b in charged if b in policies and policies[b].leased and not self._failed_open(b, ts)]
+        shards = global_shards(self.settings)
+        leased = [
+            b for b in charged if b in policies and is_leased(policies[b], shards) and not self._failed_open(b, ts)
+        ]
         if not leased:
             return None
         tag = await self.lease_book.take(leased, estimate_pico, moment)

@@ -20,6 +20,7 @@ from typing import Literal
 from budgetflow.schemas.errors import InvalidEvent
 from budgetflow.schemas.events import GLOBAL_BUDGET
 from budgetflow.schemas.policy import BudgetPolicy, Scope
+from budgetflow.streams.rules.shards import account, shard_count
 
 __all__ = ["BudgetResolver", "UnknownBudget", "with_global"]
 
@@ -64,8 +65,10 @@ class BudgetResolver:
         policies: Callable[[], Mapping[str, BudgetPolicy]],
         unknown: UnknownBudget = "default",
         on_unknown: Callable[[str], None] | None = None,
+        global_shards: int = 1,
     ) -> None:
         self._policies = policies
+        self.global_shards = global_shards
         self.unknown = unknown
         self._on_unknown = on_unknown
         self._dirty = True
@@ -86,6 +89,15 @@ class BudgetResolver:
             self._dirty = False
             self._scoped = [_Compiled(p.id, p.applies_to) for p in policies.values() if p.applies_to is not None]
         return policies
+
+    def accounts(self, budgets: list[str], request_id: str) -> list[tuple[str, str]]:
+        """(budget, ledger account) for each budget: a sharded budget's entry goes to the request's shard."""
+        policies = self._policies()
+        out = []
+        for budget in budgets:
+            shards = shard_count(budget, policies, self.global_shards)
+            out.append((budget, budget if shards == 1 else account(budget, request_id, shards)))
+        return out
 
     def resolve(
         self, listed: Sequence[str], *, model: str, provider: str, backend: str, metadata: Mapping[str, str]
