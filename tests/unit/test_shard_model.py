@@ -199,7 +199,7 @@ class ShardModel(RuleBasedStateMachine):
         for _ in range(3):
             for p in self.partitions:
                 while p.position < len(p.log):
-                    for home, value in p.batch(8, None, 0):
+                    for _, value in p.batch(8, None, 0):
                         self.partitions[0].log.append((decode(LedgerEntry, value)[0], self.clock))
         home = self.partitions[0].ledger
         for (budget, period), expected in self.reference.periods.items():
@@ -208,7 +208,8 @@ class ShardModel(RuleBasedStateMachine):
             merged = home.period_state(HOT, period)
             event(f"compared a month with {'some' if expected.spend else 'no'} spend")
             if merged is None:
-                assert expected.settled == expected.reserved == 0 and expected.requests == 0
+                assert expected.settled == expected.reserved == 0
+                assert expected.requests == 0
                 continue
             assert (merged.settled, merged.reserved, merged.requests) == (
                 expected.settled,

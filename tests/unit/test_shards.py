@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from budgetflow.schemas.errors import ConfigError
-from budgetflow.schemas.events import LedgerEntry, LeaseTag, ShardSum
+from budgetflow.schemas.events import LeaseTag, LedgerEntry, ShardSum
 from budgetflow.schemas.policy import BudgetPolicy, parse_policy_file
 from budgetflow.schemas.serde import decode, decode_fast, dumps
 from budgetflow.schemas.settings import Settings, TopicSettings
@@ -85,7 +85,8 @@ def test_a_sharded_budgets_entries_go_to_the_requests_shard_and_its_reserve_and_
         keys = [key for key, _ in reserve]
         assert keys == [key for key, _ in settle]
         hot, plain, global_ = keys
-        assert hot.startswith("team:hot#") and (plain, global_) == ("team:a", "global")
+        assert hot.startswith("team:hot#")
+        assert (plain, global_) == ("team:a", "global")
         assert all(decode_fast(LedgerEntry, raw).budget_id == key for key, raw in reserve + settle)
         shards.add(hot)
     assert shards == {f"team:hot#{k}" for k in range(4)}
@@ -94,7 +95,9 @@ def test_a_sharded_budgets_entries_go_to_the_requests_shard_and_its_reserve_and_
 def test_global_is_sharded_by_the_setting_and_a_large_deployment() -> None:
     keys = [key for key, _ in enricher(global_shards=3).enrich(TOPICS.requests.name, 0, 1, None, request("x")).entries]
     assert keys[-1].startswith("global#")
-    assert auto_global_shards(8) == 1 and auto_global_shards(23) == 1 and auto_global_shards(64) == 8
+    assert auto_global_shards(8) == 1
+    assert auto_global_shards(23) == 1
+    assert auto_global_shards(64) == 8
     assert global_shards(Settings(topics={"partitions": 64})) == 8  # type: ignore[arg-type]
     assert global_shards(Settings(global_shards=2)) == 2
 
@@ -108,12 +111,15 @@ def test_a_lease_tag_rides_only_on_unsharded_budgets() -> None:
 
 
 def test_a_sharded_budget_is_not_leased_and_strict_with_shards_is_refused_in_one_line() -> None:
-    assert not POLICIES["team:hot"].leased and POLICIES["team:a"].leased
+    assert not POLICIES["team:hot"].leased
+    assert POLICIES["team:a"].leased
     blocking_global = BudgetPolicy(id="global", monthly_limit_usd="5", hard_limit_action="block_cloud")  # type: ignore[arg-type]
-    assert is_leased(blocking_global, 1) and not is_leased(blocking_global, 2)
+    assert is_leased(blocking_global, 1)
+    assert not is_leased(blocking_global, 2)
     with pytest.raises(ConfigError) as refused:
         parse_policy_file({"budgets": [{"id": "t", "monthly_limit_usd": "1", "strict": True, "shards": 2}]})
-    assert "strict needs leases" in str(refused.value) and "\n" not in str(refused.value)
+    assert "strict needs leases" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def _ledger(partition: int) -> PartitionLedger:
@@ -141,7 +147,9 @@ def test_shards_send_their_sums_home_and_only_the_home_has_a_status() -> None:
     partials = []
     for shard in shards:
         changes, touched, _ = shard.take_outputs()
-        assert changes == [] and touched == set() and list(shard.budgets()) == []  # a shard publishes nothing
+        assert changes == []
+        assert touched == set()
+        assert list(shard.budgets()) == []
         partials += shard.take_partials()
         assert shard.take_partials() == []  # sent once per change
     assert [home for home, _ in partials] == ["team:hot", "team:hot"]
@@ -149,13 +157,15 @@ def test_shards_send_their_sums_home_and_only_the_home_has_a_status() -> None:
         result = home.apply(decode(LedgerEntry, raw)[0], offset)
         assert result == ("applied" if offset < 2 else "duplicate")
     merged = home.period_state("team:hot", "2026-11")
-    assert merged is not None and (merged.reserved, merged.requests, merged.status) == (9 * 10**11, 3, "soft_limit")
+    assert merged is not None
+    assert (merged.reserved, merged.requests, merged.status) == (9 * 10**11, 3, "soft_limit")
     assert merged.covers == {0: 1}  # the lowest of the shards' (shard 0 counted offsets 0 and 2, shard 1 offset 1)
     changes, touched, _ = home.take_outputs()
     assert [(c.budget, c.event) for c in changes] == [("team:hot", "soft_limit")]
     publisher = StatusPublisher(LedgerConfig().rules, lambda b: POLICIES[b], lambda: NOW, 60)
     (status,) = [o for o in publisher.after_batch(home, changes, touched, None) if o.role == "status"]
-    assert status.key == b"team:hot" and b'"spend_usd":"0.900000000000"' in status.value
+    assert status.key == b"team:hot"
+    assert b'"spend_usd":"0.900000000000"' in status.value
 
 
 def test_an_older_partial_never_replaces_a_newer_one() -> None:
@@ -178,4 +188,5 @@ def test_an_older_partial_never_replaces_a_newer_one() -> None:
     assert partial(7, 500, 0) == "applied"
     assert partial(3, 100, 1) == "duplicate"  # from a worker that lost the partition and did not know it yet
     merged = home.period_state("team:hot", "2026-11")
-    assert merged is not None and merged.reserved == 500
+    assert merged is not None
+    assert merged.reserved == 500
