@@ -240,6 +240,7 @@ class ShardSum(BaseModel):
     settled: _PeriodSum
     reserved: _PeriodSum
     requests: Annotated[int, Field(ge=0, strict=True)] = 0
+    settles: Annotated[int, Field(ge=0, strict=True)] = 0
     covers: dict[int, int] = Field(default_factory=dict)
     covers_usage: dict[int, int] = Field(default_factory=dict)
 

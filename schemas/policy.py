@@ -57,17 +57,21 @@ def _file_places(pico: int | None, info: ValidationInfo) -> int | None:
     return pico
 
 
-def _whole_percent(value: Any) -> Any:
-    # 80 and 80.0 as written in a file (a Decimal) are both 80; 80.5 is not a whole percent. A Python float is refused.
-    if isinstance(value, Decimal):
-        if not value.is_finite() or value != value.to_integral_value():
-            raise ValueError("must be a whole number of percent")
-        return int(value)
-    return value
+def _whole(what: str) -> Any:
+    def whole(value: Any) -> Any:
+        # 80 and 80.0 as written in a file (a Decimal) are both 80; 80.5 is not whole. A Python float is refused.
+        if isinstance(value, Decimal):
+            if not value.is_finite() or value != value.to_integral_value():
+                raise ValueError(f"must be a whole number of {what}")
+            return int(value)
+        return value
+
+    return whole
 
 
 LimitUsd = Annotated[NonNegativeUsdAmount, BeforeValidator(_exact_limit), AfterValidator(_file_places)]
-Percent = Annotated[int, BeforeValidator(_whole_percent), Field(gt=0, lt=100, strict=True)]
+Percent = Annotated[int, BeforeValidator(_whole("percent")), Field(gt=0, lt=100, strict=True)]
+Shards = Annotated[int, BeforeValidator(_whole("shards")), Field(ge=1, le=MAX_SHARDS, strict=True)]
 
 Glob = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
@@ -120,7 +124,7 @@ class BudgetPolicy(BaseModel):
         description="Routers admit cloud spend only against headroom leased from the aggregate, as for a budget "
         "whose hard limit blocks: its admitted estimates never pass its limit, whatever the number of routers.",
     )
-    shards: Annotated[int, Field(ge=1, le=MAX_SHARDS, strict=True)] | None = Field(
+    shards: Shards | None = Field(
         None,
         description="Ledger partitions its spend is summed on, for a budget hotter than one aggregate worker "
         "(docs/architecture.md, 'Hot budgets'); absent: 1, or SHARDS__GLOBAL for global. A sharded budget is "

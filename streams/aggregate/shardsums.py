@@ -54,6 +54,7 @@ def merge(period: PeriodState, part: ShardSum, max_period_pico: int) -> bool | N
         return False
     period.settled, period.reserved = settled, reserved
     period.requests += part.requests - (old.requests if old else 0)
+    period.settles += part.settles - (old.settles if old else 0)
     period.shards[part.shard] = part
     parts = [period.shards[k] for k in sorted(period.shards)]
     period.covers = _lowest([p.covers for p in parts])
@@ -77,6 +78,7 @@ def partial_entries(
             settled=state.settled,
             reserved=state.reserved,
             requests=state.requests,
+            settles=state.settles,
             covers=state.covers,
             covers_usage=state.covers_usage,
         )

@@ -211,10 +211,11 @@ class ShardModel(RuleBasedStateMachine):
                 assert expected.settled == expected.reserved == 0
                 assert expected.requests == 0
                 continue
-            assert (merged.settled, merged.reserved, merged.requests) == (
+            assert (merged.settled, merged.reserved, merged.requests, merged.settles) == (
                 expected.settled,
                 expected.reserved,
                 expected.requests,
+                expected.settles,
             ), period
             assert merged.status == expected.status, (period, merged.spend)
             event(f"status: {merged.status}")

@@ -110,6 +110,17 @@ def test_a_lease_tag_rides_only_on_unsharded_budgets() -> None:
     assert [router for key, router in leased.items() if key.startswith("team:hot#")] == [None]
 
 
+def test_shards_in_a_policy_file_are_a_whole_number() -> None:
+    from budgetflow.schemas.policy import parse_policy_text
+
+    text = "budgets:\n  - id: hot\n    shards: {}\n"
+    assert parse_policy_text(text.format(4), source="p.yaml").budgets[0].shards == 4
+    with pytest.raises(ConfigError, match=r"p.yaml:3: budgets\[0\].shards: .*whole number of shards"):
+        parse_policy_text(text.format("2.5"), source="p.yaml")
+    with pytest.raises(ConfigError, match=r"shards: .*less than or equal to 64"):
+        parse_policy_text(text.format(65), source="p.yaml")
+
+
 def test_a_sharded_budget_is_not_leased_and_strict_with_shards_is_refused_in_one_line() -> None:
     assert not POLICIES["team:hot"].leased
     assert POLICIES["team:a"].leased
