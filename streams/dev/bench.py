@@ -254,19 +254,20 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "routing": bench_routing,
 }
 # Sections that need a broker get its bootstrap address as a second argument.
-KAFKA_SECTIONS = ("enrich", "aggregate", "latency", "load", "recovery", "publisher", "litellm", "caps")
+KAFKA_SECTIONS = ("enrich", "aggregate", "shards", "latency", "load", "recovery", "publisher", "litellm", "caps")
 # Sections that run only when named with --only: they need an optional extra and take minutes.
 OPT_IN = ("litellm", "caps")
 
 
 def _kafka_section(name: str) -> Callable[[bool, str], dict[str, Any]]:
     """The function of a section that needs a broker (their modules load aiokafka: imported when one runs)."""
-    from budgetflow.streams.dev import bench_caps, bench_litellm, bench_load, bench_pipeline
+    from budgetflow.streams.dev import bench_caps, bench_litellm, bench_load, bench_pipeline, bench_shards
 
     return {
         "litellm": bench_litellm.bench_litellm,
         "caps": bench_caps.bench_caps,
         "aggregate": bench_pipeline.bench_aggregate,
+        "shards": bench_shards.bench_shards,
         "latency": bench_pipeline.bench_latency,
         "publisher": bench_pipeline.bench_publisher,
         "enrich": bench_pipeline.bench_enrich,

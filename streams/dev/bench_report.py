@@ -75,6 +75,26 @@ def _aggregate(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _shards(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"one hot budget, {section['entries']:,} ledger entries, {section['shards']} shards, {section['cpus']} CPUs "
+        "shared with the broker",
+        "",
+        "| cell | entries/s | ratio | worker CPU % | ledger partitions | status latency p50/p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("unsharded_1_worker", "sharded_1_worker", "sharded_2_workers"):
+        row = section[label]
+        cpu = " + ".join(f"{c:.0f}" for c in row["worker_cpu_percent"])
+        latency = row["status_latency_ms"]
+        lines.append(
+            f"| {label.replace('_', ' ')} | {row['entries_per_s']:,.0f} | {row['ratio']:.2f} | {cpu} "
+            f"| {len(row['partitions'])} | {latency['p50_ms']:.0f}/{latency['p99_ms']:.0f} |"
+        )
+    return lines
+
+
 def _latency(row: dict[str, Any]) -> list[str]:
     return [
         "",
@@ -220,6 +240,7 @@ _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "heuristic_error": _heuristic_error,
     "enrich": _enrich,
     "aggregate": _aggregate,
+    "shards": _shards,
     "latency": _latency,
     "load": _load,
     "recovery": _recovery,

@@ -32,6 +32,8 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
             "recovery",
             "--only",
             "publisher",
+            "--only",
+            "shards",
             "--out",
             str(out),
         ),
@@ -52,4 +54,10 @@ def test_quick_pipeline_bench_writes_results(kafka_bootstrap: str, tmp_path: Pat
     assert sections["load"]["latency"]["p99_ms"] > 0
     assert set(sections["load"]["overshoot"]) >= {"bounded", "admitted"}
     assert sections["recovery"]["ready_rocksdb_s"] > 0
+    shards = sections["shards"]
+    for cell in ("unsharded_1_worker", "sharded_1_worker", "sharded_2_workers"):
+        assert shards[cell]["entries_per_s"] > 0
+        assert shards[cell]["status_latency_ms"]["p99_ms"] > 0
+    assert len(shards["sharded_2_workers"]["worker_cpu_percent"]) == 2
+    assert len(shards["sharded_1_worker"]["partitions"]) > 1  # the shards are spread over the ledger
     print(proc.stdout)
