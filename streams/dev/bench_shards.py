@@ -3,8 +3,9 @@ each worker's CPU, and the status latency the merge adds; all in one run, on the
 
 Each cell has topics of its own (eight ledger partitions), fills its ledger with the same number of entries (a
 reserve and its settle per request) for one budget, then starts its aggregate workers as child processes and
-times them from their first commit until the group's committed offsets reach the end of every partition
-(partial entries included: the sharded cells also apply the shards' sums at home). A worker's CPU is its
+times them until the group's committed offsets reach the end of every partition
+(partial entries included: the sharded cells also apply the shards' sums at home), counting from the moment all
+its workers are in the group and committing, so the first joins' rebalance is left out. A worker's CPU is its
 process's user + system time over that span, read from ``/proc``. Then, with the workers still up, single
 entries that each move the budget by one step are written to the ledger one at a time, and the time until a
 status says their spend is the latency (unsharded: entry, worker, status; sharded: entry, shard's worker,
@@ -68,37 +69,56 @@ class _Progress:
         await self.consumer.stop()
         await self.admin.close()
 
-    async def committed(self) -> tuple[int, int]:
-        """(records committed by the group, records in the ledger) over every partition."""
-        ends = await self.consumer.end_offsets(self.parts)
+    async def offsets(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Per ledger partition: the offset the group has committed (0 before any), and the end."""
+        ends = {tp.partition: end for tp, end in (await self.consumer.end_offsets(self.parts)).items()}
         try:
             offsets = await self.admin.list_consumer_group_offsets(self.group)
         except GroupCoordinatorNotAvailableError:  # the group does not exist yet
-            return 0, sum(ends.values())
-        done = sum(offsets[tp].offset for tp in self.parts if tp in offsets and offsets[tp].offset >= 0)
-        return done, sum(ends.values())
+            offsets = {}
+        done = {tp.partition: max(0, offsets[tp].offset) if tp in offsets else 0 for tp in self.parts}
+        return done, ends
+
+    async def members(self) -> int:
+        """Members of the group when it is stable (0 while it rebalances)."""
+        try:
+            (response,) = await self.admin.describe_consumer_groups([self.group])
+        except GroupCoordinatorNotAvailableError:
+            return 0
+        _, _, state, _, _, members, *_ = response.groups[0]
+        return len(members) if state == "Stable" else 0
 
 
-async def _drain(settings: Settings, topics: Topics, workers: list[WorkerProcess]) -> dict[str, Any]:
-    """Time the workers from their first commit until they have committed every record of the ledger."""
-    cpu0 = [_cpu_s(w.proc.pid) for w in workers]
-    began = None
+async def _drain(settings: Settings, topics: Topics, workers: list[WorkerProcess], home: int) -> dict[str, Any]:
+    """Time the workers from the moment all of them are in the group and committing (what they applied before
+    is left out: the first joins rebalance) until they have committed every entry of the fill and then the
+    partials those entries sent home (ticks written meanwhile are not waited for)."""
+    began: tuple[float, int, list[float]] | None = None  # (perf_counter, entries committed, CPU s) at the start
+    first = (time.perf_counter(), 0, [_cpu_s(w.proc.pid) for w in workers])  # the same as the workers start
+    filled: dict[int, int] | None = None
+    target: int | None = None  # the home partition's end once every filled entry was committed
     deadline = time.monotonic() + 600
     async with _Progress(settings, topics) as progress:
         while time.monotonic() < deadline:
             if not all(w.alive for w in workers):
                 raise RuntimeError(f"an aggregate worker exited (log {workers[0].log.parent})")
-            done, total = await progress.committed()
+            done, ends = await progress.offsets()
             now = time.perf_counter()
-            if began is None and done > 0:
-                began, cpu0 = now, [_cpu_s(w.proc.pid) for w in workers]
-            if began is not None and done >= total:
-                # Partials sent by the last batches are in the ledger by now; wait for them too.
-                await asyncio.sleep(0.3)
-                if (await progress.committed())[0] >= total:
-                    wall = now - began
-                    cpu = [_cpu_s(w.proc.pid) - c for w, c in zip(workers, cpu0, strict=True)]
-                    return {"wall_s": wall, "worker_cpu_percent": [round(c / wall * 100, 1) for c in cpu]}
+            filled = filled or ends
+            applied = sum(min(done[p], filled[p]) for p in filled)
+            if began is None and 0 < applied < sum(filled.values()) and await progress.members() == len(workers):
+                began = (now, applied, [_cpu_s(w.proc.pid) for w in workers])
+            if target is None and applied == sum(filled.values()):
+                target = ends[home]  # the shards committed after sending their partials: all are in
+            if target is not None and done[home] >= target:
+                start = began or first  # done before the group was stable (small sizes): from the start
+                wall = max(now - start[0], 1e-3)
+                cpu = [_cpu_s(w.proc.pid) - c for w, c in zip(workers, start[2], strict=True)]
+                return {
+                    "entries_per_s": (applied - start[1]) / wall,
+                    "timed_entries": applied - start[1],
+                    "worker_cpu_percent": [round(c / wall * 100, 1) for c in cpu],
+                }
             await asyncio.sleep(0.05)
     raise TimeoutError("the aggregate did not commit the ledger within 600 s")
 
@@ -172,14 +192,13 @@ async def _cell(bootstrap: str, root: Path, n: int, shards: int, workers: int, t
     procs = [WorkerProcess("aggregate", {**env, "BUDGETFLOW_DATA_DIR": str(root / f"w{i}")}, root / f"w{i}.log")
              for i in range(workers)]  # fmt: skip
     try:
-        drained = await _drain(settings, topics, procs)
+        drained = await _drain(settings, topics, procs, partition_for(HOT, topics.ledger.partitions))
         latency = await _latency(settings, topics, shards, trials)
     finally:
         for proc in procs:
             proc.stop()
     return {
-        "entries_per_s": n / drained["wall_s"],
-        "worker_cpu_percent": drained["worker_cpu_percent"],
+        **drained,
         "partitions": sorted({partition_for(a, topics.ledger.partitions) for a in accounts}),
         "status_latency_ms": quantiles_ms(latency),
     }

@@ -1,5 +1,6 @@
-"""Sharded budgets through the real pipeline: exact under kill -9 at the aggregate's crash points, with two
-aggregate workers owning the shards' partitions between them, and one status per budget for routers.
+"""Sharded budgets through the real pipeline: exact under kill -9 at each of the aggregate's crash points in a
+batch, with two aggregate workers owning the shards' partitions between them, and one status per budget for
+routers.
 
 The kit's scenario, with ``team:b`` sharded four ways and ``global`` three ways (``GLOBAL_SHARDS``): the totals
 of each budget's home record must equal the scenario's, computed from the events alone, to the pico-dollar; the
@@ -53,7 +54,13 @@ def _pico(usd: str | None) -> int | None:
     return None if usd is None else parse_usd(usd)
 
 
-CRASHES = ["aggregate.mid_changelog:4", "aggregate.after_flush:5", "aggregate.before_commit:6"]
+CRASHES = [
+    "aggregate.after_apply:3",
+    "aggregate.mid_batch:3",
+    "aggregate.mid_changelog:4",
+    "aggregate.after_flush:5",
+    "aggregate.before_commit:6",
+]
 
 
 @pytest.mark.slow
