@@ -254,9 +254,12 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "routing": bench_routing,
 }
 # Sections that need a broker get its bootstrap address as a second argument.
-KAFKA_SECTIONS = ("enrich", "aggregate", "shards", "latency", "load", "recovery", "publisher", "litellm", "caps")
-# Sections that run only when named with --only: they need an optional extra and take minutes.
-OPT_IN = ("litellm", "caps")
+# "cluster" starts a three-node cluster of its own instead (it kills nodes): it never gets the bench broker.
+KAFKA_SECTIONS = (
+    "enrich", "aggregate", "shards", "latency", "load", "recovery", "publisher", "litellm", "caps", "cluster"
+)  # fmt: skip
+# Sections that run only when named with --only: they need an optional extra, or three JVMs, and take minutes.
+OPT_IN = ("litellm", "caps", "cluster")
 
 
 def _kafka_section(name: str) -> Callable[[bool, str], dict[str, Any]]:
@@ -297,7 +300,11 @@ def run_bench(only: list[str] | None, quick: bool, out: Path) -> dict[str, Any]:
         bootstrap: str | None = None
         for name in chosen:
             began = time.monotonic()
-            if name in KAFKA_SECTIONS:
+            if name == "cluster":
+                from budgetflow.streams.dev.bench_cluster import bench_cluster
+
+                results["sections"][name] = bench_cluster(quick, out.parent)
+            elif name in KAFKA_SECTIONS:
                 if bootstrap is None:
                     bootstrap = stack.enter_context(bench_kafka(out.parent))
                 results["sections"][name] = _kafka_section(name)(quick, bootstrap)

@@ -234,6 +234,29 @@ def _caps(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cluster(section: dict[str, Any]) -> list[str]:
+    def pair(summary: dict[str, Any], key: str) -> str:
+        values = summary.get(key)
+        return f"{values['p50']:.2f} / {values['max']:.2f}" if values else "–"
+
+    base, kill = section["baseline"], section["kill"]
+    return [
+        "",
+        f"stale statuses at a leader election: {section['nodes']} nodes, replication factor "
+        f"{section['replication_factor']}, min.insync.replicas {section['min_insync_replicas']}; "
+        f"{section['requests_per_s']} requests/s over {section['budgets']} budgets, statuses refreshed every "
+        f"{section['status_refresh_s']:g} s; a router's BudgetView ({section['requests']:,} requests, ledger exact: "
+        f"{'yes' if section['ledger_exact'] else 'no'})",
+        "",
+        "| | trials | longest gap between statuses, p50 / max s | oldest newest status, p50 / max s "
+        "| new leader seen after, p50 / max s |",
+        "|---|---|---|---|---|",
+        f"| no fault | {base['trials']} | {pair(base, 'gap_s')} | {pair(base, 'max_age_s')} | – |",
+        f"| status partition's leader SIGKILLed | {kill['trials']} | {pair(kill, 'gap_s')} "
+        f"| {pair(kill, 'max_age_s')} | {pair(kill, 'new_leader_s')} |",
+    ]
+
+
 # The order of the blocks in the report (not the order the sections ran in).
 _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "tokenizers": _tokenizers,
@@ -248,6 +271,7 @@ _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "publisher": _publisher,
     "litellm": _litellm,
     "caps": _caps,
+    "cluster": _cluster,
 }
 
 

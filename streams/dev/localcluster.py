@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,6 +120,45 @@ class LocalCluster:
         if layout is None:
             raise LocalKafkaError(f"no cluster was ever started in {self.home}")
         return layout.bootstrap()
+
+    def quorum_leader(self, timeout_s: float = 30.0) -> int | None:
+        """The node that leads the controller quorum now (the active controller), as Kafka's own
+        ``kafka-metadata-quorum describe --status`` says; None when no running node answers.
+
+        aiokafka has no DescribeQuorum, and a KRaft broker's metadata names a random broker as "controller", so the
+        tool from the same jars asks (a short-lived JVM, about 1.5 s).
+        """
+        first, pids = self.nodes[0], self.pids()
+        running = [f"127.0.0.1:{port}" for node_id, (port, _) in enumerate(self._ports(), 1) if pids[node_id]]
+        if not running:
+            return None
+        cmd = [
+            first._java(),  # the nodes' own java, from the same class
+            "-Xmx128m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            f"-Dlog4j2.configurationFile={first.home / 'log4j2.properties'}",
+            "-cp",
+            f"{first.jars.lib}/*",
+            "org.apache.kafka.tools.MetadataQuorumCommand",
+            "--bootstrap-server",
+            ",".join(running),
+            "describe",
+            "--status",
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        found = re.search(r"^LeaderId:\s*(-?\d+)", proc.stdout, re.MULTILINE)
+        leader = int(found.group(1)) if proc.returncode == 0 and found else -1
+        return leader if leader > 0 else None
+
+    def _ports(self) -> tuple[tuple[int, int], ...]:
+        layout = self.layout()
+        if layout is None:
+            raise LocalKafkaError(f"no cluster was ever started in {self.home}")
+        return layout.ports
 
     # -- life cycle ----------------------------------------------------------
     def start(self) -> str:

@@ -354,13 +354,15 @@ class Pipeline:
 
 
 @pytest.fixture
-def pipeline_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
+def pipeline_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
+    """Pipelines on the session broker, or on the ``bootstrap`` given (a test on a cluster of its own starts no
+    session broker: it is asked for only when needed)."""
     made: list[Pipeline] = []
 
     def make(bootstrap: str | None = None, **kwargs: Any) -> Pipeline:
         root = tmp_path / f"pipeline-{len(made)}"
         root.mkdir()
-        pipeline = Pipeline(bootstrap or kafka_bootstrap, root, **kwargs)
+        pipeline = Pipeline(bootstrap or request.getfixturevalue("kafka_bootstrap"), root, **kwargs)
         made.append(pipeline)
         return pipeline
 

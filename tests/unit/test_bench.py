@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = str(Path(sys.executable).with_name("budgetflow"))
 
 
@@ -62,7 +64,7 @@ def _answers() -> dict[str, dict[str, float]]:
 
 
 def test_every_row_of_the_opt_in_tables_has_its_headers_cells() -> None:
-    """The hard-cap tables (LiteLLM's and the example gateway's) as rendered: a row with a cell more or less than
+    """The opt-in tables (LiteLLM's, the example gateway's at a hard cap, the cluster's stale statuses) as rendered: a row with a cell more or less than
     its header is a table no reader can follow."""
     from budgetflow.streams.dev.bench_report import render
 
@@ -80,9 +82,28 @@ def test_every_row_of_the_opt_in_tables_has_its_headers_cells() -> None:
             | {"added_p50_ms": 0.2, "added_p99_ms": 0.1},
         },
         "caps": {**shape, "hard_limit_action": "block_all", "cells": [{**cell, "leases": leases} for leases in (0, 1)]},
+        "cluster": {"nodes": 3, "replication_factor": 3, "min_insync_replicas": 2, "requests_per_s": 25, "budgets": 8}
+        | {"status_refresh_s": 0.1, "requests": 3635, "ledger_exact": True}
+        | {
+            "baseline": {"trials": 5, "gap_s": {"p50": 0.2, "max": 0.3}, "max_age_s": {"p50": 0.3, "max": 0.4}},
+            "kill": {"trials": 5, "gap_s": {"p50": 7.3, "max": 8.3}, "max_age_s": {"p50": 7.3, "max": 8.3}}
+            | {"new_leader_s": {"p50": 6.1, "max": 7.0}},
+        },
     }
     text = render({"date": "2026-12-02", "quick": False, "sections": sections})
     tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
-    assert [len(table) for table in tables] == [4, 4], text  # two tables: header, rule, two rows
+    assert [len(table) for table in tables] == [4, 4, 4], text  # three tables: header, rule, two rows
     for table in tables:
         assert {row.count("|") for row in table} == {table[0].count("|")}, "\n".join(table)
+
+
+def test_the_cluster_bench_gap_is_the_longest_time_without_a_status() -> None:
+    """From the last status before the window (the router's news then) to the next, and on to the window's end."""
+    from budgetflow.schemas.settings import Settings
+    from budgetflow.streams.dev.bench_cluster import _TimedView
+
+    view = _TimedView(Settings())
+    view.arrivals = [1.0, 1.2, 5.0, 5.1]
+    assert view.window(1.3, 6.0) == {"gap_s": pytest.approx(3.8)}  # 1.2 -> 5.0
+    assert view.window(5.05, 9.0) == {"gap_s": pytest.approx(3.9)}  # 5.1 -> the end, nothing since
+    assert view.window(0.5, 1.1) == {"gap_s": pytest.approx(0.5)}  # no status before: from the window's start
