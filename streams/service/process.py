@@ -16,7 +16,7 @@ from typing import Any
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.kafka.retry import Backoff
 
-__all__ = ["Start", "run_role", "supervise"]
+__all__ = ["RepeatFilter", "Start", "run_role", "supervise"]
 
 Start = Callable[[Settings, asyncio.Event], Awaitable[None]]
 """A role's work: build it from the settings and run it until the event is set (each role's package offers one)."""
@@ -31,6 +31,35 @@ def configure_logging(settings: Settings, role: str) -> None:
     )
     # aiokafka is chatty about retries it handles itself.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter())
+
+
+class RepeatFilter(logging.Filter):
+    """At most one line of each aiokafka message every ``window_s``, then the count of those held back.
+
+    While a broker of a cluster is down, aiokafka logs the same connection and fetch errors about a hundred times a
+    second in every worker, although it retries them itself (the cluster tests count 2,000 lines a run).
+    """
+
+    def __init__(self, prefix: str = "aiokafka", window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.prefix, self.window_s, self.clock = prefix, window_s, clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # per message template: (shown at, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        shown, held = self._seen.get(key, (None, 0))
+        if shown is not None and now - shown < self.window_s:
+            self._seen[key] = (shown, held + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {now - shown:.0f} s)"  # type: ignore[operator]
+        return True
 
 
 # Errors no restart can cure: the settings (or the credentials they name) are wrong. The worker exits with one line.
