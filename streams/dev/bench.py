@@ -254,18 +254,19 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "routing": bench_routing,
 }
 # Sections that need a broker get its bootstrap address as a second argument.
-KAFKA_SECTIONS = ("enrich", "aggregate", "latency", "load", "recovery", "publisher", "litellm", "caps")
+KAFKA_SECTIONS = ("enrich", "aggregate", "latency", "load", "recovery", "publisher", "litellm", "caps", "faust")
 # Sections that run only when named with --only: they need an optional extra and take minutes.
-OPT_IN = ("litellm", "caps")
+OPT_IN = ("litellm", "caps", "faust")
 
 
 def _kafka_section(name: str) -> Callable[[bool, str], dict[str, Any]]:
     """The function of a section that needs a broker (their modules load aiokafka: imported when one runs)."""
-    from budgetflow.streams.dev import bench_caps, bench_litellm, bench_load, bench_pipeline
+    from budgetflow.streams.dev import bench_caps, bench_faust, bench_litellm, bench_load, bench_pipeline
 
     return {
         "litellm": bench_litellm.bench_litellm,
         "caps": bench_caps.bench_caps,
+        "faust": bench_faust.bench_faust,
         "aggregate": bench_pipeline.bench_aggregate,
         "latency": bench_pipeline.bench_latency,
         "publisher": bench_pipeline.bench_publisher,
