@@ -249,7 +249,7 @@ def _faust(section: dict[str, Any]) -> list[str]:
         f"(about {k['feed_per_s']:,.0f}/s), restarted each time; final sums beside the exact ones",
         "",
         "| system | exact | wrong budgets | settles lost | settles doubled | settled error $ | reserved left $ "
-        "| committed at the kills | committed at the end | stalls |",
+        "| committed at the kills | committed after the last stop | stalls |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("budgetflow", "faust"):
