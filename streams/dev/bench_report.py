@@ -248,9 +248,9 @@ def _faust(section: dict[str, Any]) -> list[str]:
         f"kill -9 of the worker process twice while {k['entries']:,} entries over {k['budgets']} budgets arrive "
         f"(about {k['feed_per_s']:,.0f}/s), restarted each time; final sums beside the exact ones",
         "",
-        "| system | exact | wrong budgets | settles lost | settles doubled | settled error $ | reserved left $ "
-        "| committed at the kills | committed after the last stop | stalls |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | exact | wrong budgets | settles lost | of which the dedupe table holds | settles doubled "
+        "| settled error $ | reserved left $ | committed at the kills | committed after the last stop | stalls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("budgetflow", "faust"):
         r = k[name]
@@ -258,7 +258,7 @@ def _faust(section: dict[str, Any]) -> list[str]:
         end = " of ".join(f"{c:,}" for c in r["committed_at_end"]) or "–"
         lines.append(
             f"| {name} | {'yes' if r['exact'] else 'no'} | {r['wrong_budgets']} | {r['settles_lost']} "
-            f"| {r['settles_doubled']} | {settled:.6f} | {reserved:.6f} "
+            f"| {r.get('settles_lost_for_good', '–')} | {r['settles_doubled']} | {settled:.6f} | {reserved:.6f} "
             f"| {', '.join(f'{c:,}' for c in r['killed_at_committed'])} | {end} "
             f"| {_cell('; '.join(r['stalls'])) or 'none'} |"
         )

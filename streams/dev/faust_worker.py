@@ -20,7 +20,16 @@ from budgetflow.schemas.settings import Settings
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.service.launch import die_with_parent, log_tail
 
-__all__ = ["APP", "FAUST_REQUIREMENT", "FaustWorker", "faust_python", "faust_sums", "faust_topics", "faust_venv"]
+__all__ = [
+    "APP",
+    "FAUST_REQUIREMENT",
+    "FaustWorker",
+    "faust_python",
+    "faust_settles_seen",
+    "faust_sums",
+    "faust_topics",
+    "faust_venv",
+]
 
 # The `bench-faust` extra of pyproject.toml says the same (tests/unit/test_bench_faust.py holds them together).
 FAUST_REQUIREMENT = "faust-streaming==0.15.3"
@@ -158,6 +167,18 @@ async def faust_sums(settings: Settings, app_id: str) -> dict[str, tuple[int, in
             settled, reserved, settles = loads(value)
             sums[key.decode().strip('"').split("|")[0]] = (settled, reserved, settles)
     return sums
+
+
+async def faust_settles_seen(settings: Settings, app_id: str) -> dict[str, int]:
+    """Per budget, how many settles the Faust app's dedupe table (``requests``) says it has counted."""
+    from budgetflow.streams.kafka.follow import read_topic
+
+    seen: dict[str, set[str]] = {}
+    for _, key, value, _ in await read_topic(settings, f"{app_id}-requests-changelog"):
+        if key is not None and value is not None and loads(value)[1] is not None:
+            budget, request = key.decode().strip('"').split("|", 1)
+            seen.setdefault(budget, set()).add(request)
+    return {budget: len(requests) for budget, requests in seen.items()}
 
 
 if __name__ == "__main__":  # `make faust-venv`: the venv made ahead, for the tests

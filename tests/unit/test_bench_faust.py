@@ -68,6 +68,7 @@ def test_every_row_of_the_faust_tables_has_its_headers_cells() -> None:
     throughput["faust"] = {"per_s": 3000.0, "ratio": 0.01, "exact": True}
     kills = {"entries": 50_000, "budgets": 100, "feed_per_s": 1000.0}
     kills |= {"budgetflow": _kill_row(True, []), "faust": _kill_row(False, ["no commit | within 60 s\nof x"])}
+    kills["faust"]["settles_lost_for_good"] = 1
     crashed = {"per_s": None, "failed": "Crashed reason=X | y", "ratio": None, "exact": False, "take": 2000}
     for take in (crashed, {"per_s": 900.0, "ratio": 0.003, "exact": True, "take": 2000}):
         section = {"faust": FAUST_REQUIREMENT, "throughput": throughput | {"faust_take": take}, "kill9": kills}
