@@ -234,7 +234,7 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float) -> bool
 # thirds) of the entries are sent and the worker (restarted) has committed something, a SIGKILL and a restart (at
 # a moment set by the feed, not by the worker's commits); the feed done, the topic committed to its end (the
 # system's own records, such as the aggregate's ticks, included) or the Faust worker idle, or a stall noted; a
-# graceful stop, and what the group has committed then (a Faust that read everything has committed everything).
+# graceful stop, and what the group has committed then (budgetflow commits what it applied; Faust often much less).
 async def _killed_twice(
     settings: Settings,
     topic: str,
@@ -289,7 +289,7 @@ async def _killed_twice(
 
             if not await _until(done, wait_s):
                 stalls.append(f"{await offsets.total():,} of {sum(ends.values()):,} committed in {wait_s:.0f} s")
-            worker.stop()  # gracefully: what it has read, it commits
+            worker.stop()  # gracefully, then its committed offsets: where a restart would replay from
             committed_at_end = [await offsets.total(), sum(ends.values())]
     finally:
         if feed is not None:
