@@ -16,7 +16,7 @@ HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/budgetflow/tools/helm-$(HELM_VERS
 # The oldest Kubernetes the chart supports (kubeVersion in helm/budgetflow/Chart.yaml).
 KUBE_MIN := 1.25
 
-.PHONY: help setup kafka-jars promtool lint format typecheck unit integration test run demo litellm bench soak chart clean
+.PHONY: help setup kafka-jars faust-venv promtool lint format typecheck unit integration test run demo litellm bench soak chart clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,10 +42,15 @@ $(HELM):
 
 # Everything the tests and `make chart` need. The demo, the benchmarks and `make run` need only the venv and the
 # Kafka jars (no Helm, no promtool): they depend on $(STAMP) and kafka-jars, not on setup.
-setup: $(STAMP) $(HELM) promtool kafka-jars  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, build helm, install promtool
+setup: $(STAMP) $(HELM) promtool kafka-jars faust-venv  ## create .venv with budgetflow and its dev tools, fetch the Kafka jars, build helm, install promtool, make the Faust bench's venv
 
 kafka-jars: $(STAMP)  # the local broker's jars, fetched through Maven once and cached (streams/dev/kafkajars.py)
 	$(BIN)/python -c 'from budgetflow.streams.dev.kafkajars import KafkaJars; from budgetflow.schemas import load_settings; print("kafka jars:", KafkaJars.from_settings(load_settings().local_kafka).ensure())'
+
+# faust-streaming for `budgetflow bench --only faust` and its test, in a venv of its own in the user cache (it pins
+# croniter<6, the LiteLLM proxy's constraints croniter 7): made once, by streams/dev/faust_worker.py.
+faust-venv: $(STAMP)
+	$(BIN)/python -m budgetflow.streams.dev.faust_worker
 
 promtool:  # Debian's prometheus package: promtool and a Prometheus server for the tests
 	@command -v promtool >/dev/null || { \

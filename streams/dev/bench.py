@@ -256,19 +256,27 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
 # Sections that need a broker get its bootstrap address as a second argument.
 # "cluster" starts a three-node cluster of its own instead (it kills nodes): it never gets the bench broker.
 KAFKA_SECTIONS = (
-    "enrich", "aggregate", "shards", "latency", "load", "recovery", "publisher", "litellm", "caps", "cluster"
+    "enrich", "aggregate", "shards", "latency", "load", "recovery", "publisher", "litellm", "caps", "cluster", "faust"
 )  # fmt: skip
 # Sections that run only when named with --only: they need an optional extra, or three JVMs, and take minutes.
-OPT_IN = ("litellm", "caps", "cluster")
+OPT_IN = ("litellm", "caps", "cluster", "faust")
 
 
 def _kafka_section(name: str) -> Callable[[bool, str], dict[str, Any]]:
     """The function of a section that needs a broker (their modules load aiokafka: imported when one runs)."""
-    from budgetflow.streams.dev import bench_caps, bench_litellm, bench_load, bench_pipeline, bench_shards
+    from budgetflow.streams.dev import (
+        bench_caps,
+        bench_faust,
+        bench_litellm,
+        bench_load,
+        bench_pipeline,
+        bench_shards,
+    )
 
     return {
         "litellm": bench_litellm.bench_litellm,
         "caps": bench_caps.bench_caps,
+        "faust": bench_faust.bench_faust,
         "aggregate": bench_pipeline.bench_aggregate,
         "shards": bench_shards.bench_shards,
         "latency": bench_pipeline.bench_latency,

@@ -13,10 +13,11 @@ import os
 import random
 import statistics
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from budgetflow.schemas.events import LedgerEntry, entry_id, period_of
 from budgetflow.schemas.serde import dumps
@@ -31,6 +32,7 @@ __all__ = [
     "CODE",
     "OTHER",
     "WORDS",
+    "aggregate_rate",
     "bench_env",
     "bench_kafka",
     "bench_settings",
@@ -39,9 +41,11 @@ __all__ = [
     "ledger_entries",
     "percentiles_us",
     "quantiles_ms",
+    "raw_consume",
     "sample_text",
     "settle_cells",
     "wait_heartbeats",
+    "worker_rate",
 ]
 
 WORDS = (
@@ -186,6 +190,64 @@ async def fill(settings: Settings, topic: str, records: list[tuple[str, bytes]])
         await producer.flush()
     finally:
         await producer.stop()
+
+
+async def raw_consume(settings: Settings, topic: str, total: int) -> float:
+    """Entries per second of a consumer that reads the topic and does nothing."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        **client_options(settings.kafka),
+        group_id=f"raw-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=5000,
+    )
+    await consumer.start()
+    try:
+        seen = 0
+        began: float | None = None
+        while seen < total:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            if batch and began is None:
+                began = time.perf_counter()
+            seen += sum(len(r) for r in batch.values())
+        assert began is not None
+        return total / (time.perf_counter() - began)
+    finally:
+        await consumer.stop()
+
+
+async def aggregate_rate(settings: Settings, total: int) -> float:
+    """Entries per second of one aggregate worker, real state and exactly-once mechanism included."""
+    from budgetflow.streams.aggregate.role import aggregate_worker
+
+    worker = aggregate_worker(settings)  # as `budgetflow worker` runs it: stats API and gauges too
+    return await worker_rate(worker, total)
+
+
+class _Measured(Protocol):
+    processed: int
+    first_batch_at: float | None
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+async def worker_rate(worker: _Measured, total: int) -> float:
+    """Records per second of a worker, from its first batch until it has processed ``total``."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        while worker.processed < total:  # polling a counter, deliberately cheap
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        assert worker.first_batch_at is not None
+        return total / (time.perf_counter() - worker.first_batch_at)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
 
 
 async def wait_heartbeats(settings: Settings, topics: Topics, timeout_s: float = 90) -> None:

@@ -13,82 +13,29 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.dev.bench_common import (
+    aggregate_rate,
     bench_env,
     bench_settings,
     fill,
     ledger_entries,
     percentiles_us,
     quantiles_ms,
+    raw_consume,
     sample_text,
     wait_heartbeats,
+    worker_rate,
 )
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now
 
 __all__ = ["bench_aggregate", "bench_enrich", "bench_latency", "bench_publisher"]
-
-
-async def _raw_consume(settings: Settings, topic: str, total: int) -> float:
-    """Entries per second of a consumer that reads the topic and does nothing."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        **client_options(settings.kafka),
-        group_id=f"raw-{uuid.uuid4().hex[:6]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        max_poll_records=5000,
-    )
-    await consumer.start()
-    try:
-        seen = 0
-        began: float | None = None
-        while seen < total:
-            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-            if batch and began is None:
-                began = time.perf_counter()
-            seen += sum(len(r) for r in batch.values())
-        assert began is not None
-        return total / (time.perf_counter() - began)
-    finally:
-        await consumer.stop()
-
-
-async def _aggregate_rate(settings: Settings, total: int) -> float:
-    """Entries per second of one aggregate worker, real state and exactly-once mechanism included."""
-    from budgetflow.streams.aggregate.role import aggregate_worker
-
-    worker = aggregate_worker(settings)  # as `budgetflow worker` runs it: stats API and gauges too
-    return await _rate(worker, total)
-
-
-class _Measured(Protocol):
-    processed: int
-    first_batch_at: float | None
-
-    async def run(self, stop: asyncio.Event) -> None: ...
-
-
-async def _rate(worker: _Measured, total: int) -> float:
-    """Records per second of a worker, from its first batch until it has processed ``total``."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        while worker.processed < total:  # polling a counter, deliberately cheap
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
-        assert worker.first_batch_at is not None
-        return total / (time.perf_counter() - worker.first_batch_at)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
 
 def bench_aggregate(quick: bool, bootstrap: str) -> dict[str, Any]:
@@ -106,8 +53,8 @@ def bench_aggregate(quick: bool, bootstrap: str) -> dict[str, Any]:
             ) -> dict[str, float]:
                 await ensure_topics_now(settings, topics)
                 await fill(settings, topics.ledger.name, ledger_entries(n, budgets))
-                raw = await _raw_consume(settings, topics.ledger.name, n)
-                ours = await _aggregate_rate(settings, n)
+                raw = await raw_consume(settings, topics.ledger.name, n)
+                ours = await aggregate_rate(settings, n)
                 return {"raw_consumer_per_s": raw, "aggregate_per_s": ours, "ratio": ours / raw}
 
             results[label] = asyncio.run(run())
@@ -284,7 +231,7 @@ def bench_enrich(quick: bool, bootstrap: str) -> dict[str, Any]:
             await ensure_topics_now(settings, topics)
             await fill(settings, topics.requests.name, [(r["request_id"], dumps(r)) for r in requests])
             estimator = Estimator(TokenizerRegistry.default(), PriceTable.default())
-            return await _rate(EnrichWorker(settings, Enricher(estimator, topics), topics), n)
+            return await worker_rate(EnrichWorker(settings, Enricher(estimator, topics), topics), n)
 
     rate = asyncio.run(run())
     return {

@@ -257,6 +257,57 @@ def _cluster(section: dict[str, Any]) -> list[str]:
     ]
 
 
+def _cell(text: str) -> str:
+    """Free text (a stall, an error) made safe for a table cell."""
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def _faust_row(name: str, row: dict[str, Any]) -> str:
+    exact = "yes" if row["exact"] else "no"
+    if row["per_s"] is None:
+        return f"| {name} | – | {_cell(row['failed'])} | {exact} |"
+    return f"| {name} | {row['per_s']:,.0f} | {row['ratio']:.3f} | {exact} |"
+
+
+def _faust(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return ["", f"faust: skipped ({section['skipped']})"]
+    t = section["throughput"]
+    lines = [
+        "",
+        f"{section['faust']} beside the aggregate: one topic of {t['entries']:,} ledger entries over "
+        f"{t['budgets']:,} budgets, read from its start by each in turn, one worker each",
+        "",
+        "| reader | entries/s | ratio to the raw consumer | final sums exact |",
+        "|---|---|---|---|",
+        f"| raw consumer (aiokafka getmany, nothing else) | {t['raw_consumer_per_s']:,.0f} | 1.000 | – |",
+        _faust_row("budgetflow aggregate", t["aggregate"]),
+        _faust_row("Faust agent, event by event, a write to each of its two tables per entry", t["faust"]),
+        _faust_row(f"Faust agent, the same in stream.take({t['faust_take']['take']:,}) batches", t["faust_take"]),
+    ]
+    k = section["kill9"]
+    lines += [
+        "",
+        f"kill -9 of the worker process twice while {k['entries']:,} entries over {k['budgets']} budgets arrive "
+        f"(about {k['feed_per_s']:,.0f}/s), restarted each time; final sums beside the exact ones",
+        "",
+        "| system | exact | wrong budgets | settles lost | of which the dedupe table holds | settles doubled "
+        "| settled error $ | reserved left $ | committed at the kills | committed after the last stop | stalls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("budgetflow", "faust"):
+        r = k[name]
+        settled, reserved = r["settled_error_pico"] / 10**12, r["reserved_left_pico"] / 10**12
+        end = " of ".join(f"{c:,}" for c in r["committed_at_end"]) or "–"
+        lines.append(
+            f"| {name} | {'yes' if r['exact'] else 'no'} | {r['wrong_budgets']} | {r['settles_lost']} "
+            f"| {r.get('settles_lost_for_good', '–')} | {r['settles_doubled']} | {settled:.6f} | {reserved:.6f} "
+            f"| {', '.join(f'{c:,}' for c in r['killed_at_committed'])} | {end} "
+            f"| {_cell('; '.join(r['stalls'])) or 'none'} |"
+        )
+    return lines
+
+
 # The order of the blocks in the report (not the order the sections ran in).
 _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "tokenizers": _tokenizers,
@@ -272,6 +323,7 @@ _BLOCKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "litellm": _litellm,
     "caps": _caps,
     "cluster": _cluster,
+    "faust": _faust,
 }
 
 
