@@ -32,6 +32,7 @@ __all__ = [
     "CODE",
     "OTHER",
     "WORDS",
+    "GroupOffsets",
     "aggregate_rate",
     "bench_env",
     "bench_kafka",
@@ -306,3 +307,60 @@ async def settle_cells(
         row["settles"] = state.settles if state else 0
         row["reserved_usd"] = format_usd(reserved, 6)
         row["ledger_exact"] = settled == row["admitted"] * per_request_pico and reserved == 0
+
+
+class GroupOffsets:
+    """A consumer group's committed offsets on a topic, and the topic's end offsets (an admin client and a consumer
+    kept open for the polls of one run)."""
+
+    def __init__(self, settings: Settings, group: str, topic: str) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self.settings, self.group, self.topic = settings, group, topic
+        self.admin = AIOKafkaAdminClient(**client_options(settings.kafka))
+        self.consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
+        self._partitions: list[int] | None = None
+
+    async def __aenter__(self) -> GroupOffsets:
+        await self.admin.start()
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+        await self.admin.close()
+
+    async def committed(self) -> dict[int, int]:
+        """Per partition, the group's committed offset (-1: none yet; no entry before the group exists)."""
+        from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+        try:
+            offsets = await self.admin.list_consumer_group_offsets(self.group)
+        except GroupCoordinatorNotAvailableError:  # the group does not exist yet
+            return {}
+        return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == self.topic}
+
+    async def total(self) -> int:
+        return sum(max(0, offset) for offset in (await self.committed()).values())
+
+    async def ends(self) -> dict[int, int]:
+        from aiokafka import TopicPartition
+
+        from budgetflow.streams.kafka.topics import topic_partitions
+
+        if self._partitions is None:  # asked once: a topic's partitions are fixed
+            self._partitions = await topic_partitions(self.settings, self.topic)
+        ends = await self.consumer.end_offsets([TopicPartition(self.topic, p) for p in self._partitions])
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    async def members(self) -> int:
+        """Members of the group when it is stable (0 while it rebalances, or before it exists)."""
+        from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+        try:
+            (response,) = await self.admin.describe_consumer_groups([self.group])
+        except GroupCoordinatorNotAvailableError:
+            return 0
+        _, _, state, _, _, members, *_ = response.groups[0]
+        return len(members) if state == "Stable" else 0

@@ -25,6 +25,7 @@ from typing import Any
 
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.dev.bench_common import (
+    GroupOffsets,
     aggregate_rate,
     bench_env,
     bench_settings,
@@ -93,44 +94,6 @@ async def _throughput(bootstrap: str, root: Path, python: Path, n: int, budgets:
         row["exact"] = _score(expected, await faust_sums(settings, app_id))["exact"]
         results[name] = {**row, "take": take} if take else row
     return results
-
-
-class _Offsets:
-    """A consumer group's committed offsets on a topic, and the topic's end offsets (an admin client and a consumer
-    kept open for the polls of one run)."""
-
-    def __init__(self, settings: Settings, group: str, topic: str) -> None:
-        from aiokafka import AIOKafkaConsumer
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        self.settings, self.group, self.topic = settings, group, topic
-        self.admin = AIOKafkaAdminClient(**client_options(settings.kafka))
-        self.consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
-
-    async def __aenter__(self) -> _Offsets:
-        await self.admin.start()
-        await self.consumer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.consumer.stop()
-        await self.admin.close()
-
-    async def committed(self) -> dict[int, int]:
-        offsets = await self.admin.list_consumer_group_offsets(self.group)
-        return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == self.topic}
-
-    async def total(self) -> int:
-        return sum(max(0, offset) for offset in (await self.committed()).values())
-
-    async def ends(self) -> dict[int, int]:
-        from aiokafka import TopicPartition
-
-        from budgetflow.streams.kafka.topics import topic_partitions
-
-        partitions = await topic_partitions(self.settings, self.topic)
-        ends = await self.consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
-        return {tp.partition: offset for tp, offset in ends.items()}
 
 
 class _Feed:
@@ -255,7 +218,7 @@ async def _killed_twice(
     stalls: list[str] = []
     committed_at_end: list[int] = []
     try:
-        async with _Offsets(settings, group, topic) as offsets:
+        async with GroupOffsets(settings, group, topic) as offsets:
 
             async def committing(since: int, what: str, worker: FaustWorker | WorkerProcess) -> None:
                 async def past() -> bool:

@@ -24,14 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from budgetflow.schemas.events import LedgerEntry, entry_id, period_of
 from budgetflow.schemas.money import parse_usd
 from budgetflow.schemas.serde import dumps, loads
 from budgetflow.schemas.settings import Settings
-from budgetflow.streams.dev.bench_common import bench_env, bench_settings, fill, ledger_entries, quantiles_ms
+from budgetflow.streams.dev.bench_common import (
+    GroupOffsets,
+    bench_env,
+    bench_settings,
+    fill,
+    ledger_entries,
+    quantiles_ms,
+)
 from budgetflow.streams.kafka.clients import client_options
 from budgetflow.streams.kafka.topics import Topics, ensure_topics_now, partition_for
 from budgetflow.streams.service.launch import WorkerProcess
@@ -51,44 +56,6 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class _Progress:
-    """What an aggregate group has committed of the ledger, asked of the broker (one admin and consumer)."""
-
-    def __init__(self, settings: Settings, topics: Topics) -> None:
-        self.group = f"{settings.topics.prefix}aggregate"
-        self.parts = [TopicPartition(topics.ledger.name, p) for p in range(topics.ledger.partitions)]
-        self.admin = AIOKafkaAdminClient(**client_options(settings.kafka))
-        self.consumer = AIOKafkaConsumer(**client_options(settings.kafka), enable_auto_commit=False)
-
-    async def __aenter__(self) -> _Progress:
-        await self.admin.start()
-        await self.consumer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.consumer.stop()
-        await self.admin.close()
-
-    async def offsets(self) -> tuple[dict[int, int], dict[int, int]]:
-        """Per ledger partition: the offset the group has committed (0 before any), and the end."""
-        ends = {tp.partition: end for tp, end in (await self.consumer.end_offsets(self.parts)).items()}
-        try:
-            offsets = await self.admin.list_consumer_group_offsets(self.group)
-        except GroupCoordinatorNotAvailableError:  # the group does not exist yet
-            offsets = {}
-        done = {tp.partition: max(0, offsets[tp].offset) if tp in offsets else 0 for tp in self.parts}
-        return done, ends
-
-    async def members(self) -> int:
-        """Members of the group when it is stable (0 while it rebalances)."""
-        try:
-            (response,) = await self.admin.describe_consumer_groups([self.group])
-        except GroupCoordinatorNotAvailableError:
-            return 0
-        _, _, state, _, _, members, *_ = response.groups[0]
-        return len(members) if state == "Stable" else 0
-
-
 async def _drain(settings: Settings, topics: Topics, workers: list[WorkerProcess], home: int) -> dict[str, Any]:
     """Time the workers from the moment all of them are in the group and committing (what they applied before
     is left out: the first joins rebalance) until they have committed every entry of the fill and then the
@@ -98,11 +65,13 @@ async def _drain(settings: Settings, topics: Topics, workers: list[WorkerProcess
     filled: dict[int, int] | None = None
     target: int | None = None  # the home partition's end once every filled entry was committed
     deadline = time.monotonic() + 600
-    async with _Progress(settings, topics) as progress:
+    async with GroupOffsets(settings, f"{settings.topics.prefix}aggregate", topics.ledger.name) as progress:
         while time.monotonic() < deadline:
             if not all(w.alive for w in workers):
                 raise RuntimeError(f"an aggregate worker exited (log {workers[0].log.parent})")
-            done, ends = await progress.offsets()
+            ends = await progress.ends()
+            done = {p: max(0, o) for p, o in (await progress.committed()).items()}
+            done = {p: done.get(p, 0) for p in ends}
             now = time.perf_counter()
             filled = filled or ends
             applied = sum(min(done[p], filled[p]) for p in filled)

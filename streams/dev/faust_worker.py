@@ -18,7 +18,7 @@ from typing import Any
 from budgetflow.schemas.serde import loads
 from budgetflow.schemas.settings import Settings
 from budgetflow.streams.kafka.clients import client_options
-from budgetflow.streams.service.launch import die_with_parent, log_tail
+from budgetflow.streams.service.launch import ChildProcess, die_with_parent, log_tail
 
 __all__ = [
     "APP",
@@ -70,7 +70,7 @@ def _imports_faust(python: Path) -> bool:
     return subprocess.run(probe, check=False, capture_output=True, timeout=120).returncode == 0
 
 
-class FaustWorker:
+class FaustWorker(ChildProcess):
     """One `faust_app.py worker` child of this process, logging to a file, its progress in a JSON file."""
 
     def __init__(
@@ -101,10 +101,6 @@ class FaustWorker:
                 preexec_fn=die_with_parent(),  # noqa: PLW1509  # the bench starts no threads before this
             )
 
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def progress(self) -> dict[str, Any]:
         with contextlib.suppress(OSError, ValueError):
             found: dict[str, Any] = loads(self.progress_file.read_bytes())
@@ -121,20 +117,6 @@ class FaustWorker:
                 if "Crashed reason=" in line:
                     return line[line.index("Crashed reason=") :][:300]
         return None
-
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def kill(self) -> None:
-        if self.alive:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 async def faust_topics(settings: Settings, app_id: str) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
-__all__ = ["WorkerProcess", "die_with_parent", "log_tail", "spawn_worker", "worker_env"]
+__all__ = ["ChildProcess", "WorkerProcess", "die_with_parent", "log_tail", "spawn_worker", "worker_env"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -58,15 +58,10 @@ def spawn_worker(
     )
 
 
-class WorkerProcess:
-    """One `budgetflow worker --role ROLE` child, logging to a file."""
+class ChildProcess:
+    """A child process of this one: alive, stopped with a grace, or killed."""
 
-    def __init__(self, role: str, env: Mapping[str, str], log: Path) -> None:
-        self.role = role
-        self.log = log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            self.proc = spawn_worker(role, env, out)
+    proc: subprocess.Popen[bytes]
 
     @property
     def alive(self) -> bool:
@@ -85,6 +80,17 @@ class WorkerProcess:
         if self.alive:
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+class WorkerProcess(ChildProcess):
+    """One `budgetflow worker --role ROLE` child, logging to a file."""
+
+    def __init__(self, role: str, env: Mapping[str, str], log: Path) -> None:
+        self.role = role
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            self.proc = spawn_worker(role, env, out)
 
 
 def log_tail(log: Path, lines: int) -> str:
