@@ -193,10 +193,18 @@ async def test_metrics_prometheus_dashboard_and_privacy(pipeline_factory: Any, k
             # Every metric the dashboard queries exists in Prometheus, once each target has been scraped.
             missing: set[str] = set()
 
+            # A gauge with no sample by design has no series in Prometheus: the projected hard limit exists only
+            # while a budget is projected to reach it this month (after the scenario's traffic stops, the burn rate
+            # decays at 3600 simulated seconds a second, faster on a busy machine). Its target declares it still.
+            declared = {
+                line.split()[2] for text in scrapes.values() for line in text.splitlines() if line.startswith("# TYPE ")
+            }
+            sometimes_empty = {"budgetflow_budget_projected_hard_limit_seconds"} & declared
+
             async def dashboard_complete() -> bool:
                 names = set((await _json(http, f"{base}/api/v1/label/__name__/values"))["data"])
                 missing.clear()
-                missing.update(dashboard_metrics() - names)
+                missing.update(dashboard_metrics() - names - sometimes_empty)
                 return not missing
 
             try:
