@@ -22,7 +22,7 @@ import heapq
 import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from budgetflow.schemas.events import SHARD_MARK, LedgerEntry
 from budgetflow.schemas.periods import next_month_start, period_of, shift_period
@@ -44,9 +44,6 @@ from budgetflow.streams.aggregate.records import (
 )
 from budgetflow.streams.aggregate.shardsums import merge, partial_entries
 from budgetflow.streams.aggregate.store import Store
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["ApplyResult", "LedgerConfig", "PartitionLedger", "StatusChange"]
 

@@ -23,11 +23,7 @@ from budgetflow.schemas.serde import dumps
 from budgetflow.streams.aggregate.records import PeriodState
 from budgetflow.streams.rules.shards import home_of
 
-__all__ = ["is_shard", "merge", "partial_entries"]
-
-
-def is_shard(account: str) -> bool:
-    return home_of(account)[1] is not None
+__all__ = ["merge", "partial_entries"]
 
 
 def _covered(part: ShardSum) -> int:
